@@ -1,0 +1,179 @@
+//! Latent sets, per-latent edits and splice modes.
+//!
+//! An edit maps latent activations `f → f'`; a splice puts the result back into
+//! the residual stream:
+//!
+//! * [`SpliceMode::ErrorPreserving`] (default): `y = x + denorm(decode(f')) − denorm(decode(f))`.
+//!   With no edits `y = x` (to rounding), whatever the SAE's reconstruction error.
+//! * [`SpliceMode::Reconstruction`]: `y = denorm(decode(f'))` (+ the SAE's skip term).
+//!
+//! Steering by a decoder direction adds `c·W_dec[i]` to `y` in either mode.
+//! [`reference::apply`] implements all of this with plain candle ops; it is the
+//! oracle the fused kernels are tested against.
+
+mod latents;
+pub mod reference;
+
+pub use latents::{LatentSet, ESR_OTD_LATENTS_LLAMA33_70B_L50};
+
+use crate::{Error, Result};
+
+/// What to do to one latent's activation `f_i`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatentEdit {
+    /// `f'_i = 0` (zero-ablation).
+    Zero,
+    /// `f'_i = v` (also mean-ablation, with `v` the latent's mean).
+    Clamp(f32),
+    /// `f'_i = a · f_i`.
+    Scale(f32),
+    /// `f'_i = f_i + v` (steering in latent space; under `ErrorPreserving` this adds
+    /// `v · W_dec[i]`, times the denormalization scale when the SAE normalizes its input).
+    Add(f32),
+}
+
+impl LatentEdit {
+    /// The edit as an affine map `f' = a·f + b`: returns `(a, b)`.
+    pub fn affine(&self) -> (f32, f32) {
+        match *self {
+            LatentEdit::Zero => (0.0, 0.0),
+            LatentEdit::Clamp(v) => (0.0, v),
+            LatentEdit::Scale(a) => (a, 0.0),
+            LatentEdit::Add(v) => (1.0, v),
+        }
+    }
+}
+
+/// How the edited latents are put back into the activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpliceMode {
+    /// `y = x + denorm(decode(f')) − denorm(decode(f))`: the SAE's error is kept.
+    #[default]
+    ErrorPreserving,
+    /// `y = denorm(decode(f'))`: the activation is replaced by the edited reconstruction.
+    Reconstruction,
+}
+
+impl std::str::FromStr for SpliceMode {
+    type Err = Error;
+    /// `error` / `error-preserving` or `reconstruct` / `reconstruction`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "error" | "error-preserving" | "error_preserving" => Ok(SpliceMode::ErrorPreserving),
+            "reconstruct" | "reconstruction" => Ok(SpliceMode::Reconstruction),
+            other => Err(Error::Invalid(format!(
+                "unknown splice mode `{other}` (expected error or reconstruct)"
+            ))),
+        }
+    }
+}
+
+/// A set of latent edits plus decoder-direction steering, with the splice mode.
+///
+/// Each latent may carry at most one [`LatentEdit`] and at most one steering
+/// coefficient; a second one is an error ([`Error::DuplicateLatent`]) rather than a
+/// silent override. Ids are checked against `d_sae` when the edits are applied.
+///
+/// ```
+/// use sae_ablate::edit::{Edits, LatentEdit, SpliceMode};
+/// # fn main() -> sae_ablate::Result<()> {
+/// let edits = Edits::new(SpliceMode::ErrorPreserving)
+///     .zero(&[3, 7])?
+///     .with(12, LatentEdit::Clamp(2.5))?
+///     .steer(40, 8.0)?;
+/// assert_eq!(edits.latent_edits().len(), 3);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Edits {
+    mode: SpliceMode,
+    edits: Vec<(u32, LatentEdit)>,
+    steers: Vec<(u32, f32)>,
+}
+
+impl Edits {
+    /// No edits yet, in `mode`.
+    pub fn new(mode: SpliceMode) -> Self {
+        Edits {
+            mode,
+            edits: Vec::new(),
+            steers: Vec::new(),
+        }
+    }
+
+    /// Add one latent edit.
+    pub fn with(mut self, id: u32, edit: LatentEdit) -> Result<Self> {
+        if self.edits.iter().any(|(i, _)| *i == id) {
+            return Err(Error::DuplicateLatent(id));
+        }
+        self.edits.push((id, edit));
+        Ok(self)
+    }
+
+    /// Zero-ablate every latent in `ids`.
+    pub fn zero(self, ids: &[u32]) -> Result<Self> {
+        ids.iter()
+            .try_fold(self, |e, &id| e.with(id, LatentEdit::Zero))
+    }
+
+    /// Mean-ablate: clamp each latent in `ids` to its given mean.
+    pub fn mean_ablate(self, ids: &[u32], means: &[f32]) -> Result<Self> {
+        if ids.len() != means.len() {
+            return Err(Error::Invalid(format!(
+                "mean_ablate: {} ids but {} means",
+                ids.len(),
+                means.len()
+            )));
+        }
+        ids.iter()
+            .zip(means)
+            .try_fold(self, |e, (&id, &m)| e.with(id, LatentEdit::Clamp(m)))
+    }
+
+    /// Steer by a decoder direction: `y += c · W_dec[id]` (residual units).
+    pub fn steer(mut self, id: u32, c: f32) -> Result<Self> {
+        if self.steers.iter().any(|(i, _)| *i == id) {
+            return Err(Error::DuplicateLatent(id));
+        }
+        self.steers.push((id, c));
+        Ok(self)
+    }
+
+    /// The splice mode.
+    pub fn mode(&self) -> SpliceMode {
+        self.mode
+    }
+
+    /// The latent edits, in the order given.
+    pub fn latent_edits(&self) -> &[(u32, LatentEdit)] {
+        &self.edits
+    }
+
+    /// The decoder-direction steering coefficients, in the order given.
+    pub fn steers(&self) -> &[(u32, f32)] {
+        &self.steers
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty() && self.steers.is_empty()
+    }
+
+    /// Check every id against `d_sae`.
+    pub fn validate(&self, d_sae: usize) -> Result<()> {
+        for id in self
+            .edits
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(self.steers.iter().map(|(i, _)| *i))
+        {
+            if id as usize >= d_sae {
+                return Err(Error::LatentOutOfRange {
+                    id: id as u64,
+                    d_sae,
+                });
+            }
+        }
+        Ok(())
+    }
+}

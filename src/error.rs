@@ -1,0 +1,131 @@
+//! The crate's one error type.
+//!
+//! Every message names what is at fault: the file, the tensor, the expected
+//! and found shape, or the latent id. The CLI prints the message on one line
+//! and exits with code 2.
+
+use std::path::Path;
+
+/// Convenient alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when loading, editing or writing SAEs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A tensor the format requires is not in the file.
+    #[error("missing tensor `{name}`")]
+    MissingTensor {
+        /// The tensor's name as stored on disk.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The tensor's name.
+        name: String,
+        /// The shape that was required.
+        expected: Vec<usize>,
+        /// The shape that was found.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype this crate cannot use.
+    #[error("tensor `{name}` has unsupported dtype {dtype}")]
+    Dtype {
+        /// The tensor's name.
+        name: String,
+        /// The dtype, as the file spells it.
+        dtype: String,
+    },
+    /// A file is not a valid instance of its format (truncated, corrupted, inconsistent).
+    #[error("invalid {format} data: {msg}")]
+    Format {
+        /// The format, e.g. `safetensors`, `npy`, `pickle`, `json`.
+        format: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The SAE configuration is invalid or inconsistent.
+    #[error("invalid SAE config: {0}")]
+    Config(String),
+    /// An architecture string this crate does not know.
+    #[error("unknown SAE architecture `{0}` (known: standard, jumprelu, topk, gated)")]
+    UnknownArchitecture(String),
+    /// A latent id is not below `d_sae`.
+    #[error("latent id {id} out of range: the SAE has d_sae = {d_sae}")]
+    LatentOutOfRange {
+        /// The offending id.
+        id: u64,
+        /// The SAE's dictionary size.
+        d_sae: usize,
+    },
+    /// The same latent was given two edits.
+    #[error("latent id {0} is given more than one edit")]
+    DuplicateLatent(u32),
+    /// The input's last dimension does not match the SAE.
+    #[error("input has shape {shape:?}: its last dimension must equal the SAE's d_in = {d_in}")]
+    InputDim {
+        /// The input's shape.
+        shape: Vec<usize>,
+        /// The SAE's input width.
+        d_in: usize,
+    },
+    /// An argument that is not valid for the call.
+    #[error("{0}")]
+    Invalid(String),
+    /// The format of a path could not be recognised.
+    #[error("{path}: not a recognised SAE release ({why})")]
+    UnknownFormat {
+        /// The path given.
+        path: String,
+        /// What was looked for.
+        why: String,
+    },
+    /// An error inside a named file: wraps the cause with the path.
+    #[error("{path}: {source}")]
+    InFile {
+        /// The file at fault.
+        path: String,
+        /// The cause.
+        source: Box<Error>,
+    },
+    /// An error from candle.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Attach a file path to this error (idempotent: an error that already names a file keeps it).
+    pub fn in_file(self, path: impl AsRef<Path>) -> Self {
+        match self {
+            e @ (Error::InFile { .. } | Error::Io { .. } | Error::UnknownFormat { .. }) => e,
+            e => Error::InFile {
+                path: path.as_ref().display().to_string(),
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    /// A format error.
+    pub fn format(format: &'static str, msg: impl Into<String>) -> Self {
+        Error::Format {
+            format,
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! # sae-ablate
+//!
+//! Run sparse autoencoders (SAEs) inside transformer language models and edit
+//! their latents: zero-ablate, clamp, scale, steer.
+//!
+//! * [`sae`]: the [`Sae`] type and loaders for SAELens, sparsify, Goodfire,
+//!   Gemma Scope, Llama Scope and dictionary_learning releases.
+//! * [`edit`]: latent sets, per-latent edits, splice modes, and the reference splice.
+//! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
+//!
+//! ```no_run
+//! use candle_core::{Device, Tensor};
+//! use sae_ablate::edit::{reference, Edits, LatentSet, SpliceMode};
+//! use sae_ablate::sae::Sae;
+//! # fn main() -> sae_ablate::Result<()> {
+//! let sae = Sae::load("path/to/release", &Device::Cpu)?;
+//! let x = Tensor::randn(0f32, 1.0, (4, sae.d_in()), &Device::Cpu)?;
+//! let otd = LatentSet::preset("esr26", sae.d_sae())?;
+//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(otd.ids())?;
+//! let y = reference::apply(&sae, &x, &edits)?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod edit;
+mod error;
+pub mod io;
+pub mod sae;
+
+pub use error::{Error, Result};
+pub use sae::Sae;
