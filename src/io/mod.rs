@@ -2,6 +2,8 @@
 //! `.npy`/`.npz` arrays, and atomic writes.
 
 pub mod atomic;
+pub mod npy;
+pub mod pickle;
 pub mod st;
 
 pub use atomic::{write_atomic, write_atomic_path};

@@ -12,12 +12,15 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors};
 
 use crate::{Error, Result};
 
+/// Stored dtype, shape and data offsets of one tensor.
+type Info = (StDtype, Vec<usize>, (usize, usize));
+
 /// An open, validated, memory-mapped safetensors file.
 pub struct TensorFile {
     path: PathBuf,
     mmap: memmap2::Mmap,
     header_len: usize,
-    infos: HashMap<String, (StDtype, Vec<usize>, (usize, usize))>,
+    infos: HashMap<String, Info>,
     metadata: HashMap<String, String>,
 }
 

@@ -1,0 +1,1 @@
+//! `.npy` and `.npz` arrays (TODO).

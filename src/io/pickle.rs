@@ -1,0 +1,1 @@
+//! PyTorch `.pt`/`.pth` state dicts through a restricted pickle reader (TODO).
