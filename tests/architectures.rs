@@ -96,7 +96,11 @@ fn constant_norm_rescale() {
     let sae = identity(Normalization::ConstantNormRescale);
     // x = [3,4]: ‖x‖ = 5, x·√2/5 = [0.848528, 1.131371].
     let x = t2(&[&[3., 4.]]);
-    assert_close(&rows(&sae.encode(&x).unwrap()), &[vec![0.848_528_1, 1.131_370_8]], 1e-6);
+    assert_close(
+        &rows(&sae.encode(&x).unwrap()),
+        &[vec![0.848_528_1, 1.131_370_8]],
+        1e-6,
+    );
     // Identity SAE: the reconstruction undoes the scaling.
     assert_close(&rows(&sae.forward(&x).unwrap()), &[vec![3., 4.]], 1e-6);
 }
@@ -106,18 +110,32 @@ fn layer_norm_uses_unbiased_std() {
     let sae = identity(Normalization::LayerNorm);
     // x = [1,3]: μ = 2, σ (unbiased) = √2; xn = [-1,1]/(√2 + 1e-5) = ±0.70710178.
     let x = t2(&[&[1., 3.]]);
-    assert_close(&rows(&sae.encode(&x).unwrap()), &[vec![0., 0.707_101_8]], 1e-6);
+    assert_close(
+        &rows(&sae.encode(&x).unwrap()),
+        &[vec![0., 0.707_101_8]],
+        1e-6,
+    );
     // y = f·σ + μ = [2, 2.99999293].
-    assert_close(&rows(&sae.forward(&x).unwrap()), &[vec![2., 2.999_992_9]], 1e-6);
+    assert_close(
+        &rows(&sae.forward(&x).unwrap()),
+        &[vec![2., 2.999_992_9]],
+        1e-6,
+    );
 }
 
 #[test]
 fn expected_average_scaling_is_undone_on_output() {
-    let sae = identity(Normalization::ExpectedAverageOnlyIn { scaling_factor: 2.0 });
+    let sae = identity(Normalization::ExpectedAverageOnlyIn {
+        scaling_factor: 2.0,
+    });
     let x = t2(&[&[1., -1.]]);
     assert_close(&rows(&sae.encode(&x).unwrap()), &[vec![2., 0.]], 0.0);
     assert_close(&rows(&sae.forward(&x).unwrap()), &[vec![1., 0.]], 0.0);
-    assert_close(&rows(&sae.decode(&t2(&[&[2., 0.]])).unwrap()), &[vec![1., 0.]], 0.0);
+    assert_close(
+        &rows(&sae.decode(&t2(&[&[2., 0.]])).unwrap()),
+        &[vec![1., 0.]],
+        0.0,
+    );
 }
 
 #[test]
@@ -143,7 +161,10 @@ fn leading_dims_and_empty_batches() {
     let x = Tensor::new(&[[[2f32, 1.]], [[-1., 0.]]], &Device::Cpu).unwrap();
     let f = sae.encode(&x).unwrap();
     assert_eq!(f.dims(), &[2, 1, 3]);
-    assert_eq!(f.flatten_to(1).unwrap().to_vec2::<f32>().unwrap()[0], vec![1.5, 1.0, 0.25]);
+    assert_eq!(
+        f.flatten_to(1).unwrap().to_vec2::<f32>().unwrap()[0],
+        vec![1.5, 1.0, 0.25]
+    );
     assert_eq!(sae.forward(&x).unwrap().dims(), &[2, 1, 2]);
     let empty = Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(sae.encode(&empty).unwrap().dims(), &[0, 3]);
@@ -156,31 +177,49 @@ fn accessors() {
     assert_eq!((sae.d_in(), sae.d_sae()), (2, 3));
     assert_eq!(sae.architecture(), Architecture::JumpRelu);
     assert_eq!(sae.hook_name(), None);
-    assert_eq!(sae.decoder_direction(1).unwrap().to_vec1::<f32>().unwrap(), vec![0., 2.]);
+    assert_eq!(
+        sae.decoder_direction(1).unwrap().to_vec1::<f32>().unwrap(),
+        vec![0., 2.]
+    );
     let err = sae.decoder_direction(3).unwrap_err().to_string();
-    assert!(err.contains("latent id 3") && err.contains("d_sae = 3"), "{err}");
+    assert!(
+        err.contains("latent id 3") && err.contains("d_sae = 3"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_shapes_and_configs_are_clear_errors() {
     let x = t2(&[&[1., 2., 3.]]);
-    let err = sae(Architecture::Standard).encode(&x).unwrap_err().to_string();
+    let err = sae(Architecture::Standard)
+        .encode(&x)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("[1, 3]") && err.contains("d_in = 2"), "{err}");
 
     let mut w = weights();
     w.w_dec = t2(&[&[1., 0.], &[0., 2.]]);
-    let err = Sae::new(SaeConfig::new(Architecture::Standard, 2, 3), w).unwrap_err().to_string();
-    assert!(err.contains("W_dec") && err.contains("[3, 2]") && err.contains("[2, 2]"), "{err}");
+    let err = Sae::new(SaeConfig::new(Architecture::Standard, 2, 3), w)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("W_dec") && err.contains("[3, 2]") && err.contains("[2, 2]"),
+        "{err}"
+    );
 
     let err = Sae::new(SaeConfig::new(Architecture::JumpRelu, 2, 3), weights())
         .unwrap_err()
         .to_string();
     assert!(err.contains("threshold"), "{err}");
 
-    let err = Sae::new(SaeConfig::new(Architecture::TopK, 2, 3), weights()).unwrap_err().to_string();
+    let err = Sae::new(SaeConfig::new(Architecture::TopK, 2, 3), weights())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("k = 0"), "{err}");
 
-    let err = Sae::new(SaeConfig::new(Architecture::Standard, 2, 0), weights()).unwrap_err().to_string();
+    let err = Sae::new(SaeConfig::new(Architecture::Standard, 2, 0), weights())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("d_sae = 0"), "{err}");
 
     let err = "sigmoid".parse::<Architecture>().unwrap_err().to_string();

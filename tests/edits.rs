@@ -4,7 +4,9 @@
 mod small;
 
 use candle_core::{DType, Device, Tensor};
-use sae_ablate::edit::{reference, Edits, LatentEdit, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50};
+use sae_ablate::edit::{
+    reference, Edits, LatentEdit, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50,
+};
 use sae_ablate::sae::{Architecture, Normalization};
 use small::*;
 
@@ -24,13 +26,25 @@ fn each_edit_by_hand() {
     // zero latent 1 (f=1): x − 1·[0,2].
     near(apply1(Edits::new(EP).zero(&[1]).unwrap()), [2., -1.]);
     // clamp latent 2 (f=0.25) to 1.25: x + 1·[1,1].
-    near(apply1(Edits::new(EP).with(2, LatentEdit::Clamp(1.25)).unwrap()), [3., 2.]);
+    near(
+        apply1(Edits::new(EP).with(2, LatentEdit::Clamp(1.25)).unwrap()),
+        [3., 2.],
+    );
     // scale latent 0 (f=1.5) by 3: x + 3·[1,0].
-    near(apply1(Edits::new(EP).with(0, LatentEdit::Scale(3.)).unwrap()), [5., 1.]);
+    near(
+        apply1(Edits::new(EP).with(0, LatentEdit::Scale(3.)).unwrap()),
+        [5., 1.],
+    );
     // add 1 to latent 0: x + [1,0].
-    near(apply1(Edits::new(EP).with(0, LatentEdit::Add(1.)).unwrap()), [3., 1.]);
+    near(
+        apply1(Edits::new(EP).with(0, LatentEdit::Add(1.)).unwrap()),
+        [3., 1.],
+    );
     // mean-ablate latent 1 to 0.5: x − 0.5·[0,2].
-    near(apply1(Edits::new(EP).mean_ablate(&[1], &[0.5]).unwrap()), [2., 0.]);
+    near(
+        apply1(Edits::new(EP).mean_ablate(&[1], &[0.5]).unwrap()),
+        [2., 0.],
+    );
     // steer by W_dec[1] with c = 0.5: x + [0,1].
     near(apply1(Edits::new(EP).steer(1, 0.5).unwrap()), [2., 2.]);
     // Reconstruction, zero latent 1: f' = [1.5,0,0.25] -> [1.75, 0.25] + b_dec = [2.25, -0.25].
@@ -42,7 +56,12 @@ fn each_edit_by_hand() {
 
 #[test]
 fn error_preserving_without_edits_returns_input() {
-    for arch in [Architecture::Standard, Architecture::JumpRelu, Architecture::TopK, Architecture::Gated] {
+    for arch in [
+        Architecture::Standard,
+        Architecture::JumpRelu,
+        Architecture::TopK,
+        Architecture::Gated,
+    ] {
         let sae = random(arch, 16, 64, DType::F32, 7);
         let x = Tensor::randn(0f32, 1.0, (5, 16), &Device::Cpu).unwrap();
         let y = reference::apply(&sae, &x, &Edits::new(EP)).unwrap();
@@ -54,7 +73,12 @@ fn error_preserving_without_edits_returns_input() {
 fn zero_ablation_subtracts_the_latents_contribution() {
     // y = x − Σ_{i∈S} f_i W_dec[i], for each architecture.
     let s = [1u32, 5, 9, 33, 63];
-    for arch in [Architecture::Standard, Architecture::JumpRelu, Architecture::TopK, Architecture::Gated] {
+    for arch in [
+        Architecture::Standard,
+        Architecture::JumpRelu,
+        Architecture::TopK,
+        Architecture::Gated,
+    ] {
         let sae = random(arch, 16, 64, DType::F32, 11);
         let x = Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu).unwrap();
         let f = rows(&sae.encode(&x).unwrap());
@@ -91,7 +115,11 @@ fn edits_on_inactive_latents_change_nothing() {
         .unwrap()
         .with(2, LatentEdit::Scale(4.))
         .unwrap();
-    assert_close(&rows(&reference::apply(&sae, &x, &e).unwrap()), &[vec![-1., 0.]], 1e-6);
+    assert_close(
+        &rows(&reference::apply(&sae, &x, &e).unwrap()),
+        &[vec![-1., 0.]],
+        1e-6,
+    );
 }
 
 #[test]
@@ -108,17 +136,31 @@ fn shapes_are_kept_and_empty_batches_work() {
 fn bad_edits_are_rejected() {
     let err = Edits::new(EP).zero(&[1, 1]).unwrap_err().to_string();
     assert!(err.contains("latent id 1"), "{err}");
-    let err = Edits::new(EP).steer(2, 1.).unwrap().steer(2, 3.).unwrap_err().to_string();
+    let err = Edits::new(EP)
+        .steer(2, 1.)
+        .unwrap()
+        .steer(2, 3.)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("latent id 2"), "{err}");
     let e = Edits::new(EP).zero(&[3]).unwrap();
     let err = reference::apply(&sae(Architecture::Standard), &t2(&[&[1., 1.]]), &e)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("latent id 3") && err.contains("d_sae = 3"), "{err}");
-    let err = Edits::new(EP).mean_ablate(&[0, 1], &[0.5]).unwrap_err().to_string();
+    assert!(
+        err.contains("latent id 3") && err.contains("d_sae = 3"),
+        "{err}"
+    );
+    let err = Edits::new(EP)
+        .mean_ablate(&[0, 1], &[0.5])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("2 ids but 1 means"), "{err}");
     assert!("sideways".parse::<SpliceMode>().is_err());
-    assert_eq!("reconstruct".parse::<SpliceMode>().unwrap(), SpliceMode::Reconstruction);
+    assert_eq!(
+        "reconstruct".parse::<SpliceMode>().unwrap(),
+        SpliceMode::Reconstruction
+    );
 }
 
 #[test]

@@ -324,6 +324,52 @@ impl Sae {
     pub fn device(&self) -> &Device {
         self.w.w_dec.device()
     }
+    /// Every weight tensor with its SAELens name (`b_gate` for a gated SAE's `b_enc`).
+    pub fn named_tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let w = &self.w;
+        let b_enc = if self.cfg.architecture == Architecture::Gated {
+            "b_gate"
+        } else {
+            "b_enc"
+        };
+        let mut v = vec![
+            ("W_enc", &w.w_enc),
+            (b_enc, &w.b_enc),
+            ("W_dec", &w.w_dec),
+            ("b_dec", &w.b_dec),
+        ];
+        let opt = [
+            ("threshold", &w.threshold),
+            ("r_mag", &w.r_mag),
+            ("b_mag", &w.b_mag),
+            ("W_skip", &w.w_skip),
+        ];
+        v.extend(
+            opt.into_iter()
+                .filter_map(|(n, t)| t.as_ref().map(|t| (n, t))),
+        );
+        v
+    }
+
+    /// Count the NaN and infinite values of every weight tensor; returns
+    /// `(tensor name, count)` for each tensor that has any.
+    pub fn non_finite(&self) -> Result<Vec<(&'static str, usize)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.named_tensors() {
+            let t = t.to_dtype(DType::F32)?;
+            // x − x is 0 for finite x and NaN for NaN or ±∞.
+            let bad = (&t - &t)?
+                .ne(0f64)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
+            if bad > 0 {
+                out.push((name, bad));
+            }
+        }
+        Ok(out)
+    }
+
     /// `W_dec[i]`, shape `[d_in]`, in the stored dtype: the direction latent `i` writes.
     pub fn decoder_direction(&self, i: usize) -> Result<Tensor> {
         if i >= self.cfg.d_sae {

@@ -69,11 +69,15 @@ pub fn identity(norm: Normalization) -> Sae {
 /// A random SAE (uniform weights) of the given architecture and dtype.
 pub fn random(arch: Architecture, d_in: usize, d_sae: usize, dtype: DType, seed: u64) -> Sae {
     let dev = Device::Cpu;
-    let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut rng = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move |n: usize, scale: f32| -> Tensor {
         let v: Vec<f32> = (0..n)
             .map(|_| {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (((rng >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0) * scale
             })
             .collect();
