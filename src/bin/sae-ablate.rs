@@ -1,1 +1,226 @@
-fn main() {}
+//! `sae-ablate`: inspect SAEs, encode activations, apply latent edits.
+//!
+//! A thin layer over the library: each subcommand is a few calls of public API.
+//! Exit code 0 on success, 2 on bad input (one line on stderr).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+use sae_ablate::edit::{reference, Edits, LatentEdit, LatentSet, SpliceMode};
+use sae_ablate::io::npy;
+use sae_ablate::sae::{Architecture, Sae};
+use sae_ablate::{Error, Result};
+
+#[derive(Parser)]
+#[command(name = "sae-ablate", version, about = "Run sparse autoencoders and edit their latents")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print an SAE's format, architecture, sizes, dtype, hook and weight statistics.
+    Inspect {
+        /// SAE release directory or weights file (any supported format).
+        sae: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encode activations: writes dense latent activations [N, d_sae] as f32 .npy.
+    Encode {
+        /// SAE release directory or weights file.
+        #[arg(long)]
+        sae: PathBuf,
+        /// Input activations, .npy f32/f16/bf16 of shape [N, d_in].
+        #[arg(long)]
+        input: PathBuf,
+        /// Output .npy (f32).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Apply latent edits to activations: writes the edited activations [N, d_in] as f32 .npy.
+    Apply {
+        /// SAE release directory or weights file.
+        #[arg(long)]
+        sae: PathBuf,
+        /// Input activations, .npy f32/f16/bf16 of shape [N, d_in].
+        #[arg(long)]
+        input: PathBuf,
+        /// Output .npy (f32).
+        #[arg(long)]
+        output: PathBuf,
+        /// Latents to zero-ablate: `1,2,3`.
+        #[arg(long, value_delimiter = ',')]
+        zero: Vec<u32>,
+        /// A named latent set to zero-ablate (`esr26`: the ESR off-topic detectors).
+        #[arg(long)]
+        zero_preset: Option<String>,
+        /// Clamp latents to values: `ID=V,ID=V`.
+        #[arg(long, value_delimiter = ',')]
+        clamp: Vec<String>,
+        /// Scale latents by factors: `ID=A,ID=A`.
+        #[arg(long, value_delimiter = ',')]
+        scale: Vec<String>,
+        /// Add values to latents (latent-space steering): `ID=V,ID=V`.
+        #[arg(long, value_delimiter = ',')]
+        add: Vec<String>,
+        /// Steer by decoder directions, y += C·W_dec[ID]: `ID=C,ID=C`.
+        #[arg(long, value_delimiter = ',')]
+        steer: Vec<String>,
+        /// Splice mode: `error` (x + decode(f') − decode(f)) or `reconstruct` (decode(f')).
+        #[arg(long, default_value = "error")]
+        mode: SpliceMode,
+    },
+}
+
+fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
+    items
+        .iter()
+        .map(|s| {
+            let bad = || Error::Invalid(format!("bad --{flag} entry `{s}`: expected ID=VALUE"));
+            let (id, v) = s.split_once('=').ok_or_else(bad)?;
+            let id: u32 = id.trim().parse().map_err(|_| bad())?;
+            let v: f32 = v.trim().parse().map_err(|_| bad())?;
+            if !v.is_finite() {
+                return Err(bad());
+            }
+            Ok((id, v))
+        })
+        .collect()
+}
+
+fn stats(t: &candle_core::Tensor) -> Result<serde_json::Value> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let finite: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = finite.len().max(1) as f64;
+    let mean = finite.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let min = finite.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = finite.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    Ok(serde_json::json!({"min": min, "mean": mean, "max": max}))
+}
+
+fn inspect(path: &PathBuf, json: bool) -> Result<()> {
+    let sae = Sae::load(path, &Device::Cpu)?;
+    let c = sae.config();
+    let mut info = serde_json::json!({
+        "path": path.display().to_string(),
+        "format": sae.format().as_str(),
+        "architecture": c.architecture.as_str(),
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": format!("{:?}", sae.dtype()).to_lowercase(),
+        "hook_name": c.hook_name,
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "normalize_activations": c.normalization.as_str(),
+    });
+    if c.architecture == Architecture::TopK {
+        info["k"] = serde_json::json!(c.k);
+        info["rescale_acts_by_decoder_norm"] = serde_json::json!(c.rescale_acts_by_decoder_norm);
+        info["signed"] = serde_json::json!(c.signed);
+    }
+    if let Some(t) = &sae.weights().threshold {
+        info["threshold"] = stats(t)?;
+    }
+    let norms = sae
+        .weights()
+        .w_dec
+        .to_dtype(DType::F32)?
+        .sqr()?
+        .sum(1)?
+        .sqrt()?;
+    info["decoder_norm"] = stats(&norms)?;
+    let bad = sae.non_finite()?;
+    info["non_finite"] = serde_json::Value::Object(
+        bad.iter()
+            .map(|(n, k)| (n.to_string(), serde_json::json!(k)))
+            .collect(),
+    );
+    if json {
+        println!("{info}");
+        return Ok(());
+    }
+    if let Some(obj) = info.as_object() {
+        for (k, v) in obj {
+            println!("{k:>28}: {v}");
+        }
+    }
+    for (name, n) in bad {
+        eprintln!("warning: tensor `{name}` has {n} NaN/Inf values");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let dev = Device::Cpu;
+    match cli.cmd {
+        Cmd::Inspect { sae, json } => inspect(&sae, json),
+        Cmd::Encode { sae, input, output } => {
+            let sae = Sae::load(&sae, &dev)?;
+            let x = npy::read_npy(&input, &dev)?;
+            let f = sae.encode(&x).map_err(|e| e.in_file(&input))?;
+            npy::write_npy_f32(&output, &f)
+        }
+        Cmd::Apply {
+            sae,
+            input,
+            output,
+            zero,
+            zero_preset,
+            clamp,
+            scale,
+            add,
+            steer,
+            mode,
+        } => {
+            let sae = Sae::load(&sae, &dev)?;
+            let mut edits = Edits::new(mode).zero(&zero)?;
+            if let Some(name) = zero_preset {
+                edits = edits.zero(LatentSet::preset(&name, sae.d_sae())?.ids())?;
+            }
+            for (id, v) in pairs("clamp", &clamp)? {
+                edits = edits.with(id, LatentEdit::Clamp(v))?;
+            }
+            for (id, v) in pairs("scale", &scale)? {
+                edits = edits.with(id, LatentEdit::Scale(v))?;
+            }
+            for (id, v) in pairs("add", &add)? {
+                edits = edits.with(id, LatentEdit::Add(v))?;
+            }
+            for (id, c) in pairs("steer", &steer)? {
+                edits = edits.steer(id, c)?;
+            }
+            let x = npy::read_npy(&input, &dev)?;
+            let y = reference::apply(&sae, &x, &edits).map_err(|e| e.in_file(&input))?;
+            npy::write_npy_f32(&output, &y)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print as usual, exit 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Usage errors: one line, exit 2, like every other bad input.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see --help)", first.trim_start_matches("error: ").trim());
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.to_string().replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
