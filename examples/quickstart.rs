@@ -47,7 +47,12 @@ fn main() -> sae_ablate::Result<()> {
     );
     let x = Tensor::randn(0f32, 1.0, (8, sae.d_in()), &dev)?;
     let f = sae.encode(&x)?;
-    let l0 = f.gt(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? / 8.0;
+    let l0 = f
+        .gt(0f64)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        / 8.0;
     println!("mean L0 over 8 random tokens: {l0:.1}");
 
     // No edits: the error-preserving splice returns x.
@@ -60,8 +65,15 @@ fn main() -> sae_ablate::Result<()> {
     let mut ids: Vec<u32> = (0..row.len() as u32).collect();
     ids.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
     ids.truncate(26);
-    let y = reference::apply(&sae, &x, &Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?)?;
+    let y = reference::apply(
+        &sae,
+        &x,
+        &Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?,
+    )?;
     let delta = (y - &x)?.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
-    println!("zero-ablating 26 latents moved token 0 by {:.3} (L2)", delta[0]);
+    println!(
+        "zero-ablating 26 latents moved token 0 by {:.3} (L2)",
+        delta[0]
+    );
     Ok(())
 }

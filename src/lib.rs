@@ -25,7 +25,13 @@
 pub mod edit;
 mod error;
 pub mod io;
+pub mod kernels;
 pub mod sae;
 
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 pub use sae::Sae;

@@ -13,9 +13,17 @@ use small::*;
 fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     let shape_s = match shape {
         [n] => format!("({n},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -28,7 +36,11 @@ fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
 }
 
 fn write_f32(path: &Path, rows: &[&[f32]]) {
-    let data: Vec<u8> = rows.iter().flat_map(|r| r.iter()).flat_map(|v| v.to_le_bytes()).collect();
+    let data: Vec<u8> = rows
+        .iter()
+        .flat_map(|r| r.iter())
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     write_npy(path, "<f4", &[rows.len(), rows[0].len()], &data);
 }
 
@@ -38,7 +50,10 @@ fn read_f32(path: &Path) -> Vec<Vec<f32>> {
     assert_eq!(&b[..6], b"\x93NUMPY");
     let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
     let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"), "{header}");
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
     let shape = &header[header.find("'shape': (").unwrap() + 10..];
     let shape: Vec<usize> = shape[..shape.find(')').unwrap()]
         .split(',')
@@ -46,7 +61,10 @@ fn read_f32(path: &Path) -> Vec<Vec<f32>> {
         .map(|s| s.trim().parse().unwrap())
         .collect();
     assert_eq!(shape.len(), 2, "{header}");
-    let vals: Vec<f32> = b[10 + hlen..].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let vals: Vec<f32> = b[10 + hlen..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     assert_eq!(vals.len(), shape[0] * shape[1]);
     vals.chunks(shape[1].max(1)).map(|c| c.to_vec()).collect()
 }
@@ -67,7 +85,11 @@ fn setup(tag: &str) -> Setup {
     sae(Architecture::Standard).save_saelens(&sae_dir).unwrap();
     let x = dir.join("x.npy");
     write_f32(&x, &[&[2., 1.], &[-1., 0.]]);
-    Setup { dir, sae: sae_dir, x }
+    Setup {
+        dir,
+        sae: sae_dir,
+        x,
+    }
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -84,7 +106,11 @@ fn run_err(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{args:?} should exit 2");
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line message expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one-line message expected: {err}"
+    );
     err
 }
 
@@ -96,8 +122,20 @@ fn s(p: &Path) -> &str {
 fn encode_writes_dense_latents() {
     let t = setup("cli-encode");
     let out = t.dir.join("f.npy");
-    run_ok(&["encode", "--sae", s(&t.sae), "--input", s(&t.x), "--output", s(&out)]);
-    assert_close(&read_f32(&out), &[vec![1.5, 1., 0.25], vec![0., 0., 0.]], 1e-6);
+    run_ok(&[
+        "encode",
+        "--sae",
+        s(&t.sae),
+        "--input",
+        s(&t.x),
+        "--output",
+        s(&out),
+    ]);
+    assert_close(
+        &read_f32(&out),
+        &[vec![1.5, 1., 0.25], vec![0., 0., 0.]],
+        1e-6,
+    );
 }
 
 #[test]
@@ -105,15 +143,29 @@ fn apply_every_edit_kind() {
     let t = setup("cli-apply");
     let out = t.dir.join("y.npy");
     let out_s = out.to_str().unwrap().to_string();
-    let base = ["apply", "--sae", s(&t.sae), "--input", s(&t.x), "--output", &out_s];
+    let base = [
+        "apply",
+        "--sae",
+        s(&t.sae),
+        "--input",
+        s(&t.x),
+        "--output",
+        &out_s,
+    ];
     let cases: Vec<(Vec<&str>, Vec<Vec<f32>>)> = vec![
         (vec![], vec![vec![2., 1.], vec![-1., 0.]]),
         (vec!["--zero", "1"], vec![vec![2., -1.], vec![-1., 0.]]),
         // clamp latent 2 to 1.25 and scale latent 0 by 3 (row 2: all inactive).
-        (vec!["--clamp", "2=1.25", "--scale", "0=3"], vec![vec![6., 2.], vec![0.25, 1.25]]),
+        (
+            vec!["--clamp", "2=1.25", "--scale", "0=3"],
+            vec![vec![6., 2.], vec![0.25, 1.25]],
+        ),
         (vec!["--add", "0=1"], vec![vec![3., 1.], vec![0., 0.]]),
         (vec!["--steer", "1=0.5"], vec![vec![2., 2.], vec![-1., 1.]]),
-        (vec!["--zero", "1", "--mode", "reconstruct"], vec![vec![2.25, -0.25], vec![0.5, -0.5]]),
+        (
+            vec!["--zero", "1", "--mode", "reconstruct"],
+            vec![vec![2.25, -0.25], vec![0.5, -0.5]],
+        ),
     ];
     for (extra, want) in cases {
         let mut args = base.to_vec();
@@ -133,7 +185,17 @@ fn half_precision_input() {
         .collect();
     write_npy(&x16, "<f2", &[2, 2], &data);
     let out = t.dir.join("y.npy");
-    run_ok(&["apply", "--sae", s(&t.sae), "--input", s(&x16), "--output", s(&out), "--zero", "1"]);
+    run_ok(&[
+        "apply",
+        "--sae",
+        s(&t.sae),
+        "--input",
+        s(&x16),
+        "--output",
+        s(&out),
+        "--zero",
+        "1",
+    ]);
     assert_close(&read_f32(&out), &[vec![2., -1.], vec![-1., 0.]], 1e-6);
 }
 
@@ -151,7 +213,10 @@ fn inspect_reports_the_release() {
     // decoder norms are 1, 2, √2.
     assert_eq!(js["decoder_norm"]["max"], 2.0);
     let text = run_ok(&["inspect", s(&t.sae)]);
-    assert!(text.contains("standard") && text.contains("d_sae"), "{text}");
+    assert!(
+        text.contains("standard") && text.contains("d_sae"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -159,14 +224,19 @@ fn inspect_reports_nan_weights() {
     let t = setup("cli-nan");
     let mut w = weights();
     w.b_enc = t1(&[0., f32::NAN, 0.]);
-    let sae = sae_ablate::Sae::new(sae_ablate::sae::SaeConfig::new(Architecture::Standard, 2, 3), w).unwrap();
+    let sae = sae_ablate::Sae::new(
+        sae_ablate::sae::SaeConfig::new(Architecture::Standard, 2, 3),
+        w,
+    )
+    .unwrap();
     let p = t.dir.join("nan");
     sae.save_saelens(&p).unwrap();
     let out = bin().args(["inspect", s(&p)]).output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`b_enc` has 1 NaN/Inf"), "{err}");
-    let js: serde_json::Value = serde_json::from_str(&run_ok(&["inspect", s(&p), "--json"])).unwrap();
+    let js: serde_json::Value =
+        serde_json::from_str(&run_ok(&["inspect", s(&p), "--json"])).unwrap();
     assert_eq!(js["non_finite"]["b_enc"], 1);
 }
 
@@ -179,7 +249,15 @@ fn bad_input_exits_2_with_a_clear_message_and_no_output() {
     let garbage = t.dir.join("garbage.npy");
     std::fs::write(&garbage, b"not an npy file").unwrap();
     let apply = |input: &Path, extra: &[&str]| {
-        let mut a = vec!["apply", "--sae", s(&t.sae), "--input", s(input), "--output", s(&out)];
+        let mut a = vec![
+            "apply",
+            "--sae",
+            s(&t.sae),
+            "--input",
+            s(input),
+            "--output",
+            s(&out),
+        ];
         a.extend_from_slice(extra);
         run_err(&a)
     };
@@ -200,6 +278,16 @@ fn bad_input_exits_2_with_a_clear_message_and_no_output() {
     assert!(!out.exists(), "no output may be written on error");
     let e = run_err(&["inspect", s(&t.dir.join("nowhere"))]);
     assert!(e.contains("nowhere"), "{e}");
-    let e = run_err(&["apply", "--sae", s(&t.sae), "--input", s(&t.x), "--output", s(&out), "--mode", "sideways"]);
+    let e = run_err(&[
+        "apply",
+        "--sae",
+        s(&t.sae),
+        "--input",
+        s(&t.x),
+        "--output",
+        s(&out),
+        "--mode",
+        "sideways",
+    ]);
     assert!(e.contains("sideways"), "{e}");
 }

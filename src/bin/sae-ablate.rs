@@ -14,7 +14,11 @@ use sae_ablate::sae::{Architecture, Sae};
 use sae_ablate::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "sae-ablate", version, about = "Run sparse autoencoders and edit their latents")]
+#[command(
+    name = "sae-ablate",
+    version,
+    about = "Run sparse autoencoders and edit their latents"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -212,7 +216,10 @@ fn main() -> ExitCode {
             // Usage errors: one line, exit 2, like every other bad input.
             let msg = e.to_string();
             let first = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see --help)", first.trim_start_matches("error: ").trim());
+            eprintln!(
+                "{} (see --help)",
+                first.trim_start_matches("error: ").trim()
+            );
             return ExitCode::from(2);
         }
     };

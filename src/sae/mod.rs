@@ -356,13 +356,8 @@ impl Sae {
     pub fn non_finite(&self) -> Result<Vec<(&'static str, usize)>> {
         let mut out = Vec::new();
         for (name, t) in self.named_tensors() {
-            let t = t.to_dtype(DType::F32)?;
-            // x − x is 0 for finite x and NaN for NaN or ±∞.
-            let bad = (&t - &t)?
-                .ne(0f64)?
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()? as usize;
+            let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bad = v.iter().filter(|x| !x.is_finite()).count();
             if bad > 0 {
                 out.push((name, bad));
             }

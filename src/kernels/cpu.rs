@@ -1,0 +1,549 @@
+//! CPU implementation of the fused splice (see the module docs of `kernels`).
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use candle_core::{DType, Device, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::simd::{axpy, dot, Elem};
+use crate::edit::{Edits, SpliceMode};
+use crate::sae::{Architecture, Normalization, Sae};
+use crate::{Error, Result};
+
+/// Everything a splice needs, gathered once from an [`Sae`] and [`Edits`]
+/// and reused for every call.
+///
+/// ```
+/// # use candle_core::{Device, Tensor, DType};
+/// # use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
+/// use sae_ablate::edit::{Edits, SpliceMode};
+/// use sae_ablate::kernels::EditPlan;
+/// # fn main() -> sae_ablate::Result<()> {
+/// # let dev = Device::Cpu;
+/// # let eye = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev)?;
+/// # let z = Tensor::zeros(2, DType::F32, &dev)?;
+/// # let sae = Sae::new(SaeConfig::new(Architecture::Standard, 2, 2), SaeWeights {
+/// #     w_enc: eye.clone(), b_enc: z.clone(), w_dec: eye, b_dec: z,
+/// #     threshold: None, r_mag: None, b_mag: None, w_skip: None })?;
+/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0])?)?;
+/// let y = plan.apply(&Tensor::new(&[[3f32, 1.]], &dev)?)?;
+/// assert_eq!(y.to_vec2::<f32>()?, vec![vec![0.0, 1.0]]);
+/// # Ok(()) }
+/// ```
+pub struct EditPlan {
+    sae: Sae,
+    mode: SpliceMode,
+    masked: bool,
+    d_in: usize,
+    /// Edited latent ids and their affine edits `f' = a·f + b`.
+    ids: Vec<u32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// Masked path: gathered encoder columns `[|S|, d_in]` and per-latent parameters.
+    enc: Vec<f32>,
+    b_enc_s: Vec<f32>,
+    thr_s: Vec<f32>,
+    rmag_s: Vec<f32>,
+    bmag_s: Vec<f32>,
+    /// Decoder rows of the edited latents `[|S|, d_in]` (÷ ‖W_dec[i]‖ for rescaled TopK).
+    dec: Vec<f32>,
+    b_dec: Vec<f32>,
+    /// Σ c_j W_dec[j] over the steering entries.
+    steer: Option<Vec<f32>>,
+    /// Full path: per-latent vectors over d_sae (f32).
+    full: Option<FullParams>,
+}
+
+struct FullParams {
+    b_enc: Vec<f32>,
+    thr: Vec<f32>,
+    rmag: Vec<f32>,
+    bmag: Vec<f32>,
+    /// 1/‖W_dec[i]‖ for rescaled TopK, else empty.
+    inv_norm: Vec<f32>,
+    norm: Vec<f32>,
+}
+
+fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn opt_vec(t: &Option<Tensor>) -> Result<Vec<f32>> {
+    t.as_ref()
+        .map(vec_f32)
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+impl EditPlan {
+    /// Validate `edits` against `sae` and gather what the kernels need.
+    pub fn new(sae: &Sae, edits: &Edits) -> Result<Self> {
+        edits.validate(sae.d_sae())?;
+        if !matches!(sae.device(), Device::Cpu) {
+            return Err(Error::Invalid(
+                "EditPlan: the CPU kernels need CPU weights".into(),
+            ));
+        }
+        let c = sae.config();
+        let w = sae.weights();
+        let d_in = c.d_in;
+        let mode = edits.mode();
+        let masked = mode == SpliceMode::ErrorPreserving && c.architecture != Architecture::TopK;
+        let ids: Vec<u32> = edits.latent_edits().iter().map(|(i, _)| *i).collect();
+        let (a, b): (Vec<f32>, Vec<f32>) =
+            edits.latent_edits().iter().map(|(_, e)| e.affine()).unzip();
+        // Row `id` of a 2-D weight for each edited latent, whatever the view's strides:
+        // |S|·d_in values, nothing of size d_sae.
+        let gather_rows = |t: &Tensor| -> Result<Vec<f32>> {
+            let mut out = Vec::with_capacity(ids.len() * d_in);
+            for &id in &ids {
+                out.extend(vec_f32(&t.narrow(0, id as usize, 1)?)?);
+            }
+            Ok(out)
+        };
+        let mut dec = gather_rows(&w.w_dec)?;
+        let norms = if c.rescale_acts_by_decoder_norm {
+            vec_f32(&sae.decoder_norms()?)?
+        } else {
+            Vec::new()
+        };
+        if !norms.is_empty() {
+            for (row, &id) in dec.chunks_mut(d_in).zip(&ids) {
+                let n = norms.get(id as usize).copied().unwrap_or(1.0);
+                row.iter_mut().for_each(|v| *v /= n);
+            }
+        }
+        let pick = |v: &[f32]| -> Vec<f32> {
+            ids.iter()
+                .filter_map(|&i| v.get(i as usize).copied())
+                .collect()
+        };
+        let (enc, b_enc_s, thr_s, rmag_s, bmag_s, full) = if masked {
+            let enc = gather_rows(&w.w_enc.t()?)?;
+            let be = vec_f32(&w.b_enc)?;
+            let rm: Vec<f32> = opt_vec(&w.r_mag)?.iter().map(|v| v.exp()).collect();
+            (
+                enc,
+                pick(&be),
+                pick(&opt_vec(&w.threshold)?),
+                pick(&rm),
+                pick(&opt_vec(&w.b_mag)?),
+                None,
+            )
+        } else {
+            let full = FullParams {
+                b_enc: vec_f32(&w.b_enc)?,
+                thr: opt_vec(&w.threshold)?,
+                rmag: opt_vec(&w.r_mag)?.iter().map(|v| v.exp()).collect(),
+                bmag: opt_vec(&w.b_mag)?,
+                inv_norm: norms.iter().map(|n| 1.0 / n).collect(),
+                norm: norms,
+            };
+            (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Some(full),
+            )
+        };
+        let steer = if edits.steers().is_empty() {
+            None
+        } else {
+            let mut s = vec![0f32; d_in];
+            for &(id, coef) in edits.steers() {
+                let row = vec_f32(&sae.decoder_direction(id as usize)?)?;
+                s.iter_mut().zip(&row).for_each(|(s, r)| *s += coef * r);
+            }
+            Some(s)
+        };
+        Ok(EditPlan {
+            sae: sae.clone(),
+            mode,
+            masked,
+            d_in,
+            ids,
+            a,
+            b,
+            enc,
+            b_enc_s,
+            thr_s,
+            rmag_s,
+            bmag_s,
+            dec,
+            b_dec: vec_f32(&w.b_dec)?,
+            steer,
+            full,
+        })
+    }
+
+    /// Whether this plan runs the masked (|S|-column) path.
+    pub fn is_masked(&self) -> bool {
+        self.masked
+    }
+
+    /// Apply the splice to `x [..., d_in]` (any float dtype, any strides); returns f32 of the same shape.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (x2, lead) = self.sae.flatten_input(x)?;
+        let n = x2.dim(0)?;
+        let xv = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; n * self.d_in];
+        if n > 0 {
+            if self.masked {
+                self.run_masked(&xv, &mut y);
+            } else {
+                self.run_full(&xv, &mut y)?;
+            }
+        }
+        let mut shape = lead;
+        shape.push(self.d_in);
+        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+    }
+
+    /// Normalize one token into `xs` (the encoder input, `b_dec` subtracted when configured);
+    /// returns the denormalization `(scale, shift)`.
+    fn prepare(&self, x: &[f32], xs: &mut [f32]) -> (f32, f32) {
+        let c = self.sae.config();
+        let d = self.d_in as f32;
+        let (mul, sub, scale, shift) = match c.normalization {
+            Normalization::None => (1.0, 0.0, 1.0, 0.0),
+            Normalization::ExpectedAverageOnlyIn { scaling_factor } => {
+                (scaling_factor, 0.0, 1.0 / scaling_factor, 0.0)
+            }
+            Normalization::ConstantNormRescale => {
+                let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let coeff = d.sqrt() / norm;
+                (coeff, 0.0, 1.0 / coeff, 0.0)
+            }
+            Normalization::LayerNorm => {
+                let mu = x.iter().sum::<f32>() / d;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>()
+                    / if self.d_in > 1 { d - 1.0 } else { 1.0 };
+                let std = var.sqrt();
+                (1.0 / (std + 1e-5), mu, std, mu)
+            }
+        };
+        let bd = c.apply_b_dec_to_input;
+        for (k, o) in xs.iter_mut().enumerate() {
+            let v = (x[k] - sub) * mul;
+            *o = if bd { v - self.b_dec[k] } else { v };
+        }
+        (scale, shift)
+    }
+
+    fn act_masked(&self, j: usize, pre: f32) -> f32 {
+        match self.sae.architecture() {
+            Architecture::Standard | Architecture::TopK => pre.max(0.0),
+            Architecture::JumpRelu => {
+                if pre > self.thr_s[j] {
+                    pre.max(0.0)
+                } else {
+                    0.0
+                }
+            }
+            Architecture::Gated => {
+                if pre > 0.0 {
+                    ((pre - self.b_enc_s[j]) * self.rmag_s[j] + self.bmag_s[j]).max(0.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    fn run_masked(&self, x: &[f32], y: &mut [f32]) {
+        let d = self.d_in;
+        x.par_chunks(d).zip(y.par_chunks_mut(d)).for_each_init(
+            || vec![0f32; d],
+            |xs, (xt, yt)| {
+                yt.copy_from_slice(xt);
+                if !self.ids.is_empty() {
+                    let (scale, _) = self.prepare(xt, xs);
+                    for j in 0..self.ids.len() {
+                        let pre = dot(xs, &self.enc[j * d..(j + 1) * d]) + self.b_enc_s[j];
+                        let f = self.act_masked(j, pre);
+                        let delta = self.a[j] * f + self.b[j] - f;
+                        if delta != 0.0 {
+                            axpy(yt, scale * delta, &self.dec[j * d..(j + 1) * d]);
+                        }
+                    }
+                }
+                if let Some(s) = &self.steer {
+                    yt.iter_mut().zip(s).for_each(|(y, s)| *y += s);
+                }
+            },
+        );
+    }
+
+    fn run_full(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let w = self.sae.weights();
+        let (enc_st, enc_l) = w.w_enc.storage_and_layout();
+        let (dec_st, dec_l) = w.w_dec.storage_and_layout();
+        let (Storage::Cpu(enc_cpu), Storage::Cpu(dec_cpu)) = (&*enc_st, &*dec_st) else {
+            return Err(Error::Invalid(
+                "EditPlan: weights must be on the CPU".into(),
+            ));
+        };
+        let enc = Strided::new(enc_l.stride(), enc_l.start_offset());
+        let dec = Strided::new(dec_l.stride(), dec_l.start_offset());
+        macro_rules! go {
+            ($te:ty, $td:ty) => {
+                self.full_typed::<$te, $td>(
+                    x,
+                    y,
+                    enc_cpu.as_slice::<$te>()?,
+                    enc,
+                    dec_cpu.as_slice::<$td>()?,
+                    dec,
+                )
+            };
+        }
+        match (w.w_enc.dtype(), w.w_dec.dtype()) {
+            (DType::F32, DType::F32) => go!(f32, f32),
+            (DType::F16, DType::F16) => go!(f16, f16),
+            (DType::BF16, DType::BF16) => go!(bf16, bf16),
+            (de, dd) => Err(Error::Invalid(format!(
+                "EditPlan: W_enc ({de:?}) and W_dec ({dd:?}) must share a dtype"
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn full_typed<TE: Elem, TD: Elem>(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        enc: &[TE],
+        enc_s: Strided,
+        dec: &[TD],
+        dec_s: Strided,
+    ) -> Result<()> {
+        let c = self.sae.config();
+        let (d, n_lat) = (self.d_in, c.d_sae);
+        let fp = self
+            .full
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("EditPlan: full path not prepared".into()))?;
+        // W_enc is [d_in, d_sae] with strides (s0, s1). Latent-major when s0 == 1.
+        let latent_major = enc_s.s0 == 1 && enc_s.s1 == d;
+        let input_major = enc_s.s1 == 1 && enc_s.s0 == n_lat;
+        let dec_rows = dec_s.s1 == 1 && dec_s.s0 == d;
+        if self.mode == SpliceMode::Reconstruction && self.sae.weights().w_skip.is_some() {
+            return Err(Error::Invalid(
+                "EditPlan: reconstruction with a skip connection (W_skip) is not fused; \
+                 use edit::reference::apply"
+                    .into(),
+            ));
+        }
+        x.par_chunks(d).zip(y.par_chunks_mut(d)).try_for_each_init(
+            || {
+                (
+                    vec![0f32; d],
+                    vec![0f32; n_lat],
+                    Vec::<(u32, f32)>::new(),
+                    vec![0f32; d],
+                )
+            },
+            |(xs, pre, active, row), (xt, yt)| -> Result<()> {
+                let (scale, shift) = self.prepare(xt, xs);
+                // Dense encode in the stored dtype.
+                if latent_major {
+                    for (i, p) in pre.iter_mut().enumerate() {
+                        let o = enc_s.off + i * d;
+                        *p = dot(xs, &enc[o..o + d]) + fp.b_enc[i];
+                    }
+                } else if input_major {
+                    pre.copy_from_slice(&fp.b_enc);
+                    for (k, &xk) in xs.iter().enumerate() {
+                        let o = enc_s.off + k * n_lat;
+                        axpy(pre, xk, &enc[o..o + n_lat]);
+                    }
+                } else {
+                    for (i, p) in pre.iter_mut().enumerate() {
+                        let mut s = fp.b_enc[i];
+                        for (k, &xk) in xs.iter().enumerate() {
+                            s += xk * enc[enc_s.off + k * enc_s.s0 + i * enc_s.s1].to_f32();
+                        }
+                        *p = s;
+                    }
+                }
+                // Fused epilogue: activation → sparse (id, value) list.
+                self.epilogue(pre, fp, active);
+                // Edits: look up f_i of each edited latent in the sparse list.
+                let f_of = |id: u32, active: &[(u32, f32)]| {
+                    active
+                        .binary_search_by_key(&id, |e| e.0)
+                        .map(|p| active[p].1)
+                        .unwrap_or(0.0)
+                };
+                // A strided (transposed-view) decoder row, widened into `row`.
+                let strided_row = |i: u32, row: &mut [f32]| {
+                    for (k, r) in row.iter_mut().enumerate() {
+                        *r = dec[dec_s.off + i as usize * dec_s.s0 + k * dec_s.s1].to_f32();
+                    }
+                };
+                let inv = |i: u32| fp.inv_norm.get(i as usize).copied().unwrap_or(1.0);
+                match self.mode {
+                    SpliceMode::ErrorPreserving => {
+                        yt.copy_from_slice(xt);
+                        for (j, &id) in self.ids.iter().enumerate() {
+                            let f = f_of(id, active);
+                            let delta = self.a[j] * f + self.b[j] - f;
+                            if delta != 0.0 {
+                                axpy(yt, scale * delta, &self.dec[j * d..(j + 1) * d]);
+                            }
+                        }
+                    }
+                    SpliceMode::Reconstruction => {
+                        yt.copy_from_slice(&self.b_dec);
+                        for &(id, f) in active.iter() {
+                            let edited = self.ids.iter().position(|&e| e == id);
+                            let f2 = match edited {
+                                Some(j) => self.a[j] * f + self.b[j],
+                                None => f,
+                            };
+                            if f2 != 0.0 {
+                                if dec_rows {
+                                    let o = dec_s.off + id as usize * d;
+                                    axpy(yt, f2 * inv(id), &dec[o..o + d]);
+                                } else {
+                                    strided_row(id, row);
+                                    axpy(yt, f2 * inv(id), row);
+                                }
+                            }
+                        }
+                        // Edited latents that were inactive (clamp/add make them fire).
+                        for (j, &id) in self.ids.iter().enumerate() {
+                            if active.binary_search_by_key(&id, |e| e.0).is_err() {
+                                let f2 = self.b[j];
+                                if f2 != 0.0 {
+                                    axpy(yt, f2, &self.dec[j * d..(j + 1) * d]);
+                                }
+                            }
+                        }
+                        yt.iter_mut().for_each(|v| *v = *v * scale + shift);
+                    }
+                }
+                if let Some(s) = &self.steer {
+                    yt.iter_mut().zip(s).for_each(|(y, s)| *y += s);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Activation over the dense pre-activations → sorted sparse list of non-zero latents.
+    fn epilogue(&self, pre: &mut [f32], fp: &FullParams, active: &mut Vec<(u32, f32)>) {
+        let c = self.sae.config();
+        active.clear();
+        match c.architecture {
+            Architecture::Standard => {
+                active.extend(
+                    pre.iter()
+                        .enumerate()
+                        .filter(|(_, &p)| p > 0.0)
+                        .map(|(i, &p)| (i as u32, p)),
+                );
+            }
+            Architecture::JumpRelu => active.extend(
+                pre.iter()
+                    .enumerate()
+                    .filter(|(i, &p)| p > 0.0 && p > fp.thr[*i])
+                    .map(|(i, &p)| (i as u32, p)),
+            ),
+            Architecture::Gated => {
+                active.extend(pre.iter().enumerate().filter(|(_, &p)| p > 0.0).filter_map(
+                    |(i, &p)| {
+                        let mag = ((p - fp.b_enc[i]) * fp.rmag[i] + fp.bmag[i]).max(0.0);
+                        (mag > 0.0).then_some((i as u32, mag))
+                    },
+                ))
+            }
+            Architecture::TopK => {
+                if !fp.norm.is_empty() {
+                    pre.iter_mut().zip(&fp.norm).for_each(|(p, n)| *p *= n);
+                }
+                // Bounded min-heap of the k best (value desc, id asc): O(d_sae log k).
+                let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(c.k + 1);
+                for (i, &p) in pre.iter().enumerate() {
+                    let key = if c.signed { p.abs() } else { p };
+                    let cand = Cand { key, id: i as u32 };
+                    if heap.len() < c.k {
+                        heap.push(cand);
+                    } else if let Some(top) = heap.peek() {
+                        if cand.better(top) {
+                            heap.pop();
+                            heap.push(cand);
+                        }
+                    }
+                }
+                active.extend(heap.into_iter().filter_map(|cd| {
+                    let v = pre[cd.id as usize];
+                    let v = if c.signed { v } else { v.max(0.0) };
+                    (v != 0.0).then_some((cd.id, v))
+                }));
+                active.sort_unstable_by_key(|e| e.0);
+            }
+        }
+    }
+}
+
+/// A TopK candidate; the heap's top is the *worst* kept candidate.
+#[derive(Clone, Copy)]
+struct Cand {
+    key: f32,
+    id: u32,
+}
+impl Cand {
+    fn better(&self, o: &Cand) -> bool {
+        match self.key.total_cmp(&o.key) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => self.id < o.id,
+        }
+    }
+}
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.key.total_cmp(&o.key) == Ordering::Equal && self.id == o.id
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    /// "Greater" = worse, so the max-heap's top is the worst kept candidate.
+    fn cmp(&self, o: &Self) -> Ordering {
+        if self.better(o) {
+            Ordering::Less
+        } else if o.better(self) {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        }
+    }
+}
+
+/// Strides and offset of a 2-D weight view.
+#[derive(Clone, Copy)]
+struct Strided {
+    s0: usize,
+    s1: usize,
+    off: usize,
+}
+impl Strided {
+    fn new(stride: &[usize], off: usize) -> Self {
+        Strided {
+            s0: stride.first().copied().unwrap_or(0),
+            s1: stride.get(1).copied().unwrap_or(0),
+            off,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The fused CPU kernels against the reference splice (the oracle).
+
+#[path = "common/small.rs"]
+mod small;
+
+use candle_core::{DType, Device, Tensor};
+use sae_ablate::edit::{reference, Edits, LatentEdit, SpliceMode};
+use sae_ablate::kernels::EditPlan;
+use sae_ablate::sae::{Architecture, Normalization, Sae, SaeConfig, SaeWeights};
+use small::*;
+
+const ARCHS: [Architecture; 4] = [
+    Architecture::Standard,
+    Architecture::JumpRelu,
+    Architecture::TopK,
+    Architecture::Gated,
+];
+
+fn edit_sets(mode: SpliceMode) -> Vec<Edits> {
+    vec![
+        Edits::new(mode),
+        Edits::new(mode).zero(&[0, 3, 17, 40, 63]).unwrap(),
+        Edits::new(mode)
+            .with(5, LatentEdit::Clamp(1.5))
+            .unwrap()
+            .with(9, LatentEdit::Scale(-2.0))
+            .unwrap()
+            .with(22, LatentEdit::Add(0.75))
+            .unwrap()
+            .steer(30, 3.0)
+            .unwrap(),
+    ]
+}
+
+fn check(sae: &Sae, x: &Tensor, tol: f32) {
+    for mode in [SpliceMode::ErrorPreserving, SpliceMode::Reconstruction] {
+        for e in edit_sets(mode) {
+            let want = reference::apply(sae, x, &e).unwrap();
+            let plan = EditPlan::new(sae, &e).unwrap();
+            assert_eq!(
+                plan.is_masked(),
+                mode == SpliceMode::ErrorPreserving && sae.architecture() != Architecture::TopK
+            );
+            let got = plan.apply(x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let n: usize = x.dims()[..x.rank() - 1].iter().product();
+            let (g, w) = (
+                got.reshape((n, sae.d_in())).unwrap(),
+                want.reshape((n, sae.d_in())).unwrap(),
+            );
+            assert_close(&rows(&g), &rows(&w), tol);
+        }
+    }
+}
+
+#[test]
+fn fused_matches_reference_for_every_architecture_dtype_and_batch() {
+    for arch in ARCHS {
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::F16, 2e-3), (DType::BF16, 1e-2)] {
+            let sae = random(arch, 48, 64, dt, 5);
+            for n in [0usize, 1, 7, 64] {
+                let x = Tensor::randn(0f32, 1.0, (n, 48), &Device::Cpu).unwrap();
+                check(&sae, &x, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn non_contiguous_inputs_and_leading_dims() {
+    let sae = random(Architecture::JumpRelu, 48, 64, DType::F32, 9);
+    // [48, 6] transposed to [6, 48]: not contiguous.
+    let x = Tensor::randn(0f32, 1.0, (48, 6), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap();
+    assert!(!x.is_contiguous());
+    check(&sae, &x, 1e-5);
+    let x3 = Tensor::randn(0f32, 1.0, (2, 3, 48), &Device::Cpu).unwrap();
+    check(&sae, &x3, 1e-5);
+}
+
+#[test]
+fn every_normalization() {
+    for norm in [
+        Normalization::ExpectedAverageOnlyIn {
+            scaling_factor: 0.7,
+        },
+        Normalization::ConstantNormRescale,
+        Normalization::LayerNorm,
+    ] {
+        for arch in ARCHS {
+            let s = random(arch, 48, 64, DType::F32, 13);
+            let mut c = s.config().clone();
+            c.normalization = norm;
+            let sae = Sae::new(c, s.weights().clone()).unwrap();
+            let x = (Tensor::randn(0f32, 1.0, (7, 48), &Device::Cpu).unwrap() * 3.0).unwrap();
+            check(&sae, &x, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn transposed_weight_views_and_rescaled_topk() {
+    // Encoder stored [d_sae, d_in] and decoder [d_in, d_sae] (sparsify / Goodfire layout).
+    let s = random(Architecture::TopK, 48, 64, DType::F32, 17);
+    let w = s.weights();
+    let enc_t = w.w_enc.t().unwrap().contiguous().unwrap().t().unwrap();
+    let dec_t = w.w_dec.t().unwrap().contiguous().unwrap().t().unwrap();
+    let mut c = s.config().clone();
+    c.rescale_acts_by_decoder_norm = true;
+    let sae = Sae::new(
+        c,
+        SaeWeights {
+            w_enc: enc_t,
+            w_dec: dec_t,
+            ..w.clone()
+        },
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (7, 48), &Device::Cpu).unwrap();
+    check(&sae, &x, 1e-5);
+    let mut c = SaeConfig::new(Architecture::TopK, 48, 64);
+    c.k = 5;
+    c.signed = true;
+    let signed = Sae::new(c, s.weights().clone()).unwrap();
+    check(&signed, &x, 1e-5);
+}
+
+#[test]
+fn edits_on_inactive_latents_and_hand_values() {
+    // Small SAE, x = [-1, 0]: every latent inactive; x = [2,1]: f = [1.5, 1, 0.25].
+    let sae = sae(Architecture::Standard);
+    let x = t2(&[&[2., 1.], &[-1., 0.]]);
+    let e = Edits::new(SpliceMode::ErrorPreserving).zero(&[1]).unwrap();
+    let y = EditPlan::new(&sae, &e).unwrap().apply(&x).unwrap();
+    assert_close(&rows(&y), &[vec![2., -1.], vec![-1., 0.]], 1e-6);
+    let e = Edits::new(SpliceMode::Reconstruction)
+        .with(2, LatentEdit::Clamp(1.25))
+        .unwrap();
+    // f' = [1.5, 1, 1.25] -> [2.75, 3.25] + b_dec = [3.25, 2.75]; row 2: [1.25, 1.25] + b_dec.
+    let y = EditPlan::new(&sae, &e).unwrap().apply(&x).unwrap();
+    assert_close(&rows(&y), &[vec![3.25, 2.75], vec![1.75, 0.75]], 1e-6);
+    let err = EditPlan::new(
+        &sae,
+        &Edits::new(SpliceMode::ErrorPreserving).zero(&[3]).unwrap(),
+    );
+    assert!(err.is_err());
+}
