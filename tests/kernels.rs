@@ -147,3 +147,19 @@ fn edits_on_inactive_latents_and_hand_values() {
     );
     assert!(err.is_err());
 }
+
+#[test]
+fn skip_connection_in_reconstructions() {
+    let s = random(Architecture::TopK, 48, 64, DType::F32, 21);
+    let skip = Tensor::randn(0f32, 0.1, (48, 48), &Device::Cpu).unwrap();
+    let sae = Sae::new(
+        s.config().clone(),
+        SaeWeights {
+            w_skip: Some(skip),
+            ..s.weights().clone()
+        },
+    )
+    .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (7, 48), &Device::Cpu).unwrap();
+    check(&sae, &x, 1e-5);
+}

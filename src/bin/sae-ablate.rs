@@ -8,8 +8,9 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use sae_ablate::edit::{reference, Edits, LatentEdit, LatentSet, SpliceMode};
+use sae_ablate::edit::{Edits, LatentEdit, LatentSet, SpliceMode};
 use sae_ablate::io::npy;
+use sae_ablate::kernels::EditPlan;
 use sae_ablate::sae::{Architecture, Sae};
 use sae_ablate::{Error, Result};
 
@@ -197,8 +198,9 @@ fn run(cli: Cli) -> Result<()> {
             for (id, c) in pairs("steer", &steer)? {
                 edits = edits.steer(id, c)?;
             }
+            let plan = EditPlan::new(&sae, &edits)?;
             let x = npy::read_npy(&input, &dev)?;
-            let y = reference::apply(&sae, &x, &edits).map_err(|e| e.in_file(&input))?;
+            let y = plan.apply(&x).map_err(|e| e.in_file(&input))?;
             npy::write_npy_f32(&output, &y)
         }
     }

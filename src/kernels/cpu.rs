@@ -54,6 +54,8 @@ pub struct EditPlan {
     steer: Option<Vec<f32>>,
     /// Full path: per-latent vectors over d_sae (f32).
     full: Option<FullParams>,
+    /// sparsify skip connection `W_skip [d_in, d_in]` (f32), used by reconstructions.
+    skip: Option<Vec<f32>>,
 }
 
 struct FullParams {
@@ -177,6 +179,10 @@ impl EditPlan {
             b_dec: vec_f32(&w.b_dec)?,
             steer,
             full,
+            skip: match (&w.w_skip, mode) {
+                (Some(t), SpliceMode::Reconstruction) => Some(vec_f32(t)?),
+                _ => None,
+            },
         })
     }
 
@@ -331,13 +337,6 @@ impl EditPlan {
         let latent_major = enc_s.s0 == 1 && enc_s.s1 == d;
         let input_major = enc_s.s1 == 1 && enc_s.s0 == n_lat;
         let dec_rows = dec_s.s1 == 1 && dec_s.s0 == d;
-        if self.mode == SpliceMode::Reconstruction && self.sae.weights().w_skip.is_some() {
-            return Err(Error::Invalid(
-                "EditPlan: reconstruction with a skip connection (W_skip) is not fused; \
-                 use edit::reference::apply"
-                    .into(),
-            ));
-        }
         x.par_chunks(d).zip(y.par_chunks_mut(d)).try_for_each_init(
             || {
                 (
@@ -425,6 +424,12 @@ impl EditPlan {
                             }
                         }
                         yt.iter_mut().for_each(|v| *v = *v * scale + shift);
+                        if let Some(skip) = &self.skip {
+                            // y += x W_skipᵀ: output k gets W_skip[k] · x.
+                            for (k, v) in yt.iter_mut().enumerate() {
+                                *v += dot(xt, &skip[k * d..(k + 1) * d]);
+                            }
+                        }
                     }
                 }
                 if let Some(s) = &self.steer {
