@@ -163,3 +163,19 @@ fn skip_connection_in_reconstructions() {
     let x = Tensor::randn(0f32, 1.0, (7, 48), &Device::Cpu).unwrap();
     check(&sae, &x, 1e-5);
 }
+
+#[test]
+fn latent_tiles_that_do_not_divide_d_sae() {
+    // d_sae = 600 spans several 256-latent tiles with a ragged last one, in both encode paths.
+    for (arch, dt, tol) in [
+        (Architecture::TopK, DType::F32, 1e-5),
+        (Architecture::JumpRelu, DType::BF16, 1e-2),
+        (Architecture::Standard, DType::F16, 2e-3),
+    ] {
+        let sae = random(arch, 40, 600, dt, 23);
+        for n in [3, 33] {
+            let x = Tensor::randn(0f32, 1.0, (n, 40), &Device::Cpu).unwrap();
+            check(&sae, &x, tol);
+        }
+    }
+}

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::encode::{encode_dense, View2};
 use super::simd::{axpy, dot, Elem};
 use crate::edit::{Edits, SpliceMode};
 use crate::sae::{Architecture, Normalization, Sae};
@@ -317,7 +318,6 @@ impl EditPlan {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn full_typed<TE: Elem, TD: Elem>(
         &self,
         x: &[f32],
@@ -329,115 +329,98 @@ impl EditPlan {
     ) -> Result<()> {
         let c = self.sae.config();
         let (d, n_lat) = (self.d_in, c.d_sae);
+        let n = x.len() / d;
         let fp = self
             .full
             .as_ref()
             .ok_or_else(|| Error::Invalid("EditPlan: full path not prepared".into()))?;
-        // W_enc is [d_in, d_sae] with strides (s0, s1). Latent-major when s0 == 1.
-        let latent_major = enc_s.s0 == 1 && enc_s.s1 == d;
-        let input_major = enc_s.s1 == 1 && enc_s.s0 == n_lat;
+        // 1. Normalize every token into xs [n, d_in].
+        let mut xs = vec![0f32; n * d];
+        let mut denorm = vec![(1f32, 0f32); n];
+        x.par_chunks(d)
+            .zip(xs.par_chunks_mut(d))
+            .zip(denorm.par_iter_mut())
+            .for_each(|((xt, st), dn)| *dn = self.prepare(xt, st));
+        // 2. Dense encode in the weights' dtype (GEMV-like or GEMM).
+        let mut pre = vec![0f32; n * n_lat];
+        let view = View2 {
+            s0: enc_s.s0,
+            s1: enc_s.s1,
+            off: enc_s.off,
+        };
+        encode_dense(&xs, n, d, enc, view, &fp.b_enc, &mut pre);
+        // 3. Per token: fused epilogue (activation → sparse list), edits, sparse decode.
         let dec_rows = dec_s.s1 == 1 && dec_s.s0 == d;
-        x.par_chunks(d).zip(y.par_chunks_mut(d)).try_for_each_init(
-            || {
-                (
-                    vec![0f32; d],
-                    vec![0f32; n_lat],
-                    Vec::<(u32, f32)>::new(),
-                    vec![0f32; d],
-                )
-            },
-            |(xs, pre, active, row), (xt, yt)| -> Result<()> {
-                let (scale, shift) = self.prepare(xt, xs);
-                // Dense encode in the stored dtype.
-                if latent_major {
-                    for (i, p) in pre.iter_mut().enumerate() {
-                        let o = enc_s.off + i * d;
-                        *p = dot(xs, &enc[o..o + d]) + fp.b_enc[i];
-                    }
-                } else if input_major {
-                    pre.copy_from_slice(&fp.b_enc);
-                    for (k, &xk) in xs.iter().enumerate() {
-                        let o = enc_s.off + k * n_lat;
-                        axpy(pre, xk, &enc[o..o + n_lat]);
-                    }
-                } else {
-                    for (i, p) in pre.iter_mut().enumerate() {
-                        let mut s = fp.b_enc[i];
-                        for (k, &xk) in xs.iter().enumerate() {
-                            s += xk * enc[enc_s.off + k * enc_s.s0 + i * enc_s.s1].to_f32();
-                        }
-                        *p = s;
-                    }
-                }
-                // Fused epilogue: activation → sparse (id, value) list.
-                self.epilogue(pre, fp, active);
-                // Edits: look up f_i of each edited latent in the sparse list.
-                let f_of = |id: u32, active: &[(u32, f32)]| {
-                    active
-                        .binary_search_by_key(&id, |e| e.0)
-                        .map(|p| active[p].1)
-                        .unwrap_or(0.0)
-                };
-                // A strided (transposed-view) decoder row, widened into `row`.
-                let strided_row = |i: u32, row: &mut [f32]| {
-                    for (k, r) in row.iter_mut().enumerate() {
-                        *r = dec[dec_s.off + i as usize * dec_s.s0 + k * dec_s.s1].to_f32();
-                    }
-                };
-                let inv = |i: u32| fp.inv_norm.get(i as usize).copied().unwrap_or(1.0);
-                match self.mode {
-                    SpliceMode::ErrorPreserving => {
-                        yt.copy_from_slice(xt);
-                        for (j, &id) in self.ids.iter().enumerate() {
-                            let f = f_of(id, active);
-                            let delta = self.a[j] * f + self.b[j] - f;
-                            if delta != 0.0 {
-                                axpy(yt, scale * delta, &self.dec[j * d..(j + 1) * d]);
+        let inv = |i: u32| fp.inv_norm.get(i as usize).copied().unwrap_or(1.0);
+        pre.par_chunks_mut(n_lat)
+            .zip(x.par_chunks(d))
+            .zip(y.par_chunks_mut(d))
+            .zip(denorm.par_iter())
+            .for_each_init(
+                || (Vec::<(u32, f32)>::new(), vec![0f32; d]),
+                |(active, row), (((pt, xt), yt), &(scale, shift))| {
+                    self.epilogue(pt, fp, active);
+                    let f_of = |id: u32| {
+                        active
+                            .binary_search_by_key(&id, |e| e.0)
+                            .map(|p| active[p].1)
+                            .unwrap_or(0.0)
+                    };
+                    match self.mode {
+                        SpliceMode::ErrorPreserving => {
+                            yt.copy_from_slice(xt);
+                            for (j, &id) in self.ids.iter().enumerate() {
+                                let f = f_of(id);
+                                let delta = self.a[j] * f + self.b[j] - f;
+                                if delta != 0.0 {
+                                    axpy(yt, scale * delta, &self.dec[j * d..(j + 1) * d]);
+                                }
                             }
                         }
-                    }
-                    SpliceMode::Reconstruction => {
-                        yt.copy_from_slice(&self.b_dec);
-                        for &(id, f) in active.iter() {
-                            let edited = self.ids.iter().position(|&e| e == id);
-                            let f2 = match edited {
-                                Some(j) => self.a[j] * f + self.b[j],
-                                None => f,
-                            };
-                            if f2 != 0.0 {
+                        SpliceMode::Reconstruction => {
+                            yt.copy_from_slice(&self.b_dec);
+                            for &(id, f) in active.iter() {
+                                let f2 = match self.ids.iter().position(|&e| e == id) {
+                                    Some(j) => self.a[j] * f + self.b[j],
+                                    None => f,
+                                };
+                                if f2 == 0.0 {
+                                    continue;
+                                }
                                 if dec_rows {
                                     let o = dec_s.off + id as usize * d;
                                     axpy(yt, f2 * inv(id), &dec[o..o + d]);
                                 } else {
-                                    strided_row(id, row);
+                                    // Strided (transposed-view) row, widened into `row`.
+                                    for (k, r) in row.iter_mut().enumerate() {
+                                        *r = dec[dec_s.off + id as usize * dec_s.s0 + k * dec_s.s1]
+                                            .to_f32();
+                                    }
                                     axpy(yt, f2 * inv(id), row);
                                 }
                             }
-                        }
-                        // Edited latents that were inactive (clamp/add make them fire).
-                        for (j, &id) in self.ids.iter().enumerate() {
-                            if active.binary_search_by_key(&id, |e| e.0).is_err() {
-                                let f2 = self.b[j];
-                                if f2 != 0.0 {
-                                    axpy(yt, f2, &self.dec[j * d..(j + 1) * d]);
+                            // Edited latents that were inactive (clamp/add make them fire).
+                            for (j, &id) in self.ids.iter().enumerate() {
+                                if self.b[j] != 0.0
+                                    && active.binary_search_by_key(&id, |e| e.0).is_err()
+                                {
+                                    axpy(yt, self.b[j], &self.dec[j * d..(j + 1) * d]);
+                                }
+                            }
+                            yt.iter_mut().for_each(|v| *v = *v * scale + shift);
+                            if let Some(skip) = &self.skip {
+                                // y += x W_skipᵀ: output k gets W_skip[k] · x.
+                                for (k, v) in yt.iter_mut().enumerate() {
+                                    *v += dot(xt, &skip[k * d..(k + 1) * d]);
                                 }
                             }
                         }
-                        yt.iter_mut().for_each(|v| *v = *v * scale + shift);
-                        if let Some(skip) = &self.skip {
-                            // y += x W_skipᵀ: output k gets W_skip[k] · x.
-                            for (k, v) in yt.iter_mut().enumerate() {
-                                *v += dot(xt, &skip[k * d..(k + 1) * d]);
-                            }
-                        }
                     }
-                }
-                if let Some(s) = &self.steer {
-                    yt.iter_mut().zip(s).for_each(|(y, s)| *y += s);
-                }
-                Ok(())
-            },
-        )?;
+                    if let Some(s) = &self.steer {
+                        yt.iter_mut().zip(s).for_each(|(y, s)| *y += s);
+                    }
+                },
+            );
         Ok(())
     }
 

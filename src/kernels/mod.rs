@@ -13,6 +13,7 @@
 //! The reference splice ([`crate::edit::reference`]) is the oracle in the tests.
 
 pub mod cpu;
+pub mod encode;
 pub mod simd;
 
 pub use cpu::EditPlan;

@@ -1,0 +1,201 @@
+//! Dense encode `pre[N, d_sae] = xs[N, d_in] · W_enc + b_enc` in f32, reading the
+//! weights in their stored dtype and layout.
+//!
+//! * Small batches (`N ≤ GEMV_MAX_TOKENS`) are memory-bound: each latent tile of
+//!   `W_enc` is streamed once for all tokens, converted to f32 in registers
+//!   ([`super::simd`]), tiles spread over threads.
+//! * Larger batches are compute-bound: f32 weights go straight to the `gemm`
+//!   crate (candle's CPU GEMM) with their strides; f16/bf16 weights are widened one
+//!   latent tile at a time into a small f32 buffer, so no f32 copy of the whole
+//!   encoder ever exists.
+
+use rayon::prelude::*;
+
+use super::simd::{axpy, dot, Elem};
+
+/// Batches up to this many tokens take the streaming (GEMV-like) path.
+pub const GEMV_MAX_TOKENS: usize = 8;
+/// Latents per tile.
+const TILE: usize = 256;
+
+/// A 2-D view `[d_in, d_sae]` into a weight buffer: element `(k, i)` is at `off + k·s0 + i·s1`.
+#[derive(Clone, Copy, Debug)]
+pub struct View2 {
+    /// Stride of the input dimension.
+    pub s0: usize,
+    /// Stride of the latent dimension.
+    pub s1: usize,
+    /// Offset of element (0, 0).
+    pub off: usize,
+}
+
+/// Compute `pre = xs · W + b` for `n` tokens. `xs` is `[n, d_in]` row-major,
+/// `pre` is `[n, d_sae]` row-major, `w` is viewed through `v`.
+/// The caller guarantees that every element of the view is inside `w`.
+pub fn encode_dense<T: Elem>(
+    xs: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[T],
+    v: View2,
+    b: &[f32],
+    pre: &mut [f32],
+) {
+    let d_sae = b.len();
+    if n == 0 || d_sae == 0 {
+        return;
+    }
+    if n <= GEMV_MAX_TOKENS {
+        gemv(xs, n, d_in, w, v, b, pre);
+    } else {
+        gemm_tiles(xs, n, d_in, w, v, b, pre);
+    }
+}
+
+/// Streaming path: tiles of latents in parallel; each reads its part of W once.
+fn gemv<T: Elem>(xs: &[f32], n: usize, d_in: usize, w: &[T], v: View2, b: &[f32], pre: &mut [f32]) {
+    let d_sae = b.len();
+    let n_tiles = d_sae.div_ceil(TILE);
+    // Each task fills a [n, tile] block; blocks are copied into `pre` afterwards.
+    let blocks: Vec<Vec<f32>> = (0..n_tiles)
+        .into_par_iter()
+        .map(|t| {
+            let (l0, l1) = (t * TILE, ((t + 1) * TILE).min(d_sae));
+            let width = l1 - l0;
+            let mut acc = vec![0f32; n * width];
+            for r in 0..n {
+                acc[r * width..(r + 1) * width].copy_from_slice(&b[l0..l1]);
+            }
+            if v.s1 == 1 {
+                // Input-major rows: acc[r] += xs[r][k] · W[k, l0..l1] for every k.
+                for k in 0..d_in {
+                    let o = v.off + k * v.s0 + l0;
+                    let row = &w[o..o + width];
+                    for r in 0..n {
+                        axpy(&mut acc[r * width..(r + 1) * width], xs[r * d_in + k], row);
+                    }
+                }
+            } else if v.s0 == 1 {
+                // Latent-major columns: one dot product per (token, latent).
+                for i in 0..width {
+                    let o = v.off + (l0 + i) * v.s1;
+                    let col = &w[o..o + d_in];
+                    for r in 0..n {
+                        acc[r * width + i] += dot(&xs[r * d_in..(r + 1) * d_in], col);
+                    }
+                }
+            } else {
+                for i in 0..width {
+                    for r in 0..n {
+                        let x = &xs[r * d_in..(r + 1) * d_in];
+                        let s: f32 = (0..d_in)
+                            .map(|k| x[k] * w[v.off + k * v.s0 + (l0 + i) * v.s1].to_f32())
+                            .sum();
+                        acc[r * width + i] += s;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    for (t, blk) in blocks.iter().enumerate() {
+        let l0 = t * TILE;
+        let width = blk.len() / n;
+        for r in 0..n {
+            pre[r * d_sae + l0..r * d_sae + l0 + width]
+                .copy_from_slice(&blk[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+fn as_f32_slice<T: Elem>(w: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked by TypeId), so the slice has the same layout.
+        Some(unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) })
+    } else {
+        None
+    }
+}
+
+/// Compute-bound path: `gemm` on f32 (directly, or on widened tiles of f16/bf16 weights).
+fn gemm_tiles<T: Elem>(
+    xs: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[T],
+    v: View2,
+    b: &[f32],
+    pre: &mut [f32],
+) {
+    let d_sae = b.len();
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads().max(1));
+    for r in 0..n {
+        pre[r * d_sae..(r + 1) * d_sae].copy_from_slice(b);
+    }
+    if let Some(wf) = as_f32_slice(w) {
+        // SAFETY: dst is [n, d_sae] row-major inside `pre`; lhs [n, d_in] row-major in `xs`;
+        // rhs is the caller-checked [d_in, d_sae] view of `wf`. dst = 1·dst + 1·lhs·rhs.
+        unsafe {
+            gemm::gemm(
+                n,
+                d_sae,
+                d_in,
+                pre.as_mut_ptr(),
+                1,
+                d_sae as isize,
+                true,
+                xs.as_ptr(),
+                1,
+                d_in as isize,
+                wf.as_ptr().add(v.off),
+                v.s1 as isize,
+                v.s0 as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        return;
+    }
+    let mut tile = vec![0f32; d_in * TILE];
+    for l0 in (0..d_sae).step_by(TILE) {
+        let width = TILE.min(d_sae - l0);
+        // Widen W[:, l0..l0+width] into tile [d_in, width] (row-major).
+        tile[..d_in * width]
+            .par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(k, row)| {
+                for (i, o) in row.iter_mut().enumerate() {
+                    *o = w[v.off + k * v.s0 + (l0 + i) * v.s1].to_f32();
+                }
+            });
+        // SAFETY: dst block [n, width] at column l0 of `pre` (row stride d_sae);
+        // lhs [n, d_in] in `xs`; rhs [d_in, width] row-major in `tile`.
+        unsafe {
+            gemm::gemm(
+                n,
+                width,
+                d_in,
+                pre.as_mut_ptr().add(l0),
+                1,
+                d_sae as isize,
+                true,
+                xs.as_ptr(),
+                1,
+                d_in as isize,
+                tile.as_ptr(),
+                1,
+                width as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+}
