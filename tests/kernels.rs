@@ -179,3 +179,40 @@ fn latent_tiles_that_do_not_divide_d_sae() {
         }
     }
 }
+
+#[test]
+fn fused_encode_matches_reference_encode() {
+    for arch in ARCHS {
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let sae = random(arch, 48, 300, dt, 29);
+            let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving)).unwrap();
+            for n in [0usize, 1, 7, 40] {
+                let x = Tensor::randn(0f32, 1.0, (n, 48), &Device::Cpu).unwrap();
+                let got = plan.encode(&x).unwrap();
+                assert_eq!(got.dims(), &[n, 300]);
+                assert_close(&rows(&got), &rows(&sae.encode(&x).unwrap()), tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_inputs_and_custom_op() {
+    let sae = random(Architecture::Gated, 48, 64, DType::F32, 31);
+    let e = Edits::new(SpliceMode::ErrorPreserving)
+        .zero(&[1, 2, 3])
+        .unwrap();
+    let plan = EditPlan::new(&sae, &e).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (5, 48), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let via_op = x.apply_op1_no_bwd(&plan).unwrap();
+    assert_eq!(via_op.dtype(), DType::F32);
+    let want = reference::apply(&sae, &x, &e).unwrap();
+    assert_close(&rows(&via_op), &rows(&want), 1e-5);
+    let err = plan
+        .apply(&Tensor::zeros((2, 47), DType::F32, &Device::Cpu).unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("d_in = 48"), "{err}");
+}

@@ -3,7 +3,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -53,8 +53,8 @@ pub struct EditPlan {
     b_dec: Vec<f32>,
     /// Σ c_j W_dec[j] over the steering entries.
     steer: Option<Vec<f32>>,
-    /// Full path: per-latent vectors over d_sae (f32).
-    full: Option<FullParams>,
+    /// Per-latent vectors over d_sae (f32), for the full path and `encode`.
+    full: FullParams,
     /// sparsify skip connection `W_skip [d_in, d_in]` (f32), used by reconstructions.
     skip: Option<Vec<f32>>,
 }
@@ -123,35 +123,26 @@ impl EditPlan {
                 .filter_map(|&i| v.get(i as usize).copied())
                 .collect()
         };
-        let (enc, b_enc_s, thr_s, rmag_s, bmag_s, full) = if masked {
-            let enc = gather_rows(&w.w_enc.t()?)?;
-            let be = vec_f32(&w.b_enc)?;
-            let rm: Vec<f32> = opt_vec(&w.r_mag)?.iter().map(|v| v.exp()).collect();
+        // Per-latent vectors over d_sae, built once (the full path and `encode` use them).
+        let full = FullParams {
+            b_enc: vec_f32(&w.b_enc)?,
+            thr: opt_vec(&w.threshold)?,
+            rmag: opt_vec(&w.r_mag)?.iter().map(|v| v.exp()).collect(),
+            bmag: opt_vec(&w.b_mag)?,
+            inv_norm: norms.iter().map(|n| 1.0 / n).collect(),
+            norm: norms,
+        };
+        // Masked path: the |S| encoder columns and their parameters, gathered compactly.
+        let (enc, b_enc_s, thr_s, rmag_s, bmag_s) = if masked {
             (
-                enc,
-                pick(&be),
-                pick(&opt_vec(&w.threshold)?),
-                pick(&rm),
-                pick(&opt_vec(&w.b_mag)?),
-                None,
+                gather_rows(&w.w_enc.t()?)?,
+                pick(&full.b_enc),
+                pick(&full.thr),
+                pick(&full.rmag),
+                pick(&full.bmag),
             )
         } else {
-            let full = FullParams {
-                b_enc: vec_f32(&w.b_enc)?,
-                thr: opt_vec(&w.threshold)?,
-                rmag: opt_vec(&w.r_mag)?.iter().map(|v| v.exp()).collect(),
-                bmag: opt_vec(&w.b_mag)?,
-                inv_norm: norms.iter().map(|n| 1.0 / n).collect(),
-                norm: norms,
-            };
-            (
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Vec::new(),
-                Some(full),
-            )
+            Default::default()
         };
         let steer = if edits.steers().is_empty() {
             None
@@ -192,22 +183,59 @@ impl EditPlan {
         self.masked
     }
 
-    /// Apply the splice to `x [..., d_in]` (any float dtype, any strides); returns f32 of the same shape.
+    /// Apply the splice to `x [..., d_in]` (f32, f16 or bf16, any strides); returns f32 of the
+    /// same shape. Runs as a candle custom op (`x.apply_op1_no_bwd(plan)`).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        Ok(x.apply_op1_no_bwd(self)?)
+    }
+
+    /// Dense latent activations `[..., d_sae]` (f32) through the fused full path:
+    /// the same values as [`Sae::encode`], without the edits.
+    pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
         let (x2, lead) = self.sae.flatten_input(x)?;
-        let n = x2.dim(0)?;
         let xv = x2.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; n * self.d_in];
+        let (d, n_lat) = (self.d_in, self.sae.d_sae());
+        let n = xv.len() / d;
+        let mut out = vec![0f32; n * n_lat];
         if n > 0 {
-            if self.masked {
-                self.run_masked(&xv, &mut y);
-            } else {
-                self.run_full(&xv, &mut y)?;
-            }
+            let (mut pre, _) = self.encode_pre(&xv)?;
+            pre.par_chunks_mut(n_lat)
+                .zip(out.par_chunks_mut(n_lat))
+                .for_each_init(Vec::new, |active, (pt, o)| {
+                    self.epilogue(pt, &self.full, active);
+                    for &(i, v) in active.iter() {
+                        o[i as usize] = v;
+                    }
+                });
         }
         let mut shape = lead;
-        shape.push(self.d_in);
-        Ok(Tensor::from_vec(y, shape, &Device::Cpu)?)
+        shape.push(n_lat);
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        match x.dims().last() {
+            Some(&d) if d == self.d_in => Ok(()),
+            _ => Err(Error::InputDim {
+                shape: x.dims().to_vec(),
+                d_in: self.d_in,
+            }),
+        }
+    }
+
+    /// Run the splice on `n` row-major f32 tokens.
+    fn run(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        if self.masked {
+            self.run_masked(x, y);
+            Ok(())
+        } else {
+            self.run_full(x, y)
+        }
     }
 
     /// Normalize one token into `xs` (the encoder input, `b_dec` subtracted when configured);
@@ -285,71 +313,71 @@ impl EditPlan {
         );
     }
 
-    fn run_full(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        let w = self.sae.weights();
-        let (enc_st, enc_l) = w.w_enc.storage_and_layout();
-        let (dec_st, dec_l) = w.w_dec.storage_and_layout();
-        let (Storage::Cpu(enc_cpu), Storage::Cpu(dec_cpu)) = (&*enc_st, &*dec_st) else {
-            return Err(Error::Invalid(
-                "EditPlan: weights must be on the CPU".into(),
-            ));
-        };
-        let enc = Strided::new(enc_l.stride(), enc_l.start_offset());
-        let dec = Strided::new(dec_l.stride(), dec_l.start_offset());
-        macro_rules! go {
-            ($te:ty, $td:ty) => {
-                self.full_typed::<$te, $td>(
-                    x,
-                    y,
-                    enc_cpu.as_slice::<$te>()?,
-                    enc,
-                    dec_cpu.as_slice::<$td>()?,
-                    dec,
-                )
-            };
-        }
-        match (w.w_enc.dtype(), w.w_dec.dtype()) {
-            (DType::F32, DType::F32) => go!(f32, f32),
-            (DType::F16, DType::F16) => go!(f16, f16),
-            (DType::BF16, DType::BF16) => go!(bf16, bf16),
-            (de, dd) => Err(Error::Invalid(format!(
-                "EditPlan: W_enc ({de:?}) and W_dec ({dd:?}) must share a dtype"
-            ))),
-        }
-    }
-
-    fn full_typed<TE: Elem, TD: Elem>(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        enc: &[TE],
-        enc_s: Strided,
-        dec: &[TD],
-        dec_s: Strided,
-    ) -> Result<()> {
-        let c = self.sae.config();
-        let (d, n_lat) = (self.d_in, c.d_sae);
+    /// Normalize every token and run the dense encode: returns the pre-activations
+    /// `[n, d_sae]` and each token's denormalization `(scale, shift)`.
+    fn encode_pre(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<Denorm>)> {
+        let (d, n_lat) = (self.d_in, self.sae.d_sae());
         let n = x.len() / d;
-        let fp = self
-            .full
-            .as_ref()
-            .ok_or_else(|| Error::Invalid("EditPlan: full path not prepared".into()))?;
-        // 1. Normalize every token into xs [n, d_in].
         let mut xs = vec![0f32; n * d];
         let mut denorm = vec![(1f32, 0f32); n];
         x.par_chunks(d)
             .zip(xs.par_chunks_mut(d))
             .zip(denorm.par_iter_mut())
             .for_each(|((xt, st), dn)| *dn = self.prepare(xt, st));
-        // 2. Dense encode in the weights' dtype (GEMV-like or GEMM).
         let mut pre = vec![0f32; n * n_lat];
-        let view = View2 {
-            s0: enc_s.s0,
-            s1: enc_s.s1,
-            off: enc_s.off,
+        let w_enc = &self.sae.weights().w_enc;
+        let (st, l) = w_enc.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else {
+            return Err(Error::Invalid(
+                "EditPlan: weights must be on the CPU".into(),
+            ));
         };
-        encode_dense(&xs, n, d, enc, view, &fp.b_enc, &mut pre);
-        // 3. Per token: fused epilogue (activation → sparse list), edits, sparse decode.
+        let v = View2 {
+            s0: l.stride().first().copied().unwrap_or(0),
+            s1: l.stride().get(1).copied().unwrap_or(0),
+            off: l.start_offset(),
+        };
+        let b = &self.full.b_enc;
+        match w_enc.dtype() {
+            DType::F32 => encode_dense(&xs, n, d, cpu.as_slice::<f32>()?, v, b, &mut pre),
+            DType::F16 => encode_dense(&xs, n, d, cpu.as_slice::<f16>()?, v, b, &mut pre),
+            DType::BF16 => encode_dense(&xs, n, d, cpu.as_slice::<bf16>()?, v, b, &mut pre),
+            other => return Err(Error::Invalid(format!("EditPlan: W_enc dtype {other:?}"))),
+        }
+        Ok((pre, denorm))
+    }
+
+    fn run_full(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let (mut pre, denorm) = self.encode_pre(x)?;
+        let w_dec = &self.sae.weights().w_dec;
+        let (st, l) = w_dec.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else {
+            return Err(Error::Invalid(
+                "EditPlan: weights must be on the CPU".into(),
+            ));
+        };
+        let ds = Strided::new(l.stride(), l.start_offset());
+        match w_dec.dtype() {
+            DType::F32 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<f32>()?, ds),
+            DType::F16 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<f16>()?, ds),
+            DType::BF16 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<bf16>()?, ds),
+            other => return Err(Error::Invalid(format!("EditPlan: W_dec dtype {other:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Per token: fused epilogue (activation → sparse list), edits, sparse decode.
+    fn decode_full<TD: Elem>(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        pre: &mut [f32],
+        denorm: &[Denorm],
+        dec: &[TD],
+        dec_s: Strided,
+    ) {
+        let (d, n_lat) = (self.d_in, self.sae.d_sae());
+        let fp = &self.full;
         let dec_rows = dec_s.s1 == 1 && dec_s.s0 == d;
         let inv = |i: u32| fp.inv_norm.get(i as usize).copied().unwrap_or(1.0);
         pre.par_chunks_mut(n_lat)
@@ -421,7 +449,6 @@ impl EditPlan {
                     }
                 },
             );
-        Ok(())
     }
 
     /// Activation over the dense pre-activations → sorted sparse list of non-zero latents.
@@ -480,6 +507,9 @@ impl EditPlan {
     }
 }
 
+/// A token's denormalization `(scale, shift)`: SAE space → input space.
+type Denorm = (f32, f32);
+
 /// A TopK candidate; the heap's top is the *worst* kept candidate.
 #[derive(Clone, Copy)]
 struct Cand {
@@ -533,5 +563,59 @@ impl Strided {
             s1: stride.get(1).copied().unwrap_or(0),
             off,
         }
+    }
+}
+
+/// Copy a strided f32/f16/bf16 CPU storage into a row-major f32 vector.
+fn strided_to_f32(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<f32>> {
+    fn gather<T: Elem>(data: &[T], layout: &Layout) -> Vec<f32> {
+        if let Some((a, b)) = layout.contiguous_offsets() {
+            return data[a..b].iter().map(|v| v.to_f32()).collect();
+        }
+        let dims = layout.dims();
+        let stride = layout.stride();
+        let n: usize = dims.iter().product();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; dims.len()];
+        let mut off = layout.start_offset();
+        for _ in 0..n {
+            out.push(data[off].to_f32());
+            // Odometer increment over the dimensions, last fastest.
+            for ax in (0..dims.len()).rev() {
+                idx[ax] += 1;
+                off += stride[ax];
+                if idx[ax] < dims[ax] {
+                    break;
+                }
+                off -= stride[ax] * dims[ax];
+                idx[ax] = 0;
+            }
+        }
+        out
+    }
+    match storage {
+        CpuStorage::F32(v) => Ok(gather(v, layout)),
+        CpuStorage::F16(v) => Ok(gather(v, layout)),
+        CpuStorage::BF16(v) => Ok(gather(v, layout)),
+        _ => Err(candle_core::Error::Msg(
+            "sae splice: input must be f32, f16 or bf16".into(),
+        )),
+    }
+}
+
+impl CustomOp1 for EditPlan {
+    fn name(&self) -> &'static str {
+        "sae-splice"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = strided_to_f32(storage, layout)?;
+        let mut y = vec![0f32; x.len()];
+        self.run(&x, &mut y).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 }
