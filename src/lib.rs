@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod edit;
 mod error;
 pub mod io;

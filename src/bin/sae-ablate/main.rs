@@ -3,6 +3,8 @@
 //! A thin layer over the library: each subcommand is a few calls of public API.
 //! Exit code 0 on success, 2 on bad input (one line on stderr).
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -27,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Time SAE ops (fused kernels, optionally vs the reference path) and print the machine's ceilings.
+    Bench(bench::BenchArgs),
     /// Print an SAE's format, architecture, sizes, dtype, hook and weight statistics.
     Inspect {
         /// SAE release directory or weights file (any supported format).
@@ -163,6 +167,7 @@ fn run(cli: Cli) -> Result<()> {
     let dev = Device::Cpu;
     match cli.cmd {
         Cmd::Inspect { sae, json } => inspect(&sae, json),
+        Cmd::Bench(args) => bench::run(args),
         Cmd::Encode { sae, input, output } => {
             let sae = Sae::load(&sae, &dev)?;
             let x = npy::read_npy(&input, &dev)?;

@@ -1,0 +1,142 @@
+//! `sae-ablate bench`: SAE throughput, fused vs reference, with the machine's ceilings.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use clap::Args;
+use sae_ablate::bench::{measure_ceilings, op_work, random_sae, Op, Path, Prepared};
+use sae_ablate::{Error, Result, Sae};
+
+/// Arguments of `sae-ablate bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// SAE release to time (any supported format).
+    #[arg(long, conflicts_with = "random")]
+    sae: Option<PathBuf>,
+    /// A random ReLU SAE `D_INxD_SAE`, e.g. `8192x65536`, with ~75 active latents per token.
+    #[arg(long)]
+    random: Option<String>,
+    /// Weight dtype of the random SAE: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Batch sizes (tokens per call).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    batch: Vec<usize>,
+    /// Operations: encode, forward, ablate26, steer.
+    #[arg(long, value_delimiter = ',', default_value = "encode,forward,ablate26,steer")]
+    ops: Vec<Op>,
+    /// Also time the reference (unfused candle) path and print the speed-up.
+    #[arg(long)]
+    compare: bool,
+    /// Seconds spent timing each row (at least 3 runs).
+    #[arg(long, default_value_t = 2.0)]
+    budget: f64,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let bad = || Error::Invalid(format!("bad --random `{s}`: expected D_INxD_SAE, e.g. 576x4608"));
+    let (a, b) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (a, b) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    if a == 0 || b == 0 {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// Run the benchmark and print the results.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let sae = match (&args.sae, &args.random) {
+        (Some(p), None) => Sae::load(p, &Device::Cpu)?,
+        (None, Some(s)) => {
+            let (d_in, d_sae) = parse_size(s)?;
+            let dtype = match args.dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                o => return Err(Error::Invalid(format!("bad --dtype `{o}` (f32, f16, bf16)"))),
+            };
+            random_sae(d_in, d_sae, dtype, 75.0, 42)?
+        }
+        _ => return Err(Error::Invalid("give exactly one of --sae PATH or --random DxN".into())),
+    };
+    let size = format!("{}x{}", sae.d_in(), sae.d_sae());
+    let dtype = format!("{:?}", sae.dtype()).to_lowercase();
+    let ceil = measure_ceilings();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"ceilings": {"read_gbs": ceil.read_gbs, "copy_gbs": ceil.copy_gbs,
+                "gemm_f32_gflops": ceil.gemm_gflops, "threads": rayon::current_num_threads()}})
+        );
+    } else {
+        println!(
+            "ceilings: read {:.1} GB/s, copy {:.1} GB/s, f32 GEMM {:.1} GFLOP/s ({} threads)",
+            ceil.read_gbs,
+            ceil.copy_gbs,
+            ceil.gemm_gflops,
+            rayon::current_num_threads()
+        );
+        println!(
+            "{:>12} {:>5} {:>6} {:>9} {:>10} {:>12} {:>9} {:>10} {:>10}",
+            "size", "dtype", "batch", "op", "path", "ms", "tok/s", "% ceiling", "speed-up"
+        );
+    }
+    for &batch in &args.batch {
+        for &op in &args.ops {
+            let prep = Prepared::new(&sae, op, batch)?;
+            let mut paths = vec![Path::Fused];
+            if args.compare {
+                paths.push(Path::Reference);
+            }
+            let mut fused_ms = f64::NAN;
+            for path in paths {
+                let ms = prep.time(path, args.budget)?;
+                if path == Path::Fused {
+                    fused_ms = ms;
+                }
+                let tok_s = batch as f64 / (ms / 1e3);
+                let (bytes, flops) = op_work(&sae, op, batch);
+                // Memory-bound rows against bandwidth, compute-bound ones against GEMM.
+                let bw = bytes / (ms / 1e3) / 1e9 / ceil.read_gbs * 100.0;
+                let fl = flops / (ms / 1e3) / 1e9 / ceil.gemm_gflops * 100.0;
+                // ablate26 and steer touch a few cached rows: no meaningful ceiling.
+                let (pct, what) = match op {
+                    Op::Ablate26 | Op::Steer => (None, "none"),
+                    _ if batch <= 8 => (Some(bw), "read_bw"),
+                    _ => (Some(fl), "gemm_f32"),
+                };
+                let speedup = (path == Path::Reference).then(|| ms / fused_ms);
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"size": size, "dtype": dtype, "batch": batch, "op": op.as_str(),
+                            "path": path.as_str(), "ms": ms, "tok_s": tok_s, "pct_of_ceiling": pct,
+                            "ceiling": what, "speedup": speedup})
+                    );
+                } else {
+                    println!(
+                        "{:>12} {:>5} {:>6} {:>9} {:>10} {:>12.4} {:>9.0} {:>7} {:>3} {:>10}",
+                        size,
+                        dtype,
+                        batch,
+                        op.as_str(),
+                        path.as_str(),
+                        ms,
+                        tok_s,
+                        pct.map(|p| format!("{p:.1}%")).unwrap_or_else(|| "-".into()),
+                        match what {
+                            "read_bw" => "bw",
+                            "gemm_f32" => "mm",
+                            _ => "",
+                        },
+                        speedup.map(|s| format!("{s:.0}x")).unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
