@@ -353,7 +353,7 @@ impl<'a> Lexer<'a> {
                 Ok(Value::Tuple(dims))
             }
             Some(b'[') => Err(err(
-                "header: structured dtypes (a list descr) are not supported",
+                "header: list values are not supported (structured dtypes cannot be read)",
             )),
             _ => match self.ident() {
                 b"True" => Ok(Value::Bool(true)),
