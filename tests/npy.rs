@@ -350,3 +350,22 @@ fn npz_corrupted_and_truncated() {
     std::fs::write(&p, b"hello").unwrap();
     assert!(read_npz(&p, &Device::Cpu).is_err());
 }
+
+#[test]
+fn npz_member_declaring_a_huge_uncompressed_size_is_rejected_before_reading() {
+    // Patch the central directory's uncompressed size (offset 24 in the entry) to ~4 GiB.
+    let dir = TempDir::new("npz-size");
+    for (deflate, want) in [
+        (true, "more than deflate can produce"),
+        (false, "stored member declares 4294967280 bytes"),
+    ] {
+        let mut b = npz_bytes(&[("a.npy", npy_f32(&[2], &[1., 2.]))], deflate);
+        let cd = find(&b, b"PK\x01\x02");
+        b[cd + 24..cd + 28].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        let p = dir.path().join(format!("s{deflate}.npz"));
+        std::fs::write(&p, &b).unwrap();
+        let msg = read_npz(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(msg.contains(want), "{msg}");
+        assert!(msg.contains("a.npy"), "{msg}");
+    }
+}

@@ -24,6 +24,9 @@
 //!   `not normalize_decoder` instead; we follow sparsify's own code.)
 //! * `signed: true` → [`SaeConfig::signed`]: the `k` largest `|pre|` are kept with
 //!   their sign and no ReLU (sparsify commit a48257e, "signed SAEs").
+//! * `W_dec` is used as stored: row `i` is latent `i`'s direction, as in
+//!   `SparseCoder.decode` (`decoder_impl(top_indices, top_acts, W_dec.mT)`). (SAELens'
+//!   `sparsify_disk_loader` transposes it; its tests compare only the state dict.)
 //! * `W_skip` → [`SaeWeights::w_skip`]: `forward` adds `x W_skipᵀ`, as
 //!   `SparseCoder.forward` does.
 //! * hook name: a directory named `layers.N` (or `layers_N`) → `blocks.N.hook_resid_post`,
