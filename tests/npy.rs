@@ -63,6 +63,12 @@ fn round_trip_scalar_and_vector() {
     write_npy_f32(&p, &Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()).unwrap();
     let h = NpyHeader::parse(&std::fs::read(&p).unwrap()).unwrap();
     assert_eq!(h.shape, vec![2]);
+    // A transposed (non-contiguous) view is written in its logical C order.
+    let m = Tensor::new(&[[1f32, 2., 3.], [4., 5., 6.]], &Device::Cpu).unwrap();
+    write_npy_f32(&p, &m.t().unwrap()).unwrap();
+    let back = read_npy(&p, &Device::Cpu).unwrap();
+    assert_eq!(back.dims(), &[3, 2]);
+    assert_eq!(vals(&back), vec![1., 4., 2., 5., 3., 6.]);
 }
 
 #[test]
