@@ -14,7 +14,9 @@ use sae_ablate::bench::{random_sae, Op, Path, Prepared};
 fn sizes() -> Vec<(&'static str, usize, usize)> {
     let all = [("S", 576, 4608), ("M", 4096, 65536), ("L", 8192, 65536)];
     let pick = std::env::var("SAE_BENCH_SIZES").unwrap_or_else(|_| "S,M,L".into());
-    all.into_iter().filter(|(n, _, _)| pick.split(',').any(|p| p.trim() == *n)).collect()
+    all.into_iter()
+        .filter(|(n, _, _)| pick.split(',').any(|p| p.trim() == *n))
+        .collect()
 }
 
 fn throughput(c: &mut Criterion) {

@@ -58,17 +58,19 @@ impl std::str::FromStr for Op {
 /// Deterministic uniform values in `[-a, a]`, filled in parallel (fast enough for GBs).
 fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
     let mut v = vec![0f32; n];
-    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        for x in chunk.iter_mut() {
-            // xorshift64*
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
-        }
-    });
+    v.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            for x in chunk.iter_mut() {
+                // xorshift64*
+                s ^= s >> 12;
+                s ^= s << 25;
+                s ^= s >> 27;
+                let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
+            }
+        });
     v
 }
 
@@ -76,9 +78,21 @@ fn tensor(v: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let dev = Device::Cpu;
     Ok(match dtype {
         DType::F32 => Tensor::from_vec(v, shape, &dev)?,
-        DType::F16 => Tensor::from_vec(v.par_iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(), shape, &dev)?,
-        DType::BF16 => Tensor::from_vec(v.par_iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), shape, &dev)?,
-        other => return Err(Error::Invalid(format!("bench: dtype {other:?} not supported"))),
+        DType::F16 => Tensor::from_vec(
+            v.par_iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+            shape,
+            &dev,
+        )?,
+        DType::BF16 => Tensor::from_vec(
+            v.par_iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+            shape,
+            &dev,
+        )?,
+        other => {
+            return Err(Error::Invalid(format!(
+                "bench: dtype {other:?} not supported"
+            )))
+        }
     })
 }
 
@@ -102,15 +116,17 @@ fn erfc(x: f64) -> f64 {
     // Numerical Recipes' erfcc (fractional error < 1.2e-7).
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -128,7 +144,11 @@ pub fn random_sae(d_in: usize, d_sae: usize, dtype: DType, active: f64, seed: u6
     let w = SaeWeights {
         w_enc: tensor(uniform(d_in * d_sae, a, seed), &[d_in, d_sae], dtype)?,
         b_enc: tensor(vec![bias; d_sae], &[d_sae], dtype)?,
-        w_dec: tensor(uniform(d_sae * d_in, a, seed ^ 0xDEC), &[d_sae, d_in], dtype)?,
+        w_dec: tensor(
+            uniform(d_sae * d_in, a, seed ^ 0xDEC),
+            &[d_sae, d_in],
+            dtype,
+        )?,
         b_dec: tensor(vec![0.0; d_in], &[d_in], dtype)?,
         threshold: None,
         r_mag: None,
@@ -187,11 +207,25 @@ pub fn measure_ceilings() -> Ceilings {
         // SAFETY: a [m,k], b [k,nn], c [m,nn], all row-major and fully allocated.
         unsafe {
             gemm::gemm(
-                m, nn, k,
-                c.as_mut_ptr(), 1, nn as isize, false,
-                a.as_ptr(), 1, k as isize,
-                b.as_ptr(), 1, nn as isize,
-                0.0, 1.0, false, false, false, par,
+                m,
+                nn,
+                k,
+                c.as_mut_ptr(),
+                1,
+                nn as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                nn as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             )
         }
         std::hint::black_box(&c);
@@ -229,7 +263,9 @@ pub fn op_edits(op: Op, d_sae: usize) -> Result<Edits> {
         Op::Encode => Edits::new(SpliceMode::ErrorPreserving),
         Op::Forward => Edits::new(SpliceMode::Reconstruction),
         Op::Ablate26 => {
-            let ids: Vec<u32> = (0..26u64).map(|i| ((i * 2521 + 17) % d_sae as u64) as u32).collect();
+            let ids: Vec<u32> = (0..26u64)
+                .map(|i| ((i * 2521 + 17) % d_sae as u64) as u32)
+                .collect();
             let mut ids = ids;
             ids.sort_unstable();
             ids.dedup();
@@ -254,7 +290,13 @@ impl<'a> Prepared<'a> {
         let edits = op_edits(op, sae.d_sae())?;
         let plan = EditPlan::new(sae, &edits)?;
         let x = Tensor::randn(0f32, 1.0, (batch, sae.d_in()), &Device::Cpu)?;
-        Ok(Prepared { sae, op, edits, plan, x })
+        Ok(Prepared {
+            sae,
+            op,
+            edits,
+            plan,
+            x,
+        })
     }
 
     /// Run once on `path`.

@@ -8,7 +8,16 @@ fn random_sae_has_50_to_100_active_latents_per_token() {
     let sae = random_sae(576, 4608, DType::F32, 75.0, 42).unwrap();
     let x = Tensor::randn(0f32, 1.0, (64, 576), &Device::Cpu).unwrap();
     let f = sae.encode(&x).unwrap();
-    let l0 = f.gt(0f64).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / 64.0;
+    let l0 = f
+        .gt(0f64)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        / 64.0;
     assert!((50.0..=100.0).contains(&l0), "mean L0 = {l0}");
 }
 
@@ -29,8 +38,21 @@ fn fused_and_reference_paths_agree_on_the_fixture() {
         let p = Prepared::new(&sae, op, 5).unwrap();
         let a = p.run(Path::Fused).unwrap();
         let b = p.run(Path::Reference).unwrap();
-        let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff <= 1e-2 * (1.0 + scale), "{op:?}: {diff}");
     }
 }

@@ -109,6 +109,9 @@ fn loads_layer_dir_weights_file_and_release_root() {
         check_standard(&sae);
         assert_eq!(sae.hook_name(), Some("blocks.5.hook_resid_post"));
     }
+    // Auto-detection finds the layer one level down too.
+    let sae = Sae::load(tmp.path(), &Device::Cpu).unwrap();
+    check_standard(&sae);
     // W_enc is a transposed view of encoder.weight, not a copy.
     let sae = sparsify::load(&layer, &Device::Cpu).unwrap();
     assert!(!sae.weights().w_enc.is_contiguous());
@@ -136,6 +139,8 @@ fn multi_layer_release_root_asks_for_a_layer() {
     let msg = sparsify::load(tmp.path(), &Device::Cpu)
         .unwrap_err()
         .to_string();
+    assert!(msg.contains("layers.0, layers.1"), "{msg}");
+    let msg = Sae::load(tmp.path(), &Device::Cpu).unwrap_err().to_string();
     assert!(msg.contains("layers.0, layers.1"), "{msg}");
     let sae = sparsify::load(&tmp.path().join("layers.1"), &Device::Cpu).unwrap();
     assert_eq!(sae.hook_name(), Some("blocks.1.hook_resid_post"));

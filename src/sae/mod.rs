@@ -24,6 +24,8 @@ pub use formats::{
     dictionary_learning, gemma_scope, goodfire, llama_scope, saelens, sparsify, Format,
 };
 
+pub use math::Denorm;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};

@@ -23,7 +23,11 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     batch: Vec<usize>,
     /// Operations: encode, forward, ablate26, steer.
-    #[arg(long, value_delimiter = ',', default_value = "encode,forward,ablate26,steer")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "encode,forward,ablate26,steer"
+    )]
     ops: Vec<Op>,
     /// Also time the reference (unfused candle) path and print the speed-up.
     #[arg(long)]
@@ -37,9 +41,16 @@ pub struct BenchArgs {
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let bad = || Error::Invalid(format!("bad --random `{s}`: expected D_INxD_SAE, e.g. 576x4608"));
+    let bad = || {
+        Error::Invalid(format!(
+            "bad --random `{s}`: expected D_INxD_SAE, e.g. 576x4608"
+        ))
+    };
     let (a, b) = s.split_once(['x', 'X']).ok_or_else(bad)?;
-    let (a, b) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+    let (a, b) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
     if a == 0 || b == 0 {
         return Err(bad());
     }
@@ -56,11 +67,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "f32" => DType::F32,
                 "f16" => DType::F16,
                 "bf16" => DType::BF16,
-                o => return Err(Error::Invalid(format!("bad --dtype `{o}` (f32, f16, bf16)"))),
+                o => {
+                    return Err(Error::Invalid(format!(
+                        "bad --dtype `{o}` (f32, f16, bf16)"
+                    )))
+                }
             };
             random_sae(d_in, d_sae, dtype, 75.0, 42)?
         }
-        _ => return Err(Error::Invalid("give exactly one of --sae PATH or --random DxN".into())),
+        _ => {
+            return Err(Error::Invalid(
+                "give exactly one of --sae PATH or --random DxN".into(),
+            ))
+        }
     };
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
@@ -126,7 +145,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         path.as_str(),
                         ms,
                         tok_s,
-                        pct.map(|p| format!("{p:.1}%")).unwrap_or_else(|| "-".into()),
+                        pct.map(|p| format!("{p:.1}%"))
+                            .unwrap_or_else(|| "-".into()),
                         match what {
                             "read_bw" => "bw",
                             "gemm_f32" => "mm",

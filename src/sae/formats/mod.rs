@@ -56,7 +56,7 @@ impl Format {
     /// | found | format |
     /// |---|---|
     /// | `sae_weights.safetensors` (+ `cfg.json`) | SAELens |
-    /// | `sae.safetensors` (+ `cfg.json`) | sparsify |
+    /// | `sae.safetensors` (+ `cfg.json`), or `*/sae.safetensors` one level down | sparsify |
     /// | `params.npz` | Gemma Scope |
     /// | `params.safetensors` (+ `config.json`) | Gemma Scope 2 |
     /// | `final.safetensors` / `checkpoints/final.safetensors` (+ `hyperparams.json`) | Llama Scope |
@@ -83,9 +83,17 @@ impl Format {
                     return Ok((fmt, p));
                 }
             }
-            let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
-            let mut pts: Vec<PathBuf> = rd
+            let entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            // A multi-layer sparsify release: `layers.N/sae.safetensors` one level down
+            // (the sparsify loader picks the single layer or lists the choices).
+            if entries.iter().any(|p| p.join("sae.safetensors").is_file()) {
+                return Ok((Format::Sparsify, path.to_path_buf()));
+            }
+            let mut pts: Vec<PathBuf> = entries
+                .into_iter()
                 .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("pt" | "pth")))
                 .collect();
             pts.sort();
