@@ -491,7 +491,10 @@ impl Machine {
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let m = self.marks.pop().ok_or_else(|| err("no MARK on the stack"))?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| err("no MARK on the stack"))?;
         if m > self.stack.len() {
             return Err(err("corrupted MARK"));
         }
@@ -710,9 +713,9 @@ impl Machine {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self
-                            .stack
-                            .push(Value::Global(resolve_global(&m, &n)?)),
+                        (Value::Str(m), Value::Str(n)) => {
+                            self.stack.push(Value::Global(resolve_global(&m, &n)?))
+                        }
                         _ => return Err(err("STACK_GLOBAL operands must be strings")),
                     }
                 }
@@ -755,8 +758,7 @@ impl Machine {
                     self.memo_put(i)?;
                 }
                 0x94 => {
-                    let i = u32::try_from(self.memo.len())
-                        .map_err(|_| err("memo too large"))?;
+                    let i = u32::try_from(self.memo.len()).map_err(|_| err("memo too large"))?;
                     self.memo_put(i)?;
                 }
                 b'h' => {
@@ -968,9 +970,7 @@ impl PthFile {
         let t = match info.dtype {
             PtDtype::F32 => self.read_tensor::<f32>(data, skip, numel, &storage_shape, device)?,
             PtDtype::F16 => self.read_tensor::<f16>(data, skip, numel, &storage_shape, device)?,
-            PtDtype::BF16 => {
-                self.read_tensor::<bf16>(data, skip, numel, &storage_shape, device)?
-            }
+            PtDtype::BF16 => self.read_tensor::<bf16>(data, skip, numel, &storage_shape, device)?,
             PtDtype::F64 => self
                 .read_tensor::<f64>(data, skip, numel, &storage_shape, device)?
                 .to_dtype(DType::F32)?,
@@ -1006,12 +1006,14 @@ impl PthFile {
             let bytes = as_bytes_mut(&mut v);
             match data {
                 StorageData::Raw { start, .. } => {
-                    let at = start.checked_add(skip).ok_or_else(|| err("offset overflow"))?;
+                    let at = start
+                        .checked_add(skip)
+                        .ok_or_else(|| err("offset overflow"))?;
                     read_at(&self.file, bytes, at).map_err(|e| Error::io(&self.path, e))?;
                 }
                 StorageData::Deflated { entry, .. } => {
-                    let mut z = zip::ZipArchive::new(&self.file)
-                        .map_err(|e| err(format!("zip: {e}")))?;
+                    let mut z =
+                        zip::ZipArchive::new(&self.file).map_err(|e| err(format!("zip: {e}")))?;
                     let mut f = z
                         .by_index(*entry)
                         .map_err(|e| err(format!("zip entry: {e}")))?;
@@ -1198,7 +1200,9 @@ fn open_zip(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
                     .data_start()
                     .ok_or_else(|| err(format!("zip entry `{entry}` has no data offset")))?;
                 let len = f.size();
-                let end = start.checked_add(len).ok_or_else(|| err("offset overflow"))?;
+                let end = start
+                    .checked_add(len)
+                    .ok_or_else(|| err("offset overflow"))?;
                 if f.compressed_size() != len || end > file_len {
                     return Err(err(format!(
                         "zip entry `{entry}` ({len} bytes at {start}) extends past the end of \
@@ -1265,7 +1269,10 @@ fn open_legacy(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
             .map(|k| match k {
                 Value::Str(s) => Ok(s),
                 Value::Int(i) => Ok(i.to_string()),
-                other => Err(err(format!("storage key must be a string, got {}", other.kind()))),
+                other => Err(err(format!(
+                    "storage key must be a string, got {}",
+                    other.kind()
+                ))),
             })
             .collect::<Result<Vec<_>>>()?,
         other => {
@@ -1371,11 +1378,8 @@ fn collect(root: Value) -> Result<Collected> {
             )))
         }
     };
-    let has_tensors = |items: &[(Value, Value)]| {
-        items
-            .iter()
-            .any(|(_, v)| matches!(v, Value::Tensor(_)))
-    };
+    let has_tensors =
+        |items: &[(Value, Value)]| items.iter().any(|(_, v)| matches!(v, Value::Tensor(_)));
     if !has_tensors(&items) {
         let preferred = ["state_dict", "model_state_dict", "model", "sae", "module"];
         let mut nested: Option<Vec<(Value, Value)>> = None;
@@ -1383,7 +1387,10 @@ fn collect(root: Value) -> Result<Collected> {
         for (k, v) in &items {
             if let (Value::Str(k), Value::Dict(inner, _)) = (k, v) {
                 if has_tensors(inner) {
-                    let rank = preferred.iter().position(|p| p == k).unwrap_or(preferred.len());
+                    let rank = preferred
+                        .iter()
+                        .position(|p| p == k)
+                        .unwrap_or(preferred.len());
                     if rank < best {
                         best = rank;
                         nested = Some(inner.clone());

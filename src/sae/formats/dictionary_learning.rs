@@ -102,9 +102,7 @@ impl DictClass {
         let has = |n: &str| f.contains(n);
         Ok(if has("r_mag") && has("gate_bias") {
             DictClass::Gated
-        } else if has("W_enc") && has("group_sizes") {
-            DictClass::MatryoshkaBatchTopK
-        } else if has("W_enc") && has("k") {
+        } else if has("W_enc") && (has("group_sizes") || has("k")) {
             DictClass::MatryoshkaBatchTopK
         } else if has("W_enc") && has("threshold") {
             DictClass::JumpRelu
@@ -124,8 +122,7 @@ impl DictClass {
 
 /// Load a dictionary_learning release from its directory, `ae.pt` or `config.json`.
 pub fn load(path: &Path, device: &Device) -> Result<Sae> {
-    let weights: PathBuf = if path.is_dir() || path.file_name().is_some_and(|n| n == CONFIG_FILE)
-    {
+    let weights: PathBuf = if path.is_dir() || path.file_name().is_some_and(|n| n == CONFIG_FILE) {
         sibling(path, WEIGHTS_FILE)
     } else {
         path.to_path_buf()
@@ -143,7 +140,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Sae> {
 
 /// Build the SAE from an open `ae.pt` and the `trainer` object of its `config.json`.
 pub fn load_from(f: &PthFile, trainer: Option<&Value>, device: &Device) -> Result<Sae> {
-    let class = match trainer.and_then(|t| t.get("dict_class")).and_then(|v| v.as_str()) {
+    let class = match trainer
+        .and_then(|t| t.get("dict_class"))
+        .and_then(|v| v.as_str())
+    {
         Some(name) => DictClass::from_name(name)?,
         None => DictClass::detect(f)?,
     };
@@ -200,7 +200,10 @@ pub fn load_from(f: &PthFile, trainer: Option<&Value>, device: &Device) -> Resul
             get(dec_name, &[d_in, d_sae])?.t()?,
         )
     } else {
-        (get(enc_name, &[d_in, d_sae])?, get(dec_name, &[d_sae, d_in])?)
+        (
+            get(enc_name, &[d_in, d_sae])?,
+            get(dec_name, &[d_sae, d_in])?,
+        )
     };
 
     let arch = match class {

@@ -128,7 +128,7 @@ fn hook_from_file_name(path: &Path) -> Option<String> {
         .filter_map(|tok| tok.strip_prefix('l').or_else(|| tok.strip_prefix('L')))
         .filter(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()))
         .filter_map(|n| n.parse::<usize>().ok())
-        .last()
+        .next_back()
         .map(|n| format!("blocks.{n}.hook_resid_post"))
 }
 
