@@ -1211,10 +1211,24 @@ fn open_zip(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
                 }
                 StorageData::Raw { start, len }
             }
-            zip::CompressionMethod::Deflated => StorageData::Deflated {
-                entry: idx,
-                len: f.size(),
-            },
+            zip::CompressionMethod::Deflated => {
+                // Deflate expands at most ~1032:1; a larger claim cannot be real data.
+                let limit = f
+                    .compressed_size()
+                    .saturating_mul(1032)
+                    .saturating_add(1024);
+                if f.size() > limit || f.compressed_size() > file_len {
+                    return Err(err(format!(
+                        "zip entry `{entry}` claims {} bytes from {} compressed bytes",
+                        f.size(),
+                        f.compressed_size()
+                    )));
+                }
+                StorageData::Deflated {
+                    entry: idx,
+                    len: f.size(),
+                }
+            }
             other => {
                 return Err(err(format!(
                     "zip entry `{entry}` uses unsupported compression {other:?}"
