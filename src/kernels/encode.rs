@@ -11,12 +11,23 @@
 
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot, Elem};
+use super::simd::{axpy, axpy4, dot, Elem};
 
 /// Batches up to this many tokens take the streaming (GEMV-like) path.
-pub const GEMV_MAX_TOKENS: usize = 8;
-/// Latents per tile.
+pub const GEMV_MAX_TOKENS: usize = 32;
+/// Latents per tile of the GEMM path (f16/bf16 widening buffer: `d_in × TILE` f32).
 const TILE: usize = 256;
+/// Accumulator budget of one streaming tile, in f32 elements (`n × width`): 128 KiB, L2-resident.
+const GEMV_ACC: usize = 32 * 1024;
+
+/// Latents per tile of the streaming path: as wide as the accumulator budget allows
+/// (long contiguous runs of each weight row), but at least one tile per thread.
+fn gemv_tile(n: usize, d_sae: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_cache = (GEMV_ACC / n.max(1)).max(64);
+    let by_threads = d_sae.div_ceil(threads).max(64);
+    by_cache.min(by_threads).div_ceil(8) * 8
+}
 
 /// A 2-D view `[d_in, d_sae]` into a weight buffer: element `(k, i)` is at `off + k·s0 + i·s1`.
 #[derive(Clone, Copy, Debug)]
@@ -55,12 +66,13 @@ pub fn encode_dense<T: Elem>(
 /// Streaming path: tiles of latents in parallel; each reads its part of W once.
 fn gemv<T: Elem>(xs: &[f32], n: usize, d_in: usize, w: &[T], v: View2, b: &[f32], pre: &mut [f32]) {
     let d_sae = b.len();
-    let n_tiles = d_sae.div_ceil(TILE);
+    let tile = gemv_tile(n, d_sae);
+    let n_tiles = d_sae.div_ceil(tile);
     // Each task fills a [n, tile] block; blocks are copied into `pre` afterwards.
     let blocks: Vec<Vec<f32>> = (0..n_tiles)
         .into_par_iter()
         .map(|t| {
-            let (l0, l1) = (t * TILE, ((t + 1) * TILE).min(d_sae));
+            let (l0, l1) = (t * tile, ((t + 1) * tile).min(d_sae));
             let width = l1 - l0;
             let mut acc = vec![0f32; n * width];
             for r in 0..n {
@@ -68,11 +80,31 @@ fn gemv<T: Elem>(xs: &[f32], n: usize, d_in: usize, w: &[T], v: View2, b: &[f32]
             }
             if v.s1 == 1 {
                 // Input-major rows: acc[r] += xs[r][k] · W[k, l0..l1] for every k.
-                for k in 0..d_in {
+                // Four rows per pass: one read-modify-write of acc per four rows streamed.
+                let seg = |k: usize| {
                     let o = v.off + k * v.s0 + l0;
-                    let row = &w[o..o + width];
+                    &w[o..o + width]
+                };
+                let mut k = 0;
+                while k + 4 <= d_in {
+                    let rows = [seg(k), seg(k + 1), seg(k + 2), seg(k + 3)];
                     for r in 0..n {
-                        axpy(&mut acc[r * width..(r + 1) * width], xs[r * d_in + k], row);
+                        let x = &xs[r * d_in + k..r * d_in + k + 4];
+                        axpy4(
+                            &mut acc[r * width..(r + 1) * width],
+                            [x[0], x[1], x[2], x[3]],
+                            rows,
+                        );
+                    }
+                    k += 4;
+                }
+                for k in k..d_in {
+                    for r in 0..n {
+                        axpy(
+                            &mut acc[r * width..(r + 1) * width],
+                            xs[r * d_in + k],
+                            seg(k),
+                        );
                     }
                 }
             } else if v.s0 == 1 {
@@ -99,7 +131,7 @@ fn gemv<T: Elem>(xs: &[f32], n: usize, d_in: usize, w: &[T], v: View2, b: &[f32]
         })
         .collect();
     for (t, blk) in blocks.iter().enumerate() {
-        let l0 = t * TILE;
+        let l0 = t * tile;
         let width = blk.len() / n;
         for r in 0..n {
             pre[r * d_sae + l0..r * d_sae + l0 + width]

@@ -80,6 +80,35 @@ pub fn axpy<T: Elem>(y: &mut [f32], a: f32, w: &[T]) {
     axpy_scalar(y, a, w)
 }
 
+/// Scalar reference: `y[i] += Σ_r a[r]·w[r][i]` over four rows.
+pub fn axpy4_scalar<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
+    for (i, y) in y.iter_mut().enumerate() {
+        *y += a[0] * w[0][i].to_f32()
+            + a[1] * w[1][i].to_f32()
+            + a[2] * w[2][i].to_f32()
+            + a[3] * w[3][i].to_f32();
+    }
+}
+
+/// `y[i] += Σ_r a[r]·w[r][i]` over four rows at once: one load and store of `y`
+/// per four weight rows streamed. Every row must be at least `y.len()` long.
+pub fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
+    let n = y.len();
+    if w.iter().any(|r| r.len() < n) {
+        // Keep the contract checkable: fall back to four single-row passes.
+        for (ar, wr) in a.iter().zip(w) {
+            axpy(y, *ar, wr);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports avx2, fma and f16c; every row has at least n elements.
+        return unsafe { avx2::axpy4(y, a, w) };
+    }
+    axpy4_scalar(y, a, w)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Elem;
@@ -148,6 +177,37 @@ mod avx2 {
         s
     }
 
+    /// SAFETY: caller guarantees avx2, fma and f16c, and `w[r].len() >= y.len()` for all r.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
+        let n = y.len();
+        let yp = y.as_mut_ptr();
+        let wp = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+        let av = [
+            _mm256_set1_ps(a[0]),
+            _mm256_set1_ps(a[1]),
+            _mm256_set1_ps(a[2]),
+            _mm256_set1_ps(a[3]),
+        ];
+        let mut i = 0;
+        while i + 8 <= n {
+            let mut v = _mm256_loadu_ps(yp.add(i));
+            v = _mm256_fmadd_ps(av[0], load8(wp[0].add(i)), v);
+            v = _mm256_fmadd_ps(av[1], load8(wp[1].add(i)), v);
+            v = _mm256_fmadd_ps(av[2], load8(wp[2].add(i)), v);
+            v = _mm256_fmadd_ps(av[3], load8(wp[3].add(i)), v);
+            _mm256_storeu_ps(yp.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            *yp.add(i) += a[0] * (*wp[0].add(i)).to_f32()
+                + a[1] * (*wp[1].add(i)).to_f32()
+                + a[2] * (*wp[2].add(i)).to_f32()
+                + a[3] * (*wp[3].add(i)).to_f32();
+            i += 1;
+        }
+    }
+
     /// SAFETY: caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy<T: Elem>(y: &mut [f32], a: f32, w: &[T]) {
@@ -192,6 +252,18 @@ mod tests {
             axpy_scalar(&mut y2, 0.37, &w);
             for (p, q) in y1.iter().zip(&y2) {
                 assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "axpy n={n}");
+            }
+            let rows: Vec<Vec<T>> = (0..4)
+                .map(|r| data(n, 10 + r).into_iter().map(&conv).collect())
+                .collect();
+            let w4 = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+            let a4 = [0.5, -1.25, 2.0, 0.1];
+            let mut y1 = data(n, 4);
+            let mut y2 = y1.clone();
+            axpy4(&mut y1, a4, w4);
+            axpy4_scalar(&mut y2, a4, w4);
+            for (p, q) in y1.iter().zip(&y2) {
+                assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "axpy4 n={n}");
             }
         }
     }
