@@ -291,3 +291,42 @@ fn bad_input_exits_2_with_a_clear_message_and_no_output() {
     ]);
     assert!(e.contains("sideways"), "{e}");
 }
+
+#[test]
+fn bench_prints_json_rows_with_speedups() {
+    let out = run_ok(&[
+        "bench",
+        "--random",
+        "32x256",
+        "--dtype",
+        "bf16",
+        "--batch",
+        "1,3",
+        "--ops",
+        "forward,ablate26",
+        "--compare",
+        "--budget",
+        "0.01",
+        "--json",
+        "--no-ceilings",
+    ]);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 2 batches × 2 ops × (fused, reference).
+    assert_eq!(rows.len(), 8, "{out}");
+    for r in &rows {
+        assert_eq!(r["size"], "32x256");
+        assert!(
+            r["ms"].as_f64().unwrap() > 0.0 && r["tok_s"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        let is_ref = r["path"] == "reference";
+        assert_eq!(r["speedup"].is_number(), is_ref, "{r}");
+    }
+    let e = run_err(&["bench", "--random", "32by256"]);
+    assert!(e.contains("32by256"), "{e}");
+    let e = run_err(&["bench", "--random", "32x256", "--ops", "ablate27"]);
+    assert!(e.contains("ablate27"), "{e}");
+}

@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Print JSON rows instead of a table.
     #[arg(long)]
     json: bool,
+    /// Skip measuring the machine's ceilings (about 5 s); "% of ceiling" is then omitted.
+    #[arg(long)]
+    no_ceilings: bool,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -83,14 +86,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
-    let ceil = measure_ceilings();
-    if args.json {
+    let ceil = if args.no_ceilings {
+        None
+    } else {
+        Some(measure_ceilings())
+    };
+    if let Some(ceil) = ceil.filter(|_| args.json) {
         println!(
             "{}",
             serde_json::json!({"ceilings": {"read_gbs": ceil.read_gbs, "copy_gbs": ceil.copy_gbs,
                 "gemm_f32_gflops": ceil.gemm_gflops, "threads": rayon::current_num_threads()}})
         );
-    } else {
+    } else if let Some(ceil) = ceil {
         println!(
             "ceilings: read {:.1} GB/s, copy {:.1} GB/s, f32 GEMM {:.1} GFLOP/s ({} threads)",
             ceil.read_gbs,
@@ -98,6 +105,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ceil.gemm_gflops,
             rayon::current_num_threads()
         );
+    }
+    if !args.json {
         println!(
             "{:>12} {:>5} {:>6} {:>9} {:>10} {:>12} {:>9} {:>10} {:>10}",
             "size", "dtype", "batch", "op", "path", "ms", "tok/s", "% ceiling", "speed-up"
@@ -119,13 +128,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 let tok_s = batch as f64 / (ms / 1e3);
                 let (bytes, flops) = op_work(&sae, op, batch);
                 // Memory-bound rows against bandwidth, compute-bound ones against GEMM.
-                let bw = bytes / (ms / 1e3) / 1e9 / ceil.read_gbs * 100.0;
-                let fl = flops / (ms / 1e3) / 1e9 / ceil.gemm_gflops * 100.0;
                 // ablate26 and steer touch a few cached rows: no meaningful ceiling.
-                let (pct, what) = match op {
-                    Op::Ablate26 | Op::Steer => (None, "none"),
-                    _ if batch <= 8 => (Some(bw), "read_bw"),
-                    _ => (Some(fl), "gemm_f32"),
+                // Memory-bound rows are compared with bandwidth, compute-bound ones with GEMM.
+                let (pct, what) = match (op, ceil) {
+                    (Op::Ablate26 | Op::Steer, _) | (_, None) => (None, "none"),
+                    (_, Some(c)) if batch <= 8 => (
+                        Some(bytes / (ms / 1e3) / 1e9 / c.read_gbs * 100.0),
+                        "read_bw",
+                    ),
+                    (_, Some(c)) => (
+                        Some(flops / (ms / 1e3) / 1e9 / c.gemm_gflops * 100.0),
+                        "gemm_f32",
+                    ),
                 };
                 let speedup = (path == Path::Reference).then(|| ms / fused_ms);
                 if args.json {
