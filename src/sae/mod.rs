@@ -199,13 +199,7 @@ pub struct Sae {
 }
 
 fn check(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
+    formats::expect_shape(name, t, expected)?;
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 => Ok(()),
         other => Err(Error::Dtype {

@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use super::expect_shape;
 use super::{read_json, Format};
 use crate::io::{npy, TensorFile};
 use crate::sae::{Architecture, Normalization, Sae, SaeConfig, SaeWeights};
@@ -87,17 +88,6 @@ pub fn load(path: &Path, device: &Device) -> Result<Sae> {
             why: "expected params.npz or params.safetensors".into(),
         }),
     }
-}
-
-fn expect_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(())
 }
 
 fn take(m: &mut BTreeMap<String, Tensor>, names: &[&str]) -> Result<Tensor> {

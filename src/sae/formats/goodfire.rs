@@ -30,8 +30,9 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
+use super::expect_shape;
 use super::Format;
 use crate::io::pickle::PthFile;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
@@ -55,17 +56,6 @@ pub fn load(path: &Path, device: &Device) -> Result<Sae> {
     };
     let pth = PthFile::open(&file)?;
     load_from(&pth, device).map_err(|e| e.in_file(&file))
-}
-
-fn expect(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(())
 }
 
 fn require<'a>(f: &'a PthFile, name: &str) -> Result<&'a [usize]> {
@@ -103,8 +93,8 @@ pub fn load_from(f: &PthFile, device: &Device) -> Result<Sae> {
     let b_enc = f.load(ENCODER_BIAS, device)?;
     let w_dec = f.load(DECODER_WEIGHT, device)?;
     let b_dec = f.load(DECODER_BIAS, device)?;
-    expect(ENCODER_WEIGHT, &w_enc, &[d_sae, d_in])?;
-    expect(DECODER_WEIGHT, &w_dec, &[d_in, d_sae])?;
+    expect_shape(ENCODER_WEIGHT, &w_enc, &[d_sae, d_in])?;
+    expect_shape(DECODER_WEIGHT, &w_dec, &[d_in, d_sae])?;
     let mut cfg = SaeConfig::new(Architecture::Standard, d_in, d_sae);
     cfg.apply_b_dec_to_input = false;
     cfg.hook_name = hook_from_file_name(f.path());

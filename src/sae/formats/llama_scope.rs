@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
+use super::expect_shape;
 use super::{read_json, Format};
 use crate::io::TensorFile;
 use crate::sae::{Architecture, Normalization, Sae, SaeConfig, SaeWeights};
@@ -179,17 +180,6 @@ pub fn parse_config(v: &Value) -> Result<LlamaScopeConfig> {
         sae,
         threshold: threshold as f32,
     })
-}
-
-fn expect_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(())
 }
 
 /// Load a Llama Scope SAE from its release directory, its `final.safetensors`

@@ -149,6 +149,18 @@ pub(crate) fn load(path: &Path, device: &Device) -> Result<Sae> {
     }
 }
 
+/// Check a loaded tensor's shape; the error names the tensor, expected and found shape.
+pub(crate) fn expect_shape(name: &str, t: &candle_core::Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
 /// Read and parse a JSON file, naming the file in every error.
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -44,9 +44,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::Value;
 
+use super::expect_shape;
 use super::{read_json, Format};
 use crate::io::TensorFile;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
@@ -129,17 +130,6 @@ fn hook_name(dir: &Path) -> Option<String> {
     }
     let layer: usize = n.parse().ok()?;
     Some(format!("blocks.{layer}.hook_resid_post"))
-}
-
-fn expect_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(Error::Shape {
-            name: name.to_string(),
-            expected: expected.to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(())
 }
 
 /// Parse a sparsify `cfg.json`, with `d_in_from_weights` (the second dimension of
