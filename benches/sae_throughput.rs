@@ -3,7 +3,7 @@
 //! random ReLU weights with ~75 active latents per token; batches 1, 16, 256;
 //! ops encode, forward (reconstruct), ablate26 (error-preserving zero of 26 latents), steer.
 //!
-//! `cargo bench --bench sae_throughput` (about 6 minutes on 2 cores);
+//! `cargo bench --bench sae_throughput` (a few minutes on 2 cores; the L rows dominate);
 //! `SAE_BENCH_SIZES=S` to run only some sizes. The reference path is timed by
 //! `sae-ablate bench --compare`, not here (it takes seconds per call at M and L).
 
@@ -24,8 +24,8 @@ fn throughput(c: &mut Criterion) {
         let sae = random_sae(d_in, d_sae, DType::F32, 75.0, 42).expect("random SAE");
         let mut g = c.benchmark_group(format!("sae_{name}_{d_in}x{d_sae}"));
         g.sample_size(10)
-            .warm_up_time(std::time::Duration::from_millis(500))
-            .measurement_time(std::time::Duration::from_secs(2));
+            .warm_up_time(std::time::Duration::from_millis(300))
+            .measurement_time(std::time::Duration::from_secs(1));
         for batch in [1usize, 16, 256] {
             g.throughput(Throughput::Elements(batch as u64));
             for op in [Op::Encode, Op::Forward, Op::Ablate26, Op::Steer] {
