@@ -22,7 +22,7 @@ if extractor --verify "$OUT" >/dev/null 2>&1 \
   exit 0
 fi
 
-deb() { ls "$CACHE"/${PKG}_*.deb 2>/dev/null | head -n 1; }
+deb() { ls "$CACHE"/${PKG}_*.deb 2>/dev/null | head -n 1 || true; }
 if [ -z "$(deb)" ]; then
   as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
   # On a fresh Debian machine apt knows no packages until `apt-get update` has run once.

@@ -386,6 +386,16 @@ fn typed_blob_compression() {
     let db = LazyLoadDb::from_bytes(&idx, stored).unwrap();
     assert_eq!(db.compression(), Compression::Typed(3));
     assert_eq!(strs(&db.get("v").unwrap().object), vec![Some("hi".into())]);
+
+    // compressed = 0 (FALSE): blobs are bare serialization streams.
+    let idx = index_bytes(&[("w", 0, raw.len() as u64)], false, Some(0));
+    let db = LazyLoadDb::from_bytes(&idx, raw.clone()).unwrap();
+    assert_eq!(db.compression(), Compression::None);
+    assert_eq!(strs(&db.get("w").unwrap().object), vec![Some("hi".into())]);
+    // compressed = 7 is not a known scheme.
+    let idx = index_bytes(&[("w", 0, raw.len() as u64)], false, Some(7));
+    let e = err_text(LazyLoadDb::from_bytes(&idx, raw));
+    assert!(e.contains("compressed"), "{e}");
 }
 
 #[test]

@@ -774,12 +774,9 @@ pub fn decompress_blob(blob: &[u8], compression: Compression) -> Result<Vec<u8>>
                 ),
             ));
         }
-        let out = read_limited(
-            ZlibDecoder::new(data),
-            declared,
-            "zlib stream",
-            declared as usize,
-        )?;
+        // Reserve what a typical text ratio needs; more only as real output arrives.
+        let hint = declared.min((data.len() as u64).saturating_mul(16)) as usize;
+        let out = read_limited(ZlibDecoder::new(data), declared, "zlib stream", hint)?;
         if out.len() as u64 != declared {
             return Err(Error::format(
                 DB,
