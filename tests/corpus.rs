@@ -497,6 +497,44 @@ fn byte_flips_never_panic() {
 }
 
 #[test]
+fn random_mutations_never_panic() {
+    // Deterministic xorshift: several bytes changed at once, in the stream and in an index.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let stream = sample_stream();
+    let index = {
+        let mut s = Ser::v3();
+        s.flags(19 | HAS_ATTR).int(1).ints(&[0, 9], 0);
+        s.node_sym("names").strsxp(&[Some("x")], 0).nil();
+        s.bytes()
+    };
+    let mut parsed = 0;
+    for round in 0..4000 {
+        let mut b = if round % 2 == 0 {
+            stream.clone()
+        } else {
+            index.clone()
+        };
+        for _ in 0..1 + next() % 4 {
+            let i = (next() % b.len() as u64) as usize;
+            b[i] = next() as u8;
+        }
+        if next() % 8 == 0 {
+            b.truncate((next() % b.len() as u64) as usize);
+        }
+        parsed += usize::from(unserialize(&b).is_ok());
+        let _ = LazyLoadDb::from_bytes(&b, vec![0; 16]);
+    }
+    // Most mutations hit string bytes or values and still parse; some must not.
+    assert!(parsed > 0 && parsed < 4000, "{parsed}");
+}
+
+#[test]
 fn huge_lengths_on_tiny_input_are_rejected_before_allocating() {
     for ty in [16, 19, 13, 14, 10] {
         let mut s = Ser::v3();
