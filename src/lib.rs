@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod corpus;
 pub mod edit;
 mod error;
 pub mod io;
