@@ -3,6 +3,8 @@
 //! A thin layer over the library: each subcommand is a few calls of public API.
 //! Exit code 0 on success, 2 on bad input (one line on stderr).
 
+mod model_cmds;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -80,6 +82,10 @@ enum Cmd {
         #[arg(long, default_value = "error")]
         mode: SpliceMode,
     },
+    /// Run a model on a prompt (optionally with an SAE splice): writes f32 logits [seq, vocab] as .npy.
+    Logits(model_cmds::LogitsArgs),
+    /// Generate text from a prompt, optionally with an SAE splice and latent edits live.
+    Generate(model_cmds::GenerateArgs),
 }
 
 fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
@@ -203,6 +209,8 @@ fn run(cli: Cli) -> Result<()> {
             let y = plan.apply(&x).map_err(|e| e.in_file(&input))?;
             npy::write_npy_f32(&output, &y)
         }
+        Cmd::Logits(a) => model_cmds::logits(a),
+        Cmd::Generate(a) => model_cmds::generate(a),
     }
 }
 

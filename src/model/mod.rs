@@ -1,0 +1,73 @@
+//! Hookable transformer language models.
+//!
+//! * [`HookedModel`]: the interface every architecture implements: a forward pass
+//!   that calls [`Hooks`] at TransformerLens hook points and returns logits for
+//!   every position.
+//! * [`llama`]: the Llama family (SmolLM2, Llama 3.x), from GGUF or HF safetensors.
+//! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
+//! * [`generate`]: sampling and generation with hooks live at every step.
+
+pub mod generate;
+pub mod llama;
+pub mod tokenizer;
+
+use candle_core::{Device, Tensor};
+
+use crate::hooks::{HookPoint, Hooks};
+use crate::Result;
+
+pub use generate::{generate, Generation, SamplingParams};
+pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle};
+pub use tokenizer::{ChatTemplate, Tokenizer};
+
+/// Load a model and its tokenizer: a GGUF file (tokenizer from its metadata) or an HF
+/// directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+pub fn load(path: impl AsRef<std::path::Path>, opts: &LoadOptions) -> Result<(Llama, Tokenizer)> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        Ok((Llama::from_hf_dir(path, opts)?, Tokenizer::from_hf(path)?))
+    } else {
+        Ok((
+            Llama::from_gguf(path, opts)?,
+            Tokenizer::from_gguf_file(path)?,
+        ))
+    }
+}
+
+/// A transformer LM whose forward pass can be hooked.
+pub trait HookedModel {
+    /// Run `tokens [batch, seq]` (u32) at absolute positions `start_pos..start_pos + seq`,
+    /// calling `hooks` at every hook point; returns f32 logits `[batch, seq, vocab]`.
+    ///
+    /// `start_pos = 0` starts a new sequence (clears the KV cache); otherwise
+    /// `start_pos` must equal the number of positions already cached.
+    fn forward(&mut self, tokens: &Tensor, start_pos: usize, hooks: &mut Hooks) -> Result<Tensor>;
+    /// Like [`HookedModel::forward`] but returns logits `[batch, vocab]` for the last
+    /// position only (what generation needs).
+    fn forward_last(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let l = self.forward(tokens, start_pos, hooks)?;
+        let t = l.dim(1)?;
+        Ok(l.narrow(1, t.saturating_sub(1), 1)?.squeeze(1)?)
+    }
+    /// Residual stream width.
+    fn d_model(&self) -> usize;
+    /// Number of decoder layers.
+    fn n_layers(&self) -> usize;
+    /// Vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> usize;
+    /// Maximum number of positions (the context length).
+    fn max_seq_len(&self) -> usize;
+    /// The device the model runs on.
+    fn device(&self) -> &Device;
+    /// Forget the KV cache.
+    fn reset(&mut self);
+    /// Every hook point of the model, in forward order.
+    fn hook_points(&self) -> Vec<HookPoint> {
+        HookPoint::all(self.n_layers())
+    }
+}
