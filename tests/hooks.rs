@@ -292,7 +292,7 @@ fn generation_with_splice_equals_stepwise_forward() {
     let edits = Edits::new(SpliceMode::ErrorPreserving)
         .zero(&(0..64).collect::<Vec<u32>>())
         .unwrap()
-        .steer(100, 20.0)
+        .steer(100, 300.0)
         .unwrap();
     let point = HookPoint::ResidPost(5);
     let mk = || {

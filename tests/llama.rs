@@ -138,7 +138,9 @@ fn logits_match_candle_quantized_llama() {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        assert!(max_diff(&last, &got) < 1e-5);
+        // (a one-row LM-head matmul accumulates in a different order than the full one)
+        let dl = max_diff(&last, &got);
+        assert!(dl < 1e-3, "forward_last differs from forward by {dl}");
     }
     println!("max |logit − quantized_llama| over prompts: {worst:e}");
     // KV cache: prefill then one decode step equals a full forward of both.
@@ -395,6 +397,6 @@ fn hf_safetensors_matches_gguf() {
     println!(
         "HF (rotate-half, f16/bf16 MLP) vs GGUF resid_post[1]: max diff {d} (max |x| {scale})"
     );
-    // f16/bf16 rounding of the MLP weights only.
-    assert!(d < 0.02 * scale, "{d} vs scale {scale}");
+    // f16/bf16 rounding of the MLP weights only (a wrong RoPE or layout is off by O(scale)).
+    assert!(d < 1e-3 * scale, "{d} vs scale {scale}");
 }

@@ -52,10 +52,12 @@ impl SamplingParams {
     }
 
     fn check(&self) -> Result<()> {
-        if !self.temperature.is_finite()
-            || !(self.top_p > 0.0 && self.top_p <= 1.0)
-            || !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0)
-        {
+        let ok = self.temperature.is_finite()
+            && self.top_p > 0.0
+            && self.top_p <= 1.0
+            && self.repetition_penalty.is_finite()
+            && self.repetition_penalty > 0.0;
+        if !ok {
             return Err(Error::Invalid(format!(
                 "bad sampling parameters: temperature = {} (finite), top_p = {} (in (0, 1]), \
                  repetition_penalty = {} (> 0)",

@@ -414,7 +414,7 @@ impl Llama {
             embed: "token_embd.weight".into(),
             norm: "output_norm.weight".into(),
             lm_head: "output.weight".into(),
-            layer: Box::new(|i, w| {
+            layer: |i, w| {
                 let n = match w {
                     "attn_norm" => "attn_norm",
                     "q" => "attn_q",
@@ -427,7 +427,7 @@ impl Llama {
                     _ => "ffn_down",
                 };
                 format!("blk.{i}.{n}.weight")
-            }),
+            },
         };
         Self::build(cfg, &mut src, &names, opts, path.display().to_string()).map_err(wrap)
     }
@@ -469,7 +469,7 @@ impl Llama {
             embed: "model.embed_tokens.weight".into(),
             norm: "model.norm.weight".into(),
             lm_head: "lm_head.weight".into(),
-            layer: Box::new(|i, w| {
+            layer: |i, w| {
                 let n = match w {
                     "attn_norm" => "input_layernorm",
                     "q" => "self_attn.q_proj",
@@ -482,7 +482,7 @@ impl Llama {
                     _ => "mlp.down_proj",
                 };
                 format!("model.layers.{i}.{n}.weight")
-            }),
+            },
         };
         Self::build(cfg, &mut src, &names, opts, dir.display().to_string())
     }
@@ -585,6 +585,22 @@ impl Llama {
     /// The dtype of the weight matrices.
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
+    }
+
+    /// Bytes of weights read per decode step (every matrix and norm once).
+    pub fn weight_bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = b(&self.norm) + b(&self.lm_head);
+        for l in &self.layers {
+            n += b(&l.attn_norm)
+                + b(&l.wqkv)
+                + b(&l.wo)
+                + b(&l.ffn_norm)
+                + b(&l.w_gate_up)
+                + b(&l.w_down);
+        }
+        // One embedding row per token; the tied head is counted once.
+        n + self.cfg.d_model * self.embed.dtype().size_in_bytes()
     }
 
     /// Number of positions in the KV cache.
@@ -772,7 +788,7 @@ struct Names {
     embed: String,
     norm: String,
     lm_head: String,
-    layer: Box<dyn Fn(usize, &str) -> String>,
+    layer: fn(usize, &str) -> String,
 }
 
 fn hf_config(text: &str) -> Result<LlamaConfig> {
@@ -828,9 +844,11 @@ fn hf_config(text: &str) -> Result<LlamaConfig> {
                     })
                 }
                 "default" | "" => None,
-                other => return Err(Error::Config(format!(
+                other => {
+                    return Err(Error::Config(format!(
                     "config.json: rope_scaling type `{other}` is not supported (supported: llama3)"
-                ))),
+                )))
+                }
             }
         }
         _ => None,

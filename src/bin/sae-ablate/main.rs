@@ -86,6 +86,8 @@ enum Cmd {
     Logits(model_cmds::LogitsArgs),
     /// Generate text from a prompt, optionally with an SAE splice and latent edits live.
     Generate(model_cmds::GenerateArgs),
+    /// Measure a model's prefill and decode tokens/s, with and without hooks.
+    BenchModel(model_cmds::BenchModelArgs),
 }
 
 fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
@@ -211,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Logits(a) => model_cmds::logits(a),
         Cmd::Generate(a) => model_cmds::generate(a),
+        Cmd::BenchModel(a) => model_cmds::bench_model(a),
     }
 }
 

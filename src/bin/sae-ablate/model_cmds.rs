@@ -242,3 +242,162 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Arguments of `sae-ablate bench-model`.
+#[derive(Args, Debug)]
+pub struct BenchModelArgs {
+    /// GGUF file or HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    prefill_tokens: usize,
+    /// Number of decode steps to time.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Weight dtype: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+/// Read bandwidth of this machine in GB/s: the best of a few sums over a 512 MiB buffer.
+fn read_bandwidth_gbs() -> f64 {
+    let n: usize = 128 << 20; // f32s = 512 MiB
+    let v: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let threads = std::thread::available_parallelism()
+            .map(|x| x.get())
+            .unwrap_or(1);
+        let chunk = n.div_ceil(threads);
+        let s: f32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = v
+                .chunks(chunk)
+                .map(|c| {
+                    sc.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for b in c.chunks_exact(16) {
+                            for k in 0..16 {
+                                acc[k] += b[k];
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}
+
+/// `sae-ablate bench-model`: prefill and decode tokens/s without hooks, with a no-op hook at
+/// every hook point, and with the SAE splice when `--sae` is given.
+pub fn bench_model(a: BenchModelArgs) -> Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => {
+            return Err(Error::Invalid(format!(
+                "bad --dtype `{other}`: f32, f16 or bf16"
+            )))
+        }
+    };
+    let opts = LoadOptions {
+        dtype,
+        ..Default::default()
+    };
+    let (mut m, _tok) = model::load(&a.model, &opts)?;
+    if a.prefill_tokens == 0 || a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
+        return Err(Error::Invalid(format!(
+            "--prefill-tokens must be positive and prefill + decode ≤ the context length {}",
+            m.max_seq_len()
+        )));
+    }
+    let bytes = m.weight_bytes();
+    let bw = read_bandwidth_gbs();
+    let vocab = m.vocab_size() as u32;
+    let ids: Vec<u32> = (0..a.prefill_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let mut configs: Vec<(&str, Hooks)> = vec![("none", Hooks::new())];
+    let mut noop = Hooks::new();
+    for p in m.hook_points() {
+        noop.add(
+            p,
+            |_: &HookPoint, _: &Tensor, _: &sae_ablate::hooks::HookContext| Ok(None),
+        );
+    }
+    configs.push(("noop_every_point", noop));
+    if a.splice.sae.is_some() {
+        configs.push(("sae_splice", build_hooks(&a.splice, &m)?));
+    }
+    let mut rows = Vec::new();
+    for (name, mut hooks) in configs {
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        // Warm-up.
+        m.forward_last(&x.narrow(1, 0, a.prefill_tokens.min(16))?, 0, &mut hooks)?;
+        let t = std::time::Instant::now();
+        let mut logits = m.forward_last(&x, 0, &mut hooks)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        for s in 0..a.decode_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            logits = m.forward_last(&y, a.prefill_tokens + s, &mut hooks)?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        let prefill_tps = a.prefill_tokens as f64 / prefill;
+        let decode_tps = a.decode_tokens as f64 / decode.max(1e-9);
+        let limit = bw * 1e9 / bytes as f64;
+        rows.push(serde_json::json!({
+            "hooks": name,
+            "prefill_tokens": a.prefill_tokens,
+            "prefill_tok_s": prefill_tps,
+            "decode_tokens": a.decode_tokens,
+            "decode_tok_s": decode_tps,
+            "decode_pct_of_bandwidth_limit": 100.0 * decode_tps / limit,
+        }));
+    }
+    let out = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "weight_dtype": a.dtype,
+        "weight_bytes": bytes,
+        "read_bandwidth_gb_s": bw,
+        "decode_bandwidth_limit_tok_s": bw * 1e9 / bytes as f64,
+        "threads": std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1),
+        "runs": rows,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "weights {:.1} MB ({}), read bandwidth {:.1} GB/s → decode limit {:.1} tok/s",
+            bytes as f64 / 1e6,
+            a.dtype,
+            bw,
+            bw * 1e9 / bytes as f64
+        );
+        for r in &rows {
+            println!(
+                "{:>18}: prefill {:>4} tok {:8.1} tok/s | decode {:>4} tok {:7.1} tok/s ({:.0}% of bandwidth limit)",
+                r["hooks"].as_str().unwrap_or(""),
+                a.prefill_tokens,
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                a.decode_tokens,
+                r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_pct_of_bandwidth_limit"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
+    Ok(())
+}
