@@ -400,3 +400,229 @@ fn hf_safetensors_matches_gguf() {
     // f16/bf16 rounding of the MLP weights only (a wrong RoPE or layout is off by O(scale)).
     assert!(d < 1e-3 * scale, "{d} vs scale {scale}");
 }
+
+/// `sae-ablate logits` and `generate` end to end, with and without an SAE splice.
+#[test]
+fn cli_logits_and_generate() {
+    use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_sae-ablate");
+    let gguf = gguf_path();
+    let g = gguf.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("sae-ablate-cli-llama-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let prompt = "The capital of France is";
+    let npy = dir.join("logits.npy");
+    let (code, out, err) = run(&[
+        "logits",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--output",
+        npy.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ids"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    let logits = sae_ablate::io::npy::read_npy(&npy, &Device::Cpu).unwrap();
+    assert_eq!(logits.dims(), &[5, 49152]);
+    let ids = tokenizer().encode(prompt).unwrap();
+    let want = model()
+        .forward(&ids_tensor(&ids), 0, &mut Hooks::new())
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert!(max_diff(&logits, &want) < 1e-4);
+
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris"), "{v}");
+    assert_eq!(
+        v["prompt_ids"],
+        serde_json::json!([504, 3575, 282, 4649, 314])
+    );
+    assert_eq!(v["ids"].as_array().unwrap().len(), 4);
+    // Plain text output streams the same continuation.
+    let (code, out, _) = run(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()));
+
+    // A random SAE at blocks.5.hook_resid_post, saved in SAELens format.
+    let d_sae = 256;
+    let r =
+        |shape: (usize, usize), s: f64| Tensor::randn(0f32, s as f32, shape, &Device::Cpu).unwrap();
+    let mut cfg = SaeConfig::new(Architecture::Standard, 576, d_sae);
+    cfg.hook_name = Some("blocks.5.hook_resid_post".into());
+    let sae = Sae::new(
+        cfg,
+        SaeWeights {
+            w_enc: r((576, d_sae), 0.05),
+            b_enc: Tensor::zeros(d_sae, DType::F32, &Device::Cpu).unwrap(),
+            w_dec: r((d_sae, 576), 0.05),
+            b_dec: Tensor::zeros(576, DType::F32, &Device::Cpu).unwrap(),
+            threshold: None,
+            r_mag: None,
+            b_mag: None,
+            w_skip: None,
+        },
+    )
+    .unwrap();
+    let sae_dir = dir.join("sae");
+    sae.save_saelens(&sae_dir).unwrap();
+    let s = sae_dir.to_str().unwrap();
+    // Error-preserving splice with no edits: logits unchanged.
+    let npy2 = dir.join("logits2.npy");
+    let (code, _, err) = run(&[
+        "logits",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--output",
+        npy2.to_str().unwrap(),
+        "--sae",
+        s,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let l2 = sae_ablate::io::npy::read_npy(&npy2, &Device::Cpu).unwrap();
+    assert!(max_diff(&l2, &logits) < 1e-4);
+    // Steering on generated positions only: same first token, the prompt logits untouched.
+    let (code, out, err) = run(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--sae",
+        s,
+        "--steer",
+        "7=400",
+        "--zero",
+        "1,2,3",
+        "--positions",
+        "generated",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(w["ids"][0], v["ids"][0]);
+    // Bad hook point: exit 2, one line naming the valid range.
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        g,
+        "--prompt",
+        prompt,
+        "--sae",
+        s,
+        "--hook",
+        "blocks.30.hook_resid_post",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("0..=29"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // Edit flags without --sae, and a missing model file.
+    let (code, _, err) = run(&["generate", "--model", g, "--prompt", prompt, "--zero", "1"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (code, _, err) = run(&[
+        "generate",
+        "--model",
+        "/nonexistent/m.gguf",
+        "--prompt",
+        prompt,
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("/nonexistent/m.gguf"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Left-padded batch generation reproduces each prompt's own greedy generation.
+#[test]
+fn batch_generation_matches_single_prompts() {
+    use sae_ablate::model::generate_batch;
+    let tok = tokenizer();
+    let prompts: Vec<Vec<u32>> = [
+        "The capital of France is",
+        "It is a truth universally acknowledged, that a single man in possession of",
+        "Water boils at",
+    ]
+    .iter()
+    .map(|p| tok.encode(p).unwrap())
+    .collect();
+    let params = SamplingParams::greedy(6, &[]);
+    let mut m = model();
+    let mut streamed = vec![Vec::new(); prompts.len()];
+    let batch = generate_batch(
+        &mut *m,
+        &prompts,
+        &params,
+        &mut Hooks::new(),
+        &mut |row, id| {
+            streamed[row].push(id);
+            Ok(true)
+        },
+    )
+    .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let single = generate(&mut *m, p, &params, &mut Hooks::new(), &mut |_| Ok(true)).unwrap();
+        println!(
+            "{:?} → {:?}",
+            tok.decode(p, false).unwrap(),
+            tok.decode(&single.ids, false).unwrap()
+        );
+        assert_eq!(batch[i].ids, single.ids, "prompt {i}");
+        assert_eq!(batch[i].prompt_ids, *p);
+        assert_eq!(streamed[i], single.ids);
+    }
+    // Padded prefill logits equal each prompt's own logits.
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap();
+    let pads: Vec<usize> = prompts.iter().map(|p| max_len - p.len()).collect();
+    let mut flat = Vec::new();
+    for (p, &pad) in prompts.iter().zip(&pads) {
+        flat.extend(std::iter::repeat_n(0u32, pad));
+        flat.extend_from_slice(p);
+    }
+    let x = Tensor::from_vec(flat, (prompts.len(), max_len), &Device::Cpu).unwrap();
+    let last = m
+        .forward_last_padded(&x, 0, &pads, &mut Hooks::new())
+        .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let own = m
+            .forward_last(&ids_tensor(p), 0, &mut Hooks::new())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let d = max_diff(&last.get(i).unwrap(), &own);
+        assert!(d < 1e-3, "prompt {i}: {d}");
+    }
+}

@@ -236,3 +236,94 @@ pub fn generate<M: HookedModel + ?Sized>(
         stopped,
     })
 }
+
+/// Generate from several prompts at once: the prompts are left-padded to a common length
+/// and decoded as one batch (each weight matrix is read once per step for all rows).
+/// Hooks see `[batch, seq, d_model]` with the prompts ending at the same position
+/// (`prompt_len` = the longest prompt). Row `b` samples with seed `params.seed + b`.
+/// `on_token(row, id)` streams each row's new ids; returning `false` stops that row.
+pub fn generate_batch<M: HookedModel + ?Sized>(
+    model: &mut M,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    hooks: &mut Hooks,
+    on_token: &mut dyn FnMut(usize, u32) -> Result<bool>,
+) -> Result<Vec<Generation>> {
+    params.check()?;
+    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::Invalid(
+            "generate_batch needs at least one prompt and no empty prompt".into(),
+        ));
+    }
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    if max_len + params.max_new_tokens > model.max_seq_len() {
+        return Err(Error::Invalid(format!(
+            "longest prompt of {max_len} tokens + {} new tokens exceeds the model's context length of {} tokens",
+            params.max_new_tokens,
+            model.max_seq_len()
+        )));
+    }
+    let b = prompts.len();
+    let pads: Vec<usize> = prompts.iter().map(|p| max_len - p.len()).collect();
+    let mut flat = Vec::with_capacity(b * max_len);
+    for (p, &pad) in prompts.iter().zip(&pads) {
+        // Padding repeats the first token: any valid id works, it is masked out.
+        flat.extend(std::iter::repeat_n(p[0], pad));
+        flat.extend_from_slice(p);
+    }
+    let dev = model.device().clone();
+    let saved = hooks.prompt_len();
+    hooks.set_prompt_len(Some(max_len));
+    let result: Result<Vec<(Vec<u32>, bool)>> = (|| {
+        let mut rngs: Vec<Rng> = (0..b)
+            .map(|i| Rng::new(params.seed.wrapping_add(i as u64)))
+            .collect();
+        let mut history: Vec<Vec<u32>> = prompts.to_vec();
+        let mut out: Vec<(Vec<u32>, bool)> = vec![(Vec::new(), false); b];
+        let mut done = vec![params.max_new_tokens == 0; b];
+        if done.iter().all(|&d| d) {
+            return Ok(out);
+        }
+        let toks = Tensor::from_vec(flat, (b, max_len), &dev)?;
+        let mut logits = model.forward_last_padded(&toks, 0, &pads, hooks)?;
+        let mut pos = max_len;
+        loop {
+            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let mut step = Vec::with_capacity(b);
+            for i in 0..b {
+                if done[i] {
+                    step.push(history[i].last().copied().unwrap_or(0));
+                    continue;
+                }
+                let next = sample(&rows[i], &history[i], params, &mut rngs[i])?;
+                history[i].push(next);
+                out[i].0.push(next);
+                step.push(next);
+                let go_on = on_token(i, next)?;
+                if params.stop_tokens.contains(&next) {
+                    out[i].1 = true;
+                    done[i] = true;
+                } else if !go_on || out[i].0.len() >= params.max_new_tokens {
+                    done[i] = true;
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let t = Tensor::from_vec(step, (b, 1), &dev)?;
+            logits = model.forward_last_padded(&t, pos, &pads, hooks)?;
+            pos += 1;
+        }
+        Ok(out)
+    })();
+    hooks.set_prompt_len(saved);
+    Ok(result?
+        .into_iter()
+        .zip(prompts)
+        .map(|((ids, stopped), p)| Generation {
+            prompt_ids: p.clone(),
+            ids,
+            stopped,
+        })
+        .collect())
+}

@@ -200,17 +200,6 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-fn x_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    // x [n, in] f32, w [out, in] in the weight dtype; accumulate as the weight dtype's gemm does.
-    if w.dtype() == x.dtype() {
-        Ok(x.matmul(&w.t()?)?)
-    } else {
-        Ok(x.to_dtype(w.dtype())?
-            .matmul(&w.t()?)?
-            .to_dtype(DType::F32)?)
-    }
-}
-
 fn gguf_err(path: &Path, e: candle_core::Error) -> Error {
     Error::format("gguf", e.to_string()).in_file(path)
 }
@@ -623,6 +612,7 @@ impl Llama {
         start_pos: usize,
         hooks: &mut Hooks,
         last_only: bool,
+        left_pad: Option<&[usize]>,
     ) -> Result<Tensor> {
         let (b, t) = tokens.dims2().map_err(|_| {
             Error::Invalid(format!(
@@ -690,14 +680,33 @@ impl Llama {
         x = hk(HookPoint::Embed, x)?;
 
         let total = start_pos + t;
-        let mask = if t > 1 {
-            let mut m = vec![0f32; t * total];
-            for i in 0..t {
-                for j in start_pos + i + 1..total {
-                    m[i * total + j] = f32::NEG_INFINITY;
+        if let Some(p) = left_pad {
+            if p.len() != b {
+                return Err(Error::Invalid(format!(
+                    "{} left-padding counts for a batch of {b}",
+                    p.len()
+                )));
+            }
+        }
+        let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
+        // Causal mask, plus (batched prompts) the left padding of each row. A padding query
+        // attends to itself only, so no row of the softmax is empty.
+        let mask = if t > 1 || pads.is_some() {
+            let mb = if pads.is_some() { b } else { 1 };
+            let mut m = vec![0f32; mb * t * total];
+            for bi in 0..mb {
+                let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0);
+                for i in 0..t {
+                    let q = start_pos + i;
+                    let row = &mut m[(bi * t + i) * total..(bi * t + i + 1) * total];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if j > q || (j < pad && j != q) {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
                 }
             }
-            Some(Tensor::from_vec(m, (t, total), &self.device)?)
+            Some(Tensor::from_vec(m, (mb, 1, 1, t, total), &self.device)?)
         } else {
             None
         };
@@ -710,7 +719,7 @@ impl Llama {
             let (attn, kc, vc) = {
                 let layer = &self.layers[li];
                 let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-                let qkv = x_linear(&h.reshape((n, d))?, &layer.wqkv)?;
+                let qkv = super::linear::linear(&h.reshape((n, d))?, &layer.wqkv)?;
                 let q = qkv
                     .narrow(1, 0, c.n_heads * hd)?
                     .reshape((b, t, c.n_heads, hd))?
@@ -751,7 +760,7 @@ impl Llama {
                     .reshape((b, c.n_heads, t, hd))?
                     .transpose(1, 2)?
                     .reshape((n, c.n_heads * hd))?;
-                let o = x_linear(&y, &layer.wo)?.reshape((b, t, d))?;
+                let o = super::linear::linear(&y, &layer.wo)?.reshape((b, t, d))?;
                 (o, k, v)
             };
             self.layers[li].k_cache = Some(kc);
@@ -763,9 +772,9 @@ impl Llama {
             let mlp = {
                 let layer = &self.layers[li];
                 let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
-                let gu = x_linear(&h.reshape((n, d))?, &layer.w_gate_up)?;
+                let gu = super::linear::linear(&h.reshape((n, d))?, &layer.w_gate_up)?;
                 let a = (gu.narrow(1, 0, c.d_ff)?.silu()? * gu.narrow(1, c.d_ff, c.d_ff)?)?;
-                x_linear(&a, &layer.w_down)?.reshape((b, t, d))?
+                super::linear::linear(&a, &layer.w_down)?.reshape((b, t, d))?
             };
             let mlp = hk(HookPoint::MlpOut(li), mlp)?;
             x = (x + mlp)?;
@@ -779,7 +788,7 @@ impl Llama {
         } else {
             (h, t)
         };
-        let logits = x_linear(&h.reshape((b * tt, d))?, &self.lm_head)?;
+        let logits = super::linear::linear(&h.reshape((b * tt, d))?, &self.lm_head)?;
         Ok(logits.reshape((b, tt, c.vocab_size))?)
     }
 }
@@ -871,7 +880,7 @@ fn hf_config(text: &str) -> Result<LlamaConfig> {
 
 impl HookedModel for Llama {
     fn forward(&mut self, tokens: &Tensor, start_pos: usize, hooks: &mut Hooks) -> Result<Tensor> {
-        self.forward_impl(tokens, start_pos, hooks, false)
+        self.forward_impl(tokens, start_pos, hooks, false, None)
     }
     fn forward_last(
         &mut self,
@@ -881,7 +890,18 @@ impl HookedModel for Llama {
     ) -> Result<Tensor> {
         // Skips the LM head on all but the last position.
         Ok(self
-            .forward_impl(tokens, start_pos, hooks, true)?
+            .forward_impl(tokens, start_pos, hooks, true, None)?
+            .squeeze(1)?)
+    }
+    fn forward_last_padded(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        left_pad: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_impl(tokens, start_pos, hooks, true, Some(left_pad))?
             .squeeze(1)?)
     }
     fn d_model(&self) -> usize {

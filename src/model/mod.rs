@@ -8,6 +8,7 @@
 //! * [`generate`]: sampling and generation with hooks live at every step.
 
 pub mod generate;
+mod linear;
 pub mod llama;
 pub mod tokenizer;
 
@@ -16,7 +17,7 @@ use candle_core::{Device, Tensor};
 use crate::hooks::{HookPoint, Hooks};
 use crate::Result;
 
-pub use generate::{generate, Generation, SamplingParams};
+pub use generate::{generate, generate_batch, Generation, SamplingParams};
 pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle};
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
@@ -53,6 +54,24 @@ pub trait HookedModel {
         let l = self.forward(tokens, start_pos, hooks)?;
         let t = l.dim(1)?;
         Ok(l.narrow(1, t.saturating_sub(1), 1)?.squeeze(1)?)
+    }
+    /// [`HookedModel::forward_last`] for a batch of left-padded sequences: row `b`'s first
+    /// `left_pad[b]` positions are padding that no other position attends to. RoPE depends
+    /// only on relative positions, so a left-padded row computes what it would alone.
+    /// The default supports unpadded batches only.
+    fn forward_last_padded(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        left_pad: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        if left_pad.iter().any(|&p| p > 0) {
+            return Err(crate::Error::Invalid(
+                "this model does not support padded batches".into(),
+            ));
+        }
+        self.forward_last(tokens, start_pos, hooks)
     }
     /// Residual stream width.
     fn d_model(&self) -> usize;

@@ -255,6 +255,9 @@ pub struct BenchModelArgs {
     /// Number of decode steps to time.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Also time batched decoding of this many prompts (0 = skip).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Weight dtype: f32 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -368,7 +371,33 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
             "decode_pct_of_bandwidth_limit": 100.0 * decode_tps / limit,
         }));
     }
+    let mut batch_row = serde_json::Value::Null;
+    if a.batch > 0 {
+        let b = a.batch;
+        let x = Tensor::from_vec(
+            ids.iter()
+                .cycle()
+                .take(b * a.prefill_tokens)
+                .copied()
+                .collect::<Vec<u32>>(),
+            (b, a.prefill_tokens),
+            &Device::Cpu,
+        )?;
+        let pads = vec![0usize; b];
+        let mut hooks = Hooks::new();
+        let mut logits = m.forward_last_padded(&x, 0, &pads, &mut hooks)?;
+        let t = std::time::Instant::now();
+        for s in 0..a.decode_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let y = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+            logits = m.forward_last_padded(&y, a.prefill_tokens + s, &pads, &mut hooks)?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        let tps = (b * a.decode_tokens) as f64 / decode.max(1e-9);
+        batch_row = serde_json::json!({"batch": b, "decode_tok_s": tps});
+    }
     let out = serde_json::json!({
+        "batched_decode": batch_row,
         "model": a.model.display().to_string(),
         "weight_dtype": a.dtype,
         "weight_bytes": bytes,
@@ -396,6 +425,13 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
                 a.decode_tokens,
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
                 r["decode_pct_of_bandwidth_limit"].as_f64().unwrap_or(0.0),
+            );
+        }
+        if let Some(tps) = batch_row["decode_tok_s"].as_f64() {
+            println!(
+                "   batched decode ×{}: {tps:.1} tok/s in total ({:.1} per sequence, no hooks)",
+                a.batch,
+                tps / a.batch as f64
             );
         }
     }
