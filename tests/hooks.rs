@@ -405,3 +405,56 @@ fn hook_context_reports_prompt_and_decode() {
     assert_eq!(Positions::Prompt.select(&seen[0]), 0..p.len());
     assert_eq!(Positions::Generated.select(&seen[0]), 0..0);
 }
+
+#[test]
+fn bad_replacements_are_errors() {
+    let mut m = model();
+    let ids = ids_tensor(&prompt());
+    // A replacement of the wrong shape names the hook point.
+    let mut hooks = Hooks::new().with(
+        HookPoint::MlpOut(2),
+        |_: &HookPoint, x: &Tensor, _: &HookContext| Ok(Some(x.narrow(2, 0, 10)?)),
+    );
+    let e = m.forward(&ids, 0, &mut hooks).unwrap_err().to_string();
+    assert!(e.contains("blocks.2.hook_mlp_out"), "{e}");
+    // A hook's own error propagates.
+    let mut hooks = Hooks::new().with(
+        HookPoint::Embed,
+        |_: &HookPoint, _: &Tensor, _: &HookContext| {
+            Err(sae_ablate::Error::Invalid("hook says no".into()))
+        },
+    );
+    let e = m.forward(&ids, 0, &mut hooks).unwrap_err().to_string();
+    assert!(e.contains("hook says no"), "{e}");
+    // An SAE of the wrong width.
+    let dev = Device::Cpu;
+    let small = Sae::new(
+        SaeConfig::new(Architecture::Standard, 8, 4),
+        SaeWeights {
+            w_enc: Tensor::zeros((8, 4), DType::F32, &dev).unwrap(),
+            b_enc: Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            w_dec: Tensor::zeros((4, 8), DType::F32, &dev).unwrap(),
+            b_dec: Tensor::zeros(8, DType::F32, &dev).unwrap(),
+            threshold: None,
+            r_mag: None,
+            b_mag: None,
+            w_skip: None,
+        },
+    )
+    .unwrap();
+    let mut hooks = Hooks::new().with(
+        HookPoint::ResidPost(0),
+        SaeSplice::new(
+            &small,
+            &Edits::new(SpliceMode::ErrorPreserving),
+            Positions::All,
+        )
+        .unwrap(),
+    );
+    let e = m.forward(&ids, 0, &mut hooks).unwrap_err().to_string();
+    assert!(e.contains("d_in = 8") && e.contains("576"), "{e}");
+    // Position selectors parse.
+    assert_eq!("3..7".parse::<Positions>().unwrap(), Positions::Range(3..7));
+    assert!("7..3".parse::<Positions>().is_err());
+    assert!("later".parse::<Positions>().is_err());
+}

@@ -626,3 +626,49 @@ fn batch_generation_matches_single_prompts() {
         assert!(d < 1e-3, "prompt {i}: {d}");
     }
 }
+
+/// `tokenizer.json` loading (the GGUF tokenizer serialized and read back) and the
+/// Llama-3 chat template, against hand-written strings.
+#[test]
+fn tokenizer_json_and_chat_templates() {
+    use sae_ablate::model::{ChatTemplate, Tokenizer};
+    let tok = tokenizer();
+    let dir = std::env::temp_dir().join(format!("sae-ablate-tok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        tok.inner().to_string(false).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 7]}"#,
+    )
+    .unwrap();
+    let hf = Tokenizer::from_hf(&dir).unwrap();
+    let e = Tokenizer::from_hf(dir.join("missing.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.json"), "{e}");
+    std::fs::write(dir.join("bad.json"), "{ not json").unwrap();
+    assert!(Tokenizer::from_hf(dir.join("bad.json")).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        hf.encode("The capital of France is").unwrap(),
+        vec![504, 3575, 282, 4649, 314]
+    );
+    assert_eq!(hf.encode(AUSTEN).unwrap(), tok.encode(AUSTEN).unwrap());
+    assert!(hf.stop_tokens().contains(&7) && hf.stop_tokens().contains(&2));
+    assert_eq!(hf.chat_template(), Some(ChatTemplate::ChatMl));
+
+    assert_eq!(
+        ChatTemplate::ChatMl.render(&[("system", "Be brief."), ("user", "Hi")], true),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        ChatTemplate::Llama3.render(&[("system", "Be brief."), ("user", "Hi")], true),
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+}

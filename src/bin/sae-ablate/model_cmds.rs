@@ -347,8 +347,11 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (name, mut hooks) in configs {
         let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        // Warm-up.
-        m.forward_last(&x.narrow(1, 0, a.prefill_tokens.min(16))?, 0, &mut hooks)?;
+        // Warm-up: one full prefill and a few decode steps (allocator, thread pool, caches).
+        let warm = m.forward_last(&x, 0, &mut hooks)?;
+        let next = warm.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        m.forward_last(&y, a.prefill_tokens, &mut hooks)?;
         let t = std::time::Instant::now();
         let mut logits = m.forward_last(&x, 0, &mut hooks)?;
         let prefill = t.elapsed().as_secs_f64();
