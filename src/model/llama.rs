@@ -927,3 +927,65 @@ impl HookedModel for Llama {
         self.cache_len = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-3.1-8B's `config.json` RoPE settings: the three regimes of the scaling.
+    #[test]
+    fn llama3_rope_scaling_regimes() {
+        let text = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0, "vocab_size": 128256, "max_position_embeddings": 131072,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#;
+        let cfg = hf_config(text).unwrap();
+        assert_eq!(cfg.head_dim, 128);
+        assert_eq!(cfg.n_kv_heads, 8);
+        assert_eq!(cfg.rope_style, RopeStyle::Half);
+        let scaled = cfg.inv_freq();
+        let plain = LlamaConfig {
+            rope_scaling: None,
+            ..cfg.clone()
+        }
+        .inv_freq();
+        assert_eq!(scaled.len(), 64);
+        // Wavelength below 8192/4 = 2048 positions: unchanged (i = 0: f = 1).
+        assert_eq!(scaled[0], 1.0);
+        for i in 0..64 {
+            let wavelen = 2.0 * std::f32::consts::PI / plain[i];
+            if wavelen < 2048.0 {
+                assert_eq!(scaled[i], plain[i], "{i}");
+            } else if wavelen > 8192.0 {
+                assert!((scaled[i] - plain[i] / 8.0).abs() <= 1e-6 * plain[i], "{i}");
+            } else {
+                assert!(scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0, "{i}");
+            }
+        }
+        // In the medium band the scaled frequency interpolates smoothly: it is continuous
+        // at both band edges (ratio → 1 at 2048, → 1/8 at 8192), so it decreases with i.
+        for i in 1..64 {
+            assert!(scaled[i] < scaled[i - 1], "{i}");
+        }
+    }
+
+    #[test]
+    fn hf_config_errors() {
+        let e = hf_config("{").unwrap_err().to_string();
+        assert!(e.contains("json"), "{e}");
+        let e = hf_config(r#"{"model_type": "llama"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+        let e = hf_config(
+            r#"{"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2,
+                "num_hidden_layers": 1, "intermediate_size": 4, "vocab_size": 10,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+}
