@@ -171,8 +171,42 @@ struct Layer {
     w_gate_up: Tensor,
     /// `[d_model, d_ff]`.
     w_down: Tensor,
+    /// Preallocated `[batch, n_kv_heads, capacity, head_dim]` buffers, filled up to the
+    /// model's `cache_len` (no copy of the whole cache per decode step).
     k_cache: Option<Tensor>,
     v_cache: Option<Tensor>,
+}
+
+/// Write `new [b, h, t, hd]` at positions `start..start + t` of the cache buffer (growing
+/// it by doubling, or starting a fresh one at `start = 0`); returns the view of the
+/// filled part `[b, h, start + t, hd]`.
+fn append_kv(
+    buf: &mut Option<Tensor>,
+    new: &Tensor,
+    start: usize,
+    max_len: usize,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = new.dims4()?;
+    let total = start + t;
+    let cap = match buf {
+        Some(x) if start > 0 => x.dim(2)?,
+        _ => 0,
+    };
+    if total > cap {
+        let want = (cap * 2).max(256).max(total).min(max_len.max(total));
+        let fresh = Tensor::zeros((b, h, want, hd), new.dtype(), new.device())?;
+        if let (Some(old), true) = (buf.as_ref(), start > 0) {
+            fresh.slice_set(&old.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+        }
+        *buf = Some(fresh);
+    }
+    match buf {
+        Some(x) => {
+            x.slice_set(&new.contiguous()?, 2, start)?;
+            Ok(x.narrow(2, 0, total)?)
+        }
+        None => Err(Error::Invalid("KV cache buffer missing".into())),
+    }
 }
 
 /// A Llama model with TransformerLens hook points.
@@ -737,12 +771,11 @@ impl Llama {
                     .contiguous()?;
                 let q = self.rope(&q, start_pos, t)?;
                 let k = self.rope(&k, start_pos, t)?;
-                let (k, v) = match (&layer.k_cache, &layer.v_cache) {
-                    (Some(kc), Some(vc)) if start_pos > 0 => {
-                        (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?)
-                    }
-                    _ => (k, v),
-                };
+                let max = c.max_seq_len;
+                let mut kb = layer.k_cache.clone();
+                let mut vb = layer.v_cache.clone();
+                let k = append_kv(&mut kb, &k, start_pos, max)?;
+                let v = append_kv(&mut vb, &v, start_pos, max)?;
                 // Grouped-query attention without repeating K/V: the `rep` query heads
                 // sharing a K/V head are stacked along the row axis.
                 let q = q.reshape((b, c.n_kv_heads, rep * t, hd))?;
@@ -761,10 +794,10 @@ impl Llama {
                     .transpose(1, 2)?
                     .reshape((n, c.n_heads * hd))?;
                 let o = super::linear::linear(&y, &layer.wo)?.reshape((b, t, d))?;
-                (o, k, v)
+                (o, kb, vb)
             };
-            self.layers[li].k_cache = Some(kc);
-            self.layers[li].v_cache = Some(vc);
+            self.layers[li].k_cache = kc;
+            self.layers[li].v_cache = vc;
             let attn = hk(HookPoint::AttnOut(li), attn)?;
             x = (x + attn)?;
             x = hk(HookPoint::ResidMid(li), x)?;
