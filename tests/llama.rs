@@ -252,6 +252,51 @@ fn bad_inputs_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("gpt_neox") && e.contains("config.json"), "{e}");
+    // A Llama config with no weights, a corrupt shard, a shard missing tensors.
+    std::fs::write(
+        hf.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "vocab_size": 10, "max_position_embeddings": 32}"#,
+    )
+    .unwrap();
+    let e = Llama::load(&hf, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("safetensors"), "{e}");
+    let shard = hf.join("model.safetensors");
+    std::fs::write(&shard, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
+    let e = Llama::load(&hf, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let mut ts = std::collections::HashMap::new();
+    ts.insert(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::zeros((10, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
+    ts.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&ts, &shard).unwrap();
+    let e = Llama::load(&hf, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.layers.0.input_layernorm.weight"), "{e}");
+    // A tensor of the wrong shape is named with both shapes.
+    ts.insert(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::zeros((10, 7), DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&ts, &shard).unwrap();
+    let e = Llama::load(&hf, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("[10, 7]"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 
     let mut m = model();

@@ -508,6 +508,7 @@ impl Llama {
             },
         };
         Self::build(cfg, &mut src, &names, opts, dir.display().to_string())
+            .map_err(|e| e.in_file(dir))
     }
 
     fn build(
