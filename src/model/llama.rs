@@ -577,6 +577,11 @@ impl Llama {
         let inv = cfg.inv_freq();
         let half = inv.len();
         let n = cfg.max_seq_len;
+        if n.saturating_mul(half) > 1 << 28 {
+            return Err(Error::Invalid(format!(
+                "context length {n} is too large for the RoPE tables: cap it with LoadOptions::max_seq_len"
+            )));
+        }
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {

@@ -65,6 +65,9 @@ pub struct LogitsArgs {
     /// Print `{"ids": [...]}` (the prompt's token ids) on stdout.
     #[arg(long)]
     json: bool,
+    /// Weight dtype after loading: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[command(flatten)]
     splice: SpliceArgs,
 }
@@ -102,6 +105,9 @@ pub struct GenerateArgs {
     /// Print `{"prompt_ids": [...], "ids": [...], "text": "..."}` instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Weight dtype after loading: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[command(flatten)]
     splice: SpliceArgs,
 }
@@ -178,9 +184,26 @@ fn prompt_ids(tok: &model::Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u3
     Ok(ids)
 }
 
+fn load_opts(dtype: &str) -> Result<LoadOptions> {
+    let dtype = match dtype {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => {
+            return Err(Error::Invalid(format!(
+                "bad --dtype `{other}`: f32, f16 or bf16"
+            )))
+        }
+    };
+    Ok(LoadOptions {
+        dtype,
+        ..Default::default()
+    })
+}
+
 /// `sae-ablate logits`.
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let (mut m, tok) = model::load(&a.model, &LoadOptions::default())?;
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
     let mut hooks = build_hooks(&a.splice, &m)?;
     let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
@@ -194,7 +217,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 /// `sae-ablate generate`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let (mut m, tok) = model::load(&a.model, &LoadOptions::default())?;
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
     let mut hooks = build_hooks(&a.splice, &m)?;
     let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
     let params = SamplingParams {
@@ -305,20 +328,7 @@ fn read_bandwidth_gbs() -> f64 {
 /// `sae-ablate bench-model`: prefill and decode tokens/s without hooks, with a no-op hook at
 /// every hook point, and with the SAE splice when `--sae` is given.
 pub fn bench_model(a: BenchModelArgs) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        other => {
-            return Err(Error::Invalid(format!(
-                "bad --dtype `{other}`: f32, f16 or bf16"
-            )))
-        }
-    };
-    let opts = LoadOptions {
-        dtype,
-        ..Default::default()
-    };
+    let opts = load_opts(&a.dtype)?;
     let (mut m, _tok) = model::load(&a.model, &opts)?;
     if a.prefill_tokens == 0 || a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
         return Err(Error::Invalid(format!(
