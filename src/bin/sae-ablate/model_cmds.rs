@@ -184,7 +184,21 @@ fn prompt_ids(tok: &model::Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u3
     Ok(ids)
 }
 
+/// candle 0.11 looks up its thread count on every CPU matmul and, when
+/// `RAYON_NUM_THREADS` is unset, re-reads `/proc/cpuinfo` each time (~2k reads per
+/// second of decoding). Pin it once, before any thread pool exists.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|x| x.get())
+            .unwrap_or(1);
+        // Called at the start of a subcommand, while the process is single-threaded.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn load_opts(dtype: &str) -> Result<LoadOptions> {
+    pin_thread_count();
     let dtype = match dtype {
         "f32" => candle_core::DType::F32,
         "f16" => candle_core::DType::F16,
