@@ -5,7 +5,7 @@
 //!   every position.
 //! * [`llama`]: the Llama family (SmolLM2, Llama 3.x), from GGUF or HF safetensors.
 //! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
-//! * [`generate`]: sampling and generation with hooks live at every step.
+//! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
 
 pub mod generate;
 mod linear;
