@@ -371,6 +371,17 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     if a.splice.sae.is_some() {
         configs.push(("sae_splice", build_hooks(&a.splice, &m)?));
     }
+    // One untimed pass first: page faults, allocator and thread-pool start-up.
+    {
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let mut none = Hooks::new();
+        let mut logits = m.forward_last(&x, 0, &mut none)?;
+        for s in 0..a.decode_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            logits = m.forward_last(&y, a.prefill_tokens + s, &mut none)?;
+        }
+    }
     let mut rows = Vec::new();
     for (name, mut hooks) in configs {
         let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
