@@ -292,8 +292,8 @@ pub struct BenchModelArgs {
     /// Number of decode steps to time.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
-    /// Runs per configuration; the best is reported.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds over all configurations; the best per configuration is reported.
+    #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Also time batched decoding of this many prompts (0 = skip).
     #[arg(long, default_value_t = 8)]
@@ -382,40 +382,40 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
             logits = m.forward_last(&y, a.prefill_tokens + s, &mut none)?;
         }
     }
-    let mut rows = Vec::new();
-    for (name, mut hooks) in configs {
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        // Warm-up: one full prefill and a few decode steps (allocator, thread pool, caches).
-        let warm = m.forward_last(&x, 0, &mut hooks)?;
-        let next = warm.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-        let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        m.forward_last(&y, a.prefill_tokens, &mut hooks)?;
-        // Best of `--repeat` runs (the machine may be shared).
-        let (mut prefill, mut decode) = (f64::INFINITY, f64::INFINITY);
-        for _ in 0..a.repeat.max(1) {
+    // Configurations are interleaved round by round (best of `--repeat` rounds), so a
+    // burst of load on a shared machine does not land on one configuration only.
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut best = vec![(f64::INFINITY, f64::INFINITY); configs.len()];
+    for _ in 0..a.repeat.max(1) {
+        for (ci, (_, hooks)) in configs.iter_mut().enumerate() {
             let t = std::time::Instant::now();
-            let mut logits = m.forward_last(&x, 0, &mut hooks)?;
-            prefill = prefill.min(t.elapsed().as_secs_f64());
+            let mut logits = m.forward_last(&x, 0, hooks)?;
+            best[ci].0 = best[ci].0.min(t.elapsed().as_secs_f64());
             let t = std::time::Instant::now();
             for s in 0..a.decode_tokens {
                 let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
                 let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-                logits = m.forward_last(&y, a.prefill_tokens + s, &mut hooks)?;
+                logits = m.forward_last(&y, a.prefill_tokens + s, hooks)?;
             }
-            decode = decode.min(t.elapsed().as_secs_f64());
+            best[ci].1 = best[ci].1.min(t.elapsed().as_secs_f64());
         }
-        let prefill_tps = a.prefill_tokens as f64 / prefill;
-        let decode_tps = a.decode_tokens as f64 / decode.max(1e-9);
-        let limit = bw * 1e9 / bytes as f64;
-        rows.push(serde_json::json!({
-            "hooks": name,
-            "prefill_tokens": a.prefill_tokens,
-            "prefill_tok_s": prefill_tps,
-            "decode_tokens": a.decode_tokens,
-            "decode_tok_s": decode_tps,
-            "decode_pct_of_bandwidth_limit": 100.0 * decode_tps / limit,
-        }));
     }
+    let limit = bw * 1e9 / bytes as f64;
+    let rows: Vec<serde_json::Value> = configs
+        .iter()
+        .zip(&best)
+        .map(|((name, _), &(prefill, decode))| {
+            let decode_tps = a.decode_tokens as f64 / decode.max(1e-9);
+            serde_json::json!({
+                "hooks": name,
+                "prefill_tokens": a.prefill_tokens,
+                "prefill_tok_s": a.prefill_tokens as f64 / prefill.max(1e-9),
+                "decode_tokens": a.decode_tokens,
+                "decode_tok_s": decode_tps,
+                "decode_pct_of_bandwidth_limit": 100.0 * decode_tps / limit,
+            })
+        })
+        .collect();
     let mut batch_row = serde_json::Value::Null;
     if a.batch > 0 {
         let b = a.batch;
