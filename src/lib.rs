@@ -6,6 +6,8 @@
 //! * [`sae`]: the [`Sae`] type and loaders for SAELens, sparsify, Goodfire,
 //!   Gemma Scope, Llama Scope and dictionary_learning releases.
 //! * [`edit`]: latent sets, per-latent edits, splice modes, and the reference splice.
+//! * [`hooks`]: TransformerLens hook points, capture, steering and SAE splices.
+//! * [`model`]: hookable Llama models (GGUF, HF safetensors), tokenizers, generation.
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
 //!
 //! ```no_run
@@ -26,8 +28,10 @@ pub mod bench;
 pub mod corpus;
 pub mod edit;
 mod error;
+pub mod hooks;
 pub mod io;
 pub mod kernels;
+pub mod model;
 pub mod sae;
 
 pub use error::{Error, Result};

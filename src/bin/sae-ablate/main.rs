@@ -4,6 +4,7 @@
 //! Exit code 0 on success, 2 on bad input (one line on stderr).
 
 mod bench;
+mod model_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +85,12 @@ enum Cmd {
         #[arg(long, default_value = "error")]
         mode: SpliceMode,
     },
+    /// Run a model on a prompt (optionally with an SAE splice): writes f32 logits [seq, vocab] as .npy.
+    Logits(model_cmds::LogitsArgs),
+    /// Generate text from a prompt, optionally with an SAE splice and latent edits live.
+    Generate(model_cmds::GenerateArgs),
+    /// Measure a model's prefill and decode tokens/s, with and without hooks.
+    BenchModel(model_cmds::BenchModelArgs),
 }
 
 fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
@@ -208,6 +215,9 @@ fn run(cli: Cli) -> Result<()> {
             let y = plan.apply(&x).map_err(|e| e.in_file(&input))?;
             npy::write_npy_f32(&output, &y)
         }
+        Cmd::Logits(a) => model_cmds::logits(a),
+        Cmd::Generate(a) => model_cmds::generate(a),
+        Cmd::BenchModel(a) => model_cmds::bench_model(a),
     }
 }
 

@@ -1,0 +1,484 @@
+//! `logits` and `generate`: run a hookable model, optionally with an SAE spliced in.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use clap::Args;
+use sae_ablate::edit::{Edits, LatentEdit, LatentSet, SpliceMode};
+use sae_ablate::hooks::{HookPoint, Hooks, Positions, SaeSplice};
+use sae_ablate::io::npy;
+use sae_ablate::model::{self, HookedModel, LoadOptions, SamplingParams};
+use sae_ablate::sae::Sae;
+use sae_ablate::{Error, Result};
+
+/// An SAE splice with latent edits (all optional: no `--sae`, no splice).
+#[derive(Args, Debug)]
+pub struct SpliceArgs {
+    /// SAE release directory or weights file to splice into the model.
+    #[arg(long)]
+    sae: Option<PathBuf>,
+    /// Hook point for the SAE, e.g. `blocks.5.hook_resid_post` (default: the SAE's own hook name).
+    #[arg(long)]
+    hook: Option<String>,
+    /// Latents to zero-ablate: `1,2,3`.
+    #[arg(long, value_delimiter = ',')]
+    zero: Vec<u32>,
+    /// A named latent set to zero-ablate (`esr26`: the ESR off-topic detectors).
+    #[arg(long)]
+    zero_preset: Option<String>,
+    /// Clamp latents to values: `ID=V,ID=V`.
+    #[arg(long, value_delimiter = ',')]
+    clamp: Vec<String>,
+    /// Scale latents by factors: `ID=A,ID=A`.
+    #[arg(long, value_delimiter = ',')]
+    scale: Vec<String>,
+    /// Add values to latents: `ID=V,ID=V`.
+    #[arg(long, value_delimiter = ',')]
+    add: Vec<String>,
+    /// Steer by decoder directions, y += C·W_dec[ID]: `ID=C,ID=C`.
+    #[arg(long, value_delimiter = ',')]
+    steer: Vec<String>,
+    /// Splice mode: `error` (x + decode(f') − decode(f)) or `reconstruct` (decode(f')).
+    #[arg(long, default_value = "error")]
+    mode: SpliceMode,
+    /// Positions the splice acts on: `all`, `prompt`, `generated` or an absolute range `A..B`.
+    #[arg(long, default_value = "all")]
+    positions: String,
+}
+
+/// Arguments of `sae-ablate logits`.
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// GGUF file or HF model directory (config.json + *.safetensors + tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (ChatML or Llama-3) as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// Output .npy: f32 logits [seq, vocab] for every prompt position.
+    #[arg(long)]
+    output: PathBuf,
+    /// Print `{"ids": [...]}` (the prompt's token ids) on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Weight dtype after loading: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+/// Arguments of `sae-ablate generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// GGUF file or HF model directory (config.json + *.safetensors + tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template (ChatML or Llama-3) as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "seed"])]
+    greedy: bool,
+    /// Sampling temperature (> 0 samples; 0 is greedy).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling threshold in (0, 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Sampler seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// HF-style repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Print `{"prompt_ids": [...], "ids": [...], "text": "..."}` instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Weight dtype after loading: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
+    let mut hooks = Hooks::new();
+    let Some(path) = &s.sae else {
+        let given = s.hook.is_some()
+            || !s.zero.is_empty()
+            || s.zero_preset.is_some()
+            || !s.clamp.is_empty()
+            || !s.scale.is_empty()
+            || !s.add.is_empty()
+            || !s.steer.is_empty();
+        if given {
+            return Err(Error::Invalid(
+                "--hook and the edit flags need --sae <SAE>".into(),
+            ));
+        }
+        return Ok(hooks);
+    };
+    let sae = Sae::load(path, &Device::Cpu)?;
+    let hook = match (&s.hook, &sae.config().hook_name) {
+        (Some(h), _) => h.clone(),
+        (None, Some(h)) => h.clone(),
+        (None, None) => {
+            return Err(Error::Invalid(format!(
+                "{}: the SAE names no hook point: pass --hook",
+                path.display()
+            )))
+        }
+    };
+    let point: HookPoint = hook.parse()?;
+    point.validate(m.n_layers())?;
+    if sae.d_in() != m.d_model() {
+        return Err(Error::Invalid(format!(
+            "{}: the SAE has d_in = {} but the model's residual width is {}",
+            path.display(),
+            sae.d_in(),
+            m.d_model()
+        )));
+    }
+    let mut edits = Edits::new(s.mode).zero(&s.zero)?;
+    if let Some(name) = &s.zero_preset {
+        edits = edits.zero(LatentSet::preset(name, sae.d_sae())?.ids())?;
+    }
+    for (id, v) in crate::pairs("clamp", &s.clamp)? {
+        edits = edits.with(id, LatentEdit::Clamp(v))?;
+    }
+    for (id, v) in crate::pairs("scale", &s.scale)? {
+        edits = edits.with(id, LatentEdit::Scale(v))?;
+    }
+    for (id, v) in crate::pairs("add", &s.add)? {
+        edits = edits.with(id, LatentEdit::Add(v))?;
+    }
+    for (id, c) in crate::pairs("steer", &s.steer)? {
+        edits = edits.steer(id, c)?;
+    }
+    let positions: Positions = s.positions.parse()?;
+    hooks.add(point, SaeSplice::new(&sae, &edits, positions)?);
+    Ok(hooks)
+}
+
+fn prompt_ids(tok: &model::Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = if chat {
+        tok.chat_prompt(prompt)?
+    } else {
+        prompt.to_string()
+    };
+    let ids = tok.encode(&text)?;
+    if ids.is_empty() {
+        return Err(Error::Invalid("the prompt has no tokens".into()));
+    }
+    Ok(ids)
+}
+
+/// candle 0.11 looks up its thread count on every CPU matmul and, when
+/// `RAYON_NUM_THREADS` is unset, re-reads `/proc/cpuinfo` each time (~2k reads per
+/// second of decoding). Pin it once, before any thread pool exists.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|x| x.get())
+            .unwrap_or(1);
+        // Called at the start of a subcommand, while the process is single-threaded.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
+fn load_opts(dtype: &str) -> Result<LoadOptions> {
+    pin_thread_count();
+    let dtype = match dtype {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        other => {
+            return Err(Error::Invalid(format!(
+                "bad --dtype `{other}`: f32, f16 or bf16"
+            )))
+        }
+    };
+    Ok(LoadOptions {
+        dtype,
+        ..Default::default()
+    })
+}
+
+/// `sae-ablate logits`.
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
+    let mut hooks = build_hooks(&a.splice, &m)?;
+    let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let logits = m.forward(&x, 0, &mut hooks)?.squeeze(0)?;
+    npy::write_npy_f32(&a.output, &logits)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "ids": ids }));
+    }
+    Ok(())
+}
+
+/// `sae-ablate generate`.
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
+    let mut hooks = build_hooks(&a.splice, &m)?;
+    let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: if a.greedy {
+            0.0
+        } else {
+            a.temperature.unwrap_or(0.0)
+        },
+        top_p: a.top_p.unwrap_or(1.0),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed.unwrap_or(42),
+        stop_tokens: tok.stop_tokens().to_vec(),
+    };
+    let mut out = Vec::new();
+    let mut printed = 0usize;
+    let stream = !a.json;
+    let stdout = std::io::stdout();
+    let g = model::generate(&mut m, &ids, &params, &mut hooks, &mut |id| {
+        if stream {
+            out.push(id);
+            // Decode everything so far and print the new suffix (multi-byte safe).
+            let text = tok.decode(&out, true)?;
+            if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}')
+            {
+                let mut lock = stdout.lock();
+                let _ = lock.write_all(&text.as_bytes()[printed..]);
+                let _ = lock.flush();
+                printed = text.len();
+            }
+        }
+        Ok(true)
+    })?;
+    let text = tok.decode(&g.ids, true)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "prompt_ids": g.prompt_ids, "ids": g.ids, "text": text })
+        );
+    } else {
+        if text.len() > printed && text.is_char_boundary(printed) {
+            print!("{}", &text[printed..]);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+/// Arguments of `sae-ablate bench-model`.
+#[derive(Args, Debug)]
+pub struct BenchModelArgs {
+    /// GGUF file or HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    prefill_tokens: usize,
+    /// Number of decode steps to time.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Rounds over all configurations; the best per configuration is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also time batched decoding of this many prompts (0 = skip).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Weight dtype: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    splice: SpliceArgs,
+}
+
+/// Read bandwidth of this machine in GB/s: the best of a few sums over a 512 MiB buffer.
+fn read_bandwidth_gbs() -> f64 {
+    let n: usize = 128 << 20; // f32s = 512 MiB
+    let v: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let threads = std::thread::available_parallelism()
+            .map(|x| x.get())
+            .unwrap_or(1);
+        let chunk = n.div_ceil(threads);
+        let s: f32 = std::thread::scope(|sc| {
+            let hs: Vec<_> = v
+                .chunks(chunk)
+                .map(|c| {
+                    sc.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for b in c.chunks_exact(16) {
+                            for k in 0..16 {
+                                acc[k] += b[k];
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}
+
+/// `sae-ablate bench-model`: prefill and decode tokens/s without hooks, with a no-op hook at
+/// every hook point, and with the SAE splice when `--sae` is given.
+pub fn bench_model(a: BenchModelArgs) -> Result<()> {
+    let opts = load_opts(&a.dtype)?;
+    let (mut m, _tok) = model::load(&a.model, &opts)?;
+    if a.prefill_tokens == 0 || a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
+        return Err(Error::Invalid(format!(
+            "--prefill-tokens must be positive and prefill + decode ≤ the context length {}",
+            m.max_seq_len()
+        )));
+    }
+    let bytes = m.weight_bytes();
+    let bw = read_bandwidth_gbs();
+    let vocab = m.vocab_size() as u32;
+    let ids: Vec<u32> = (0..a.prefill_tokens as u32)
+        .map(|i| (i * 7919 + 13) % vocab)
+        .collect();
+    let mut configs: Vec<(&str, Hooks)> = vec![("none", Hooks::new())];
+    let mut noop = Hooks::new();
+    for p in m.hook_points() {
+        noop.add(
+            p,
+            |_: &HookPoint, _: &Tensor, _: &sae_ablate::hooks::HookContext| Ok(None),
+        );
+    }
+    configs.push(("noop_every_point", noop));
+    if a.splice.sae.is_some() {
+        configs.push(("sae_splice", build_hooks(&a.splice, &m)?));
+    }
+    // One untimed pass first: page faults, allocator and thread-pool start-up.
+    {
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let mut none = Hooks::new();
+        let mut logits = m.forward_last(&x, 0, &mut none)?;
+        for s in 0..a.decode_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            logits = m.forward_last(&y, a.prefill_tokens + s, &mut none)?;
+        }
+    }
+    // Configurations are interleaved round by round (best of `--repeat` rounds), so a
+    // burst of load on a shared machine does not land on one configuration only.
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mut best = vec![(f64::INFINITY, f64::INFINITY); configs.len()];
+    for _ in 0..a.repeat.max(1) {
+        for (ci, (_, hooks)) in configs.iter_mut().enumerate() {
+            let t = std::time::Instant::now();
+            let mut logits = m.forward_last(&x, 0, hooks)?;
+            best[ci].0 = best[ci].0.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for s in 0..a.decode_tokens {
+                let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                let y = Tensor::new(next.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+                logits = m.forward_last(&y, a.prefill_tokens + s, hooks)?;
+            }
+            best[ci].1 = best[ci].1.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let limit = bw * 1e9 / bytes as f64;
+    let rows: Vec<serde_json::Value> = configs
+        .iter()
+        .zip(&best)
+        .map(|((name, _), &(prefill, decode))| {
+            let decode_tps = a.decode_tokens as f64 / decode.max(1e-9);
+            serde_json::json!({
+                "hooks": name,
+                "prefill_tokens": a.prefill_tokens,
+                "prefill_tok_s": a.prefill_tokens as f64 / prefill.max(1e-9),
+                "decode_tokens": a.decode_tokens,
+                "decode_tok_s": decode_tps,
+                "decode_pct_of_bandwidth_limit": 100.0 * decode_tps / limit,
+            })
+        })
+        .collect();
+    let mut batch_row = serde_json::Value::Null;
+    if a.batch > 0 {
+        let b = a.batch;
+        let x = Tensor::from_vec(
+            ids.iter()
+                .cycle()
+                .take(b * a.prefill_tokens)
+                .copied()
+                .collect::<Vec<u32>>(),
+            (b, a.prefill_tokens),
+            &Device::Cpu,
+        )?;
+        let pads = vec![0usize; b];
+        let mut hooks = Hooks::new();
+        let mut logits = m.forward_last_padded(&x, 0, &pads, &mut hooks)?;
+        let t = std::time::Instant::now();
+        for s in 0..a.decode_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+            let y = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+            logits = m.forward_last_padded(&y, a.prefill_tokens + s, &pads, &mut hooks)?;
+        }
+        let decode = t.elapsed().as_secs_f64();
+        let tps = (b * a.decode_tokens) as f64 / decode.max(1e-9);
+        batch_row = serde_json::json!({"batch": b, "decode_tok_s": tps});
+    }
+    let out = serde_json::json!({
+        "batched_decode": batch_row,
+        "model": a.model.display().to_string(),
+        "weight_dtype": a.dtype,
+        "weight_bytes": bytes,
+        "read_bandwidth_gb_s": bw,
+        "decode_bandwidth_limit_tok_s": bw * 1e9 / bytes as f64,
+        "threads": std::thread::available_parallelism().map(|x| x.get()).unwrap_or(1),
+        "runs": rows,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "weights {:.1} MB ({}), read bandwidth {:.1} GB/s → decode limit {:.1} tok/s",
+            bytes as f64 / 1e6,
+            a.dtype,
+            bw,
+            bw * 1e9 / bytes as f64
+        );
+        for r in &rows {
+            println!(
+                "{:>18}: prefill {:>4} tok {:8.1} tok/s | decode {:>4} tok {:7.1} tok/s ({:.0}% of bandwidth limit)",
+                r["hooks"].as_str().unwrap_or(""),
+                a.prefill_tokens,
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                a.decode_tokens,
+                r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_pct_of_bandwidth_limit"].as_f64().unwrap_or(0.0),
+            );
+        }
+        if let Some(tps) = batch_row["decode_tok_s"].as_f64() {
+            println!(
+                "   batched decode ×{}: {tps:.1} tok/s in total ({:.1} per sequence, no hooks)",
+                a.batch,
+                tps / a.batch as f64
+            );
+        }
+    }
+    Ok(())
+}

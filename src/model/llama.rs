@@ -1,0 +1,1030 @@
+//! The Llama family (SmolLM2, Llama 2/3.x, …): RMSNorm, RoPE, grouped-query
+//! attention, SwiGLU MLP, tied or untied LM head, causal mask, KV cache; loaded
+//! from GGUF (weights dequantized at load) or an HF directory (`config.json` +
+//! memory-mapped `*.safetensors`).
+//!
+//! RoPE: GGUF files store Q/K weights permuted for the interleaved convention
+//! (pairs `x[2i], x[2i+1]`, llama.cpp's `rope_norm`); HF safetensors keep the
+//! rotate-half convention (pairs `x[i], x[i + d/2]`). The loader picks the right
+//! one; [`LoadOptions::rope_style`] overrides it (only useful to show that the
+//! other one is wrong).
+//!
+//! Matmuls go through candle's `gemm` with fused QKV and gate/up projections; the
+//! attention handles grouped-query heads without copying K/V per query head.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+
+use super::HookedModel;
+use crate::hooks::{HookContext, HookPoint, Hooks, Phase};
+use crate::io::TensorFile;
+use crate::{Error, Result};
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(x[2i], x[2i+1])`: GGUF's permuted Q/K weights (llama.cpp `rope_norm`).
+    Interleaved,
+    /// Pairs `(x[i], x[i + d/2])`: HF transformers' `rotate_half`.
+    Half,
+}
+
+/// Llama-3 RoPE frequency scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    /// `factor`.
+    pub factor: f32,
+    /// `low_freq_factor`.
+    pub low_freq_factor: f32,
+    /// `high_freq_factor`.
+    pub high_freq_factor: f32,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: usize,
+}
+
+/// Hyper-parameters of a Llama model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Residual width (`hidden_size`).
+    pub d_model: usize,
+    /// Number of decoder layers.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// MLP hidden width (`intermediate_size`).
+    pub d_ff: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// Llama-3 RoPE scaling, if any.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Context length.
+    pub max_seq_len: usize,
+    /// RoPE pairing convention.
+    pub rope_style: RopeStyle,
+}
+
+impl LlamaConfig {
+    fn check(&self) -> Result<()> {
+        let c = self;
+        if c.d_model == 0
+            || c.n_layers == 0
+            || c.n_heads == 0
+            || c.n_kv_heads == 0
+            || c.head_dim == 0
+            || c.d_ff == 0
+            || c.vocab_size == 0
+            || c.max_seq_len == 0
+        {
+            return Err(Error::Invalid(format!(
+                "invalid Llama config: every size must be positive: {c:?}"
+            )));
+        }
+        if c.n_heads % c.n_kv_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "invalid Llama config: {} query heads are not a multiple of {} key/value heads",
+                c.n_heads, c.n_kv_heads
+            )));
+        }
+        if c.head_dim % 2 != 0 {
+            return Err(Error::Invalid(format!(
+                "invalid Llama config: head_dim = {} must be even for RoPE",
+                c.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// RoPE inverse frequencies, with Llama-3 scaling applied.
+    fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d)
+            .step_by(2)
+            .map(|i| 1f32 / self.rope_theta.powf(i as f32 / d as f32))
+            .collect();
+        let Some(s) = self.rope_scaling else {
+            return base;
+        };
+        let old = s.original_max_position_embeddings as f32;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / s.factor
+                } else {
+                    let smooth = (old / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * f / s.factor + smooth * f
+                }
+            })
+            .collect()
+    }
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype the weight matrices are kept in (`F32`, `F16` or `BF16`); norms stay f32
+    /// and every activation is f32. Default `F32` (candle's CPU bf16 matmul widens per call).
+    pub dtype: DType,
+    /// Override the RoPE convention (default: interleaved for GGUF, rotate-half for HF).
+    pub rope_style: Option<RopeStyle>,
+    /// Cap the context length (saves the RoPE tables of 128k-context models).
+    pub max_seq_len: Option<usize>,
+    /// Device.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            rope_style: None,
+            max_seq_len: None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    /// `[(n_heads + 2 n_kv_heads) · head_dim, d_model]`: q, k, v stacked.
+    wqkv: Tensor,
+    /// `[d_model, n_heads · head_dim]`.
+    wo: Tensor,
+    ffn_norm: Tensor,
+    /// `[2 d_ff, d_model]`: gate, up stacked.
+    w_gate_up: Tensor,
+    /// `[d_model, d_ff]`.
+    w_down: Tensor,
+    /// Preallocated `[batch, n_kv_heads, capacity, head_dim]` buffers, filled up to the
+    /// model's `cache_len` (no copy of the whole cache per decode step).
+    k_cache: Option<Tensor>,
+    v_cache: Option<Tensor>,
+}
+
+/// Write `new [b, h, t, hd]` at positions `start..start + t` of the cache buffer (growing
+/// it by doubling, or starting a fresh one at `start = 0`); returns the view of the
+/// filled part `[b, h, start + t, hd]`.
+fn append_kv(
+    buf: &mut Option<Tensor>,
+    new: &Tensor,
+    start: usize,
+    max_len: usize,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = new.dims4()?;
+    let total = start + t;
+    let cap = match buf {
+        Some(x) if start > 0 => x.dim(2)?,
+        _ => 0,
+    };
+    if total > cap {
+        let want = (cap * 2).max(256).max(total).min(max_len.max(total));
+        let fresh = Tensor::zeros((b, h, want, hd), new.dtype(), new.device())?;
+        if let (Some(old), true) = (buf.as_ref(), start > 0) {
+            fresh.slice_set(&old.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+        }
+        *buf = Some(fresh);
+    }
+    match buf {
+        Some(x) => {
+            x.slice_set(&new.contiguous()?, 2, start)?;
+            Ok(x.narrow(2, 0, total)?)
+        }
+        None => Err(Error::Invalid("KV cache buffer missing".into())),
+    }
+}
+
+/// A Llama model with TransformerLens hook points.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cache_len: usize,
+    device: Device,
+    /// Where the model came from (for messages).
+    source: String,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("source", &self.source)
+            .field("config", &self.cfg)
+            .field("dtype", &self.embed.dtype())
+            .finish()
+    }
+}
+
+fn gguf_err(path: &Path, e: candle_core::Error) -> Error {
+    Error::format("gguf", e.to_string()).in_file(path)
+}
+
+fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| Error::format("gguf", format!("missing metadata key `{key}`")))
+}
+
+fn md_usize(ct: &gguf_file::Content, key: &str) -> Result<usize> {
+    let v = md(ct, key)?;
+    let n = match v {
+        gguf_file::Value::U64(n) => *n,
+        gguf_file::Value::I64(n) if *n >= 0 => *n as u64,
+        v => v
+            .to_u32()
+            .map(u64::from)
+            .or_else(|_| v.to_i32().map(|n| n.max(0) as u64))
+            .map_err(|_| {
+                Error::format("gguf", format!("metadata `{key}` is not an integer: {v:?}"))
+            })?,
+    };
+    usize::try_from(n)
+        .map_err(|_| Error::format("gguf", format!("metadata `{key}` = {n} too large")))
+}
+
+fn md_f32(ct: &gguf_file::Content, key: &str) -> Result<Option<f32>> {
+    match ct.metadata.get(key) {
+        None => Ok(None),
+        Some(v) => match v {
+            gguf_file::Value::F32(x) => Ok(Some(*x)),
+            gguf_file::Value::F64(x) => Ok(Some(*x as f32)),
+            v => Err(Error::format(
+                "gguf",
+                format!("metadata `{key}` is not a float: {v:?}"),
+            )),
+        },
+    }
+}
+
+fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(Error::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: t.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Source of named weight tensors (GGUF or safetensors), already in candle order `[out, in]`.
+trait WeightSource {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
+    fn need(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
+        self.get(name, dtype)?.ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+}
+
+struct GgufSource<'a> {
+    ct: &'a gguf_file::Content,
+    file: std::io::BufReader<std::fs::File>,
+    path: PathBuf,
+    device: Device,
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        if !self.ct.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = self
+            .ct
+            .tensor(&mut self.file, name, &self.device)
+            .map_err(|e| gguf_err(&self.path, e))?;
+        let t = match dtype {
+            DType::F16 => q.dequantize_f16(&self.device),
+            _ => q.dequantize(&self.device),
+        }
+        .map_err(|e| gguf_err(&self.path, e))?;
+        Ok(Some(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        }))
+    }
+}
+
+struct StSource {
+    files: Vec<TensorFile>,
+    index: HashMap<String, usize>,
+    device: Device,
+}
+
+impl WeightSource for StSource {
+    fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let f = &self.files[i];
+        let t = f
+            .load(name, &self.device)
+            .map_err(|e| e.in_file(f.path()))?;
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => {}
+            other => {
+                return Err(Error::Dtype {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                }
+                .in_file(f.path()))
+            }
+        }
+        Ok(Some(if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        }))
+    }
+}
+
+impl Llama {
+    /// Load from a GGUF file or an HF directory (`config.json` + `*.safetensors`).
+    pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        if path.is_dir() {
+            Self::from_hf_dir(path, opts)
+        } else {
+            Self::from_gguf(path, opts)
+        }
+    }
+
+    /// Load a Llama GGUF (v2/v3; any quantization candle reads), dequantizing the
+    /// weights to `opts.dtype` (f32 or f16).
+    pub fn from_gguf(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let ct = gguf_file::Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
+        let wrap = |e: Error| e.in_file(path);
+        let arch = md(&ct, "general.architecture")
+            .and_then(|v| {
+                v.to_string()
+                    .map(|s| s.to_string())
+                    .map_err(|e| Error::format("gguf", e.to_string()))
+            })
+            .map_err(wrap)?;
+        if arch != "llama" {
+            return Err(Error::Invalid(format!(
+                "unsupported model architecture `{arch}` (supported: llama)"
+            ))
+            .in_file(path));
+        }
+        let g = |k: &str| md_usize(&ct, &format!("llama.{k}")).map_err(wrap);
+        let d_model = g("embedding_length")?;
+        let n_heads = g("attention.head_count")?;
+        let n_kv_heads = g("attention.head_count_kv")?;
+        let head_dim = match md_usize(&ct, "llama.attention.key_length") {
+            Ok(k) => k,
+            Err(_) => d_model / n_heads.max(1),
+        };
+        let vocab_size = match md_usize(&ct, "llama.vocab_size") {
+            Ok(v) => v,
+            Err(_) => ct
+                .tensor_infos
+                .get("token_embd.weight")
+                .and_then(|t| t.shape.dims().first().copied())
+                .ok_or_else(|| Error::MissingTensor {
+                    name: "token_embd.weight".into(),
+                })
+                .map_err(wrap)?,
+        };
+        let cfg = LlamaConfig {
+            d_model,
+            n_layers: g("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            d_ff: g("feed_forward_length")?,
+            vocab_size,
+            rms_eps: md_f32(&ct, "llama.attention.layer_norm_rms_epsilon")
+                .map_err(wrap)?
+                .unwrap_or(1e-5) as f64,
+            rope_theta: md_f32(&ct, "llama.rope.freq_base")
+                .map_err(wrap)?
+                .unwrap_or(10000.0),
+            rope_scaling: None,
+            max_seq_len: g("context_length")?,
+            rope_style: RopeStyle::Interleaved,
+        };
+        let mut src = GgufSource {
+            ct: &ct,
+            file: reader,
+            path: path.to_path_buf(),
+            device: opts.device.clone(),
+        };
+        let names = Names {
+            embed: "token_embd.weight".into(),
+            norm: "output_norm.weight".into(),
+            lm_head: "output.weight".into(),
+            layer: |i, w| {
+                let n = match w {
+                    "attn_norm" => "attn_norm",
+                    "q" => "attn_q",
+                    "k" => "attn_k",
+                    "v" => "attn_v",
+                    "o" => "attn_output",
+                    "ffn_norm" => "ffn_norm",
+                    "gate" => "ffn_gate",
+                    "up" => "ffn_up",
+                    _ => "ffn_down",
+                };
+                format!("blk.{i}.{n}.weight")
+            },
+        };
+        Self::build(cfg, &mut src, &names, opts, path.display().to_string()).map_err(wrap)
+    }
+
+    /// Load an HF Llama checkpoint directory: `config.json` and one or more
+    /// `*.safetensors` files (memory-mapped; f32, f16 or bf16).
+    pub fn from_hf_dir(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg = hf_config(&text).map_err(|e| e.in_file(&cfg_path))?;
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        paths.sort();
+        if paths.is_empty() {
+            return Err(Error::UnknownFormat {
+                path: dir.display().to_string(),
+                why: "no *.safetensors file next to config.json".into(),
+            });
+        }
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let f = TensorFile::open(p)?;
+            for n in f.names() {
+                index.insert(n.to_string(), i);
+            }
+            files.push(f);
+        }
+        let mut src = StSource {
+            files,
+            index,
+            device: opts.device.clone(),
+        };
+        let names = Names {
+            embed: "model.embed_tokens.weight".into(),
+            norm: "model.norm.weight".into(),
+            lm_head: "lm_head.weight".into(),
+            layer: |i, w| {
+                let n = match w {
+                    "attn_norm" => "input_layernorm",
+                    "q" => "self_attn.q_proj",
+                    "k" => "self_attn.k_proj",
+                    "v" => "self_attn.v_proj",
+                    "o" => "self_attn.o_proj",
+                    "ffn_norm" => "post_attention_layernorm",
+                    "gate" => "mlp.gate_proj",
+                    "up" => "mlp.up_proj",
+                    _ => "mlp.down_proj",
+                };
+                format!("model.layers.{i}.{n}.weight")
+            },
+        };
+        Self::build(cfg, &mut src, &names, opts, dir.display().to_string())
+            .map_err(|e| e.in_file(dir))
+    }
+
+    fn build(
+        mut cfg: LlamaConfig,
+        src: &mut dyn WeightSource,
+        names: &Names,
+        opts: &LoadOptions,
+        source: String,
+    ) -> Result<Self> {
+        if let Some(s) = opts.rope_style {
+            cfg.rope_style = s;
+        }
+        if let Some(m) = opts.max_seq_len {
+            cfg.max_seq_len = cfg.max_seq_len.min(m.max(1));
+        }
+        cfg.check()?;
+        let dt = match opts.dtype {
+            DType::F32 | DType::F16 | DType::BF16 => opts.dtype,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "weight dtype {other:?} not supported (use f32, f16 or bf16)"
+                )))
+            }
+        };
+        let c = &cfg;
+        let (d, hd) = (c.d_model, c.head_dim);
+        let embed = src.need(&names.embed, dt)?;
+        check_shape(&names.embed, &embed, &[c.vocab_size, d])?;
+        let norm = src.need(&names.norm, DType::F32)?;
+        check_shape(&names.norm, &norm, &[d])?;
+        let lm_head = match src.get(&names.lm_head, dt)? {
+            Some(t) => {
+                check_shape(&names.lm_head, &t, &[c.vocab_size, d])?;
+                t
+            }
+            None => embed.clone(),
+        };
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let mut w = |k: &str, shape: &[usize], dtype: DType| -> Result<Tensor> {
+                let name = (names.layer)(i, k);
+                let t = src.need(&name, dtype)?;
+                check_shape(&name, &t, shape)?;
+                Ok(t)
+            };
+            let attn_norm = w("attn_norm", &[d], DType::F32)?;
+            let q = w("q", &[c.n_heads * hd, d], dt)?;
+            let k = w("k", &[c.n_kv_heads * hd, d], dt)?;
+            let v = w("v", &[c.n_kv_heads * hd, d], dt)?;
+            let wo = w("o", &[d, c.n_heads * hd], dt)?;
+            let ffn_norm = w("ffn_norm", &[d], DType::F32)?;
+            let gate = w("gate", &[c.d_ff, d], dt)?;
+            let up = w("up", &[c.d_ff, d], dt)?;
+            let w_down = w("down", &[d, c.d_ff], dt)?;
+            layers.push(Layer {
+                attn_norm,
+                wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
+                wo,
+                ffn_norm,
+                w_gate_up: Tensor::cat(&[&gate, &up], 0)?,
+                w_down,
+                k_cache: None,
+                v_cache: None,
+            });
+        }
+        let inv = cfg.inv_freq();
+        let half = inv.len();
+        let n = cfg.max_seq_len;
+        if n.saturating_mul(half) > 1 << 28 {
+            return Err(Error::Invalid(format!(
+                "context length {n} is too large for the RoPE tables: cap it with LoadOptions::max_seq_len"
+            )));
+        }
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let device = opts.device.clone();
+        Ok(Llama {
+            cos: Tensor::from_vec(cos, (n, half), &device)?,
+            sin: Tensor::from_vec(sin, (n, half), &device)?,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cache_len: 0,
+            device,
+            source,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// The dtype of the weight matrices.
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    /// Bytes of weights read per decode step (every matrix and norm once).
+    pub fn weight_bytes(&self) -> usize {
+        let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = b(&self.norm) + b(&self.lm_head);
+        for l in &self.layers {
+            n += b(&l.attn_norm)
+                + b(&l.wqkv)
+                + b(&l.wo)
+                + b(&l.ffn_norm)
+                + b(&l.w_gate_up)
+                + b(&l.w_down);
+        }
+        // One embedding row per token; the tied head is counted once.
+        n + self.cfg.d_model * self.embed.dtype().size_in_bytes()
+    }
+
+    /// Number of positions in the KV cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache_len
+    }
+
+    fn rope(&self, x: &Tensor, start: usize, t: usize) -> Result<Tensor> {
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        Ok(match self.cfg.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, &cos, &sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(x, &cos, &sin)?,
+        })
+    }
+
+    fn forward_impl(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        hooks: &mut Hooks,
+        last_only: bool,
+        left_pad: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let (b, t) = tokens.dims2().map_err(|_| {
+            Error::Invalid(format!(
+                "tokens must have shape [batch, seq], got {:?}",
+                tokens.dims()
+            ))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(Error::Invalid(format!(
+                "empty token batch of shape {:?}",
+                tokens.dims()
+            )));
+        }
+        let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
+        let max_id = ids.to_vec1::<u32>()?.into_iter().max().unwrap_or(0);
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(Error::Invalid(format!(
+                "token id {max_id} out of range: the vocabulary has {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        if start_pos == 0 {
+            self.reset();
+        } else if start_pos != self.cache_len {
+            return Err(Error::Invalid(format!(
+                "start_pos = {start_pos} but the KV cache holds {} positions",
+                self.cache_len
+            )));
+        }
+        if start_pos + t > self.cfg.max_seq_len {
+            return Err(Error::Invalid(format!(
+                "sequence of {} tokens exceeds the model's context length of {} tokens",
+                start_pos + t,
+                self.cfg.max_seq_len
+            )));
+        }
+        hooks.validate(self.cfg.n_layers)?;
+        let prompt_len = hooks.prompt_len();
+        let ctx = HookContext {
+            start_pos,
+            seq_len: t,
+            prompt_len,
+            phase: match prompt_len {
+                Some(p) if start_pos >= p && start_pos > 0 => Phase::Decode,
+                _ => Phase::Prefill,
+            },
+        };
+        let hooked = !hooks.is_empty();
+        let mut hk = |p: HookPoint, x: Tensor| -> Result<Tensor> {
+            if hooked && hooks.has(&p) {
+                hooks.run(p, x, &ctx)
+            } else {
+                Ok(x)
+            }
+        };
+        let c = self.cfg.clone();
+        let (d, hd) = (c.d_model, c.head_dim);
+        let n = b * t;
+
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((b, t, d))?;
+        x = hk(HookPoint::Embed, x)?;
+
+        let total = start_pos + t;
+        if let Some(p) = left_pad {
+            if p.len() != b {
+                return Err(Error::Invalid(format!(
+                    "{} left-padding counts for a batch of {b}",
+                    p.len()
+                )));
+            }
+        }
+        let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
+        // Causal mask, plus (batched prompts) the left padding of each row. A padding query
+        // attends to itself only, so no row of the softmax is empty.
+        let mask = if t > 1 || pads.is_some() {
+            let mb = if pads.is_some() { b } else { 1 };
+            let mut m = vec![0f32; mb * t * total];
+            for bi in 0..mb {
+                let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0);
+                for i in 0..t {
+                    let q = start_pos + i;
+                    let row = &mut m[(bi * t + i) * total..(bi * t + i + 1) * total];
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if j > q || (j < pad && j != q) {
+                            *v = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+            Some(Tensor::from_vec(m, (mb, 1, 1, t, total), &self.device)?)
+        } else {
+            None
+        };
+        let rep = c.n_heads / c.n_kv_heads;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        for li in 0..c.n_layers {
+            x = hk(HookPoint::ResidPre(li), x)?;
+            // Attention.
+            let (attn, kc, vc) = {
+                let layer = &self.layers[li];
+                let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+                let qkv = super::linear::linear(&h.reshape((n, d))?, &layer.wqkv)?;
+                let q = qkv
+                    .narrow(1, 0, c.n_heads * hd)?
+                    .reshape((b, t, c.n_heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let k = qkv
+                    .narrow(1, c.n_heads * hd, c.n_kv_heads * hd)?
+                    .reshape((b, t, c.n_kv_heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let v = qkv
+                    .narrow(1, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?
+                    .reshape((b, t, c.n_kv_heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let q = self.rope(&q, start_pos, t)?;
+                let k = self.rope(&k, start_pos, t)?;
+                let max = c.max_seq_len;
+                let mut kb = layer.k_cache.clone();
+                let mut vb = layer.v_cache.clone();
+                let k = append_kv(&mut kb, &k, start_pos, max)?;
+                let v = append_kv(&mut vb, &v, start_pos, max)?;
+                // Grouped-query attention without repeating K/V: the `rep` query heads
+                // sharing a K/V head are stacked along the row axis.
+                let q = q.reshape((b, c.n_kv_heads, rep * t, hd))?;
+                let att = (q.matmul(&k.t()?)? * scale)?;
+                let att = match &mask {
+                    None => att,
+                    Some(m) => att
+                        .reshape((b, c.n_kv_heads, rep, t, total))?
+                        .broadcast_add(m)?
+                        .reshape((b, c.n_kv_heads, rep * t, total))?,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                let y = att
+                    .matmul(&v)?
+                    .reshape((b, c.n_heads, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((n, c.n_heads * hd))?;
+                let o = super::linear::linear(&y, &layer.wo)?.reshape((b, t, d))?;
+                (o, kb, vb)
+            };
+            self.layers[li].k_cache = kc;
+            self.layers[li].v_cache = vc;
+            let attn = hk(HookPoint::AttnOut(li), attn)?;
+            x = (x + attn)?;
+            x = hk(HookPoint::ResidMid(li), x)?;
+            // MLP.
+            let mlp = {
+                let layer = &self.layers[li];
+                let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps as f32)?;
+                let gu = super::linear::linear(&h.reshape((n, d))?, &layer.w_gate_up)?;
+                let a = (gu.narrow(1, 0, c.d_ff)?.silu()? * gu.narrow(1, c.d_ff, c.d_ff)?)?;
+                super::linear::linear(&a, &layer.w_down)?.reshape((b, t, d))?
+            };
+            let mlp = hk(HookPoint::MlpOut(li), mlp)?;
+            x = (x + mlp)?;
+            x = hk(HookPoint::ResidPost(li), x)?;
+        }
+        self.cache_len = total;
+        let h = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        let h = hk(HookPoint::LnFinal, h)?;
+        let (h, tt) = if last_only {
+            (h.narrow(1, t - 1, 1)?, 1)
+        } else {
+            (h, t)
+        };
+        let logits = super::linear::linear(&h.reshape((b * tt, d))?, &self.lm_head)?;
+        Ok(logits.reshape((b, tt, c.vocab_size))?)
+    }
+}
+
+struct Names {
+    embed: String,
+    norm: String,
+    lm_head: String,
+    layer: fn(usize, &str) -> String,
+}
+
+fn hf_config(text: &str) -> Result<LlamaConfig> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::format("json", e.to_string()))?;
+    let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
+    let archs: Vec<&str> = v
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if model_type != "llama" && !archs.contains(&"LlamaForCausalLM") {
+        return Err(Error::Invalid(format!(
+            "unsupported model architecture `{}` (supported: llama)",
+            if model_type.is_empty() {
+                archs.first().copied().unwrap_or("?")
+            } else {
+                model_type
+            }
+        )));
+    }
+    let u = |k: &str| -> Result<usize> {
+        v.get(k)
+            .and_then(|x| x.as_u64())
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| Error::Config(format!("config.json: missing integer `{k}`")))
+    };
+    let f = |k: &str, default: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(default);
+    let d_model = u("hidden_size")?;
+    let n_heads = u("num_attention_heads")?;
+    let n_kv_heads = u("num_key_value_heads").unwrap_or(n_heads);
+    let head_dim = u("head_dim").unwrap_or(d_model / n_heads.max(1));
+    let rope_scaling = match v.get("rope_scaling") {
+        Some(s) if s.is_object() => {
+            let ty = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|x| x.as_str())
+                .unwrap_or("");
+            match ty {
+                "llama3" => {
+                    let g = |k: &str| {
+                        s.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
+                            Error::Config(format!("config.json: rope_scaling lacks `{k}`"))
+                        })
+                    };
+                    Some(Llama3RopeScaling {
+                        factor: g("factor")? as f32,
+                        low_freq_factor: g("low_freq_factor")? as f32,
+                        high_freq_factor: g("high_freq_factor")? as f32,
+                        original_max_position_embeddings: g("original_max_position_embeddings")?
+                            as usize,
+                    })
+                }
+                "default" | "" => None,
+                other => {
+                    return Err(Error::Config(format!(
+                    "config.json: rope_scaling type `{other}` is not supported (supported: llama3)"
+                )))
+                }
+            }
+        }
+        _ => None,
+    };
+    Ok(LlamaConfig {
+        d_model,
+        n_layers: u("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        d_ff: u("intermediate_size")?,
+        vocab_size: u("vocab_size")?,
+        rms_eps: f("rms_norm_eps", 1e-6),
+        rope_theta: f("rope_theta", 10000.0) as f32,
+        rope_scaling,
+        max_seq_len: u("max_position_embeddings").unwrap_or(4096),
+        rope_style: RopeStyle::Half,
+    })
+}
+
+impl HookedModel for Llama {
+    fn forward(&mut self, tokens: &Tensor, start_pos: usize, hooks: &mut Hooks) -> Result<Tensor> {
+        self.forward_impl(tokens, start_pos, hooks, false, None)
+    }
+    fn forward_last(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        // Skips the LM head on all but the last position.
+        Ok(self
+            .forward_impl(tokens, start_pos, hooks, true, None)?
+            .squeeze(1)?)
+    }
+    fn forward_last_padded(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        left_pad: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_impl(tokens, start_pos, hooks, true, Some(left_pad))?
+            .squeeze(1)?)
+    }
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn n_layers(&self) -> usize {
+        self.cfg.n_layers
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn max_seq_len(&self) -> usize {
+        self.cfg.max_seq_len
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn reset(&mut self) {
+        for l in &mut self.layers {
+            l.k_cache = None;
+            l.v_cache = None;
+        }
+        self.cache_len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-3.1-8B's `config.json` RoPE settings: the three regimes of the scaling.
+    #[test]
+    fn llama3_rope_scaling_regimes() {
+        let text = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+            "rope_theta": 500000.0, "vocab_size": 128256, "max_position_embeddings": 131072,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#;
+        let cfg = hf_config(text).unwrap();
+        assert_eq!(cfg.head_dim, 128);
+        assert_eq!(cfg.n_kv_heads, 8);
+        assert_eq!(cfg.rope_style, RopeStyle::Half);
+        let scaled = cfg.inv_freq();
+        let plain = LlamaConfig {
+            rope_scaling: None,
+            ..cfg.clone()
+        }
+        .inv_freq();
+        assert_eq!(scaled.len(), 64);
+        // Wavelength below 8192/4 = 2048 positions: unchanged (i = 0: f = 1).
+        assert_eq!(scaled[0], 1.0);
+        for i in 0..64 {
+            let wavelen = 2.0 * std::f32::consts::PI / plain[i];
+            if wavelen < 2048.0 {
+                assert_eq!(scaled[i], plain[i], "{i}");
+            } else if wavelen > 8192.0 {
+                assert!((scaled[i] - plain[i] / 8.0).abs() <= 1e-6 * plain[i], "{i}");
+            } else {
+                assert!(scaled[i] < plain[i] && scaled[i] > plain[i] / 8.0, "{i}");
+            }
+        }
+        // In the medium band the scaled frequency interpolates smoothly: it is continuous
+        // at both band edges (ratio → 1 at 2048, → 1/8 at 8192), so it decreases with i.
+        for i in 1..64 {
+            assert!(scaled[i] < scaled[i - 1], "{i}");
+        }
+    }
+
+    #[test]
+    fn hf_config_errors() {
+        let e = hf_config("{").unwrap_err().to_string();
+        assert!(e.contains("json"), "{e}");
+        let e = hf_config(r#"{"model_type": "llama"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+        let e = hf_config(
+            r#"{"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2,
+                "num_hidden_layers": 1, "intermediate_size": 4, "vocab_size": 10,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+}

@@ -1,0 +1,92 @@
+//! Hookable transformer language models.
+//!
+//! * [`HookedModel`]: the interface every architecture implements: a forward pass
+//!   that calls [`Hooks`] at TransformerLens hook points and returns logits for
+//!   every position.
+//! * [`llama`]: the Llama family (SmolLM2, Llama 3.x), from GGUF or HF safetensors.
+//! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
+//! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
+
+pub mod generate;
+mod linear;
+pub mod llama;
+pub mod tokenizer;
+
+use candle_core::{Device, Tensor};
+
+use crate::hooks::{HookPoint, Hooks};
+use crate::Result;
+
+pub use generate::{generate, generate_batch, Generation, SamplingParams};
+pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle};
+pub use tokenizer::{ChatTemplate, Tokenizer};
+
+/// Load a model and its tokenizer: a GGUF file (tokenizer from its metadata) or an HF
+/// directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+pub fn load(path: impl AsRef<std::path::Path>, opts: &LoadOptions) -> Result<(Llama, Tokenizer)> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        Ok((Llama::from_hf_dir(path, opts)?, Tokenizer::from_hf(path)?))
+    } else {
+        Ok((
+            Llama::from_gguf(path, opts)?,
+            Tokenizer::from_gguf_file(path)?,
+        ))
+    }
+}
+
+/// A transformer LM whose forward pass can be hooked.
+pub trait HookedModel {
+    /// Run `tokens [batch, seq]` (u32) at absolute positions `start_pos..start_pos + seq`,
+    /// calling `hooks` at every hook point; returns f32 logits `[batch, seq, vocab]`.
+    ///
+    /// `start_pos = 0` starts a new sequence (clears the KV cache); otherwise
+    /// `start_pos` must equal the number of positions already cached.
+    fn forward(&mut self, tokens: &Tensor, start_pos: usize, hooks: &mut Hooks) -> Result<Tensor>;
+    /// Like [`HookedModel::forward`] but returns logits `[batch, vocab]` for the last
+    /// position only (what generation needs).
+    fn forward_last(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let l = self.forward(tokens, start_pos, hooks)?;
+        let t = l.dim(1)?;
+        Ok(l.narrow(1, t.saturating_sub(1), 1)?.squeeze(1)?)
+    }
+    /// [`HookedModel::forward_last`] for a batch of left-padded sequences: row `b`'s first
+    /// `left_pad[b]` positions are padding that no other position attends to. RoPE depends
+    /// only on relative positions, so a left-padded row computes what it would alone.
+    /// The default supports unpadded batches only.
+    fn forward_last_padded(
+        &mut self,
+        tokens: &Tensor,
+        start_pos: usize,
+        left_pad: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        if left_pad.iter().any(|&p| p > 0) {
+            return Err(crate::Error::Invalid(
+                "this model does not support padded batches".into(),
+            ));
+        }
+        self.forward_last(tokens, start_pos, hooks)
+    }
+    /// Residual stream width.
+    fn d_model(&self) -> usize;
+    /// Number of decoder layers.
+    fn n_layers(&self) -> usize;
+    /// Vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> usize;
+    /// Maximum number of positions (the context length).
+    fn max_seq_len(&self) -> usize;
+    /// The device the model runs on.
+    fn device(&self) -> &Device;
+    /// Forget the KV cache.
+    fn reset(&mut self);
+    /// Every hook point of the model, in forward order.
+    fn hook_points(&self) -> Vec<HookPoint> {
+        HookPoint::all(self.n_layers())
+    }
+}
