@@ -7,6 +7,7 @@
 //!   Gemma Scope, Llama Scope and dictionary_learning releases.
 //! * [`edit`]: latent sets, per-latent edits, splice modes, and the reference splice.
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
+//! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -28,6 +29,7 @@ mod error;
 pub mod io;
 pub mod kernels;
 pub mod sae;
+pub mod train;
 
 pub use error::{Error, Result};
 
