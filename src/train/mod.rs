@@ -62,7 +62,7 @@ use crate::io::write_atomic;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use rng::Rng;
-use topk::TopKMask;
+use topk::{SparseDecode, TopKIndices};
 
 /// The SAE architectures the trainer supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -542,19 +542,30 @@ impl<'a> Trainer<'a> {
         let s = self.step;
         let lr = c.lr_at(s);
 
+        // pre = (x − b_dec) W_enc + b_enc, written so that autograd does not form the dense
+        // ∂/∂x' = g W_encᵀ ([N, d_in] from [N, d_sae]): the encoder input is detached from
+        // b_dec, and the term (b̄_dec − b_dec) W̄_enc (bars: detached) is exactly zero in value
+        // but carries ∂/∂b_dec = −(Σ_n g_n) W_encᵀ, one vector-matrix product.
+        let b_dec_det = b_dec.detach();
+        let zero = (&b_dec_det - b_dec)?
+            .unsqueeze(0)?
+            .matmul(&w_enc.detach())?;
         let acts = x
-            .broadcast_sub(b_dec)?
+            .broadcast_sub(&b_dec_det)?
             .matmul(w_enc)?
             .broadcast_add(b_enc)?
+            .broadcast_add(&zero)?
             .relu()?;
-        let f = match c.architecture {
+        // TopK: the ids of the k largest activations, and a sparse decode through them.
+        // Standard: the dense decode of all activations.
+        let (recon, top) = match c.architecture {
             TrainArchitecture::TopK => {
-                let mask = acts.detach().apply_op1_no_bwd(&TopKMask { k: c.k })?;
-                (&acts * &mask)?
+                let idx = acts.detach().apply_op1_no_bwd(&TopKIndices { k: c.k })?;
+                let r = acts.apply_op3(&idx, w_dec, SparseDecode)?;
+                (r.broadcast_add(b_dec)?, Some(idx))
             }
-            TrainArchitecture::Standard => acts.clone(),
+            TrainArchitecture::Standard => (acts.matmul(w_dec)?.broadcast_add(b_dec)?, None),
         };
-        let recon = f.matmul(w_dec)?.broadcast_add(b_dec)?;
         let sq = (&recon - &x)?.sqr()?.sum_all()?;
         let total_var = x
             .broadcast_sub(&x.mean_keepdim(0)?)?
@@ -577,10 +588,12 @@ impl<'a> Trainer<'a> {
                     let sel =
                         acts.detach()
                             .broadcast_add(&penalty)?
-                            .apply_op1_no_bwd(&TopKMask {
+                            .apply_op1_no_bwd(&TopKIndices {
                                 k: k_aux.min(n_dead),
                             })?;
-                    let e_hat = (&acts * &sel)?.matmul(w_dec)?.broadcast_add(b_dec)?;
+                    let e_hat = acts
+                        .apply_op3(&sel, w_dec, SparseDecode)?
+                        .broadcast_add(b_dec)?;
                     let e = (&x - &recon)?.detach();
                     let aux = ((e_hat - e)?.sqr()?.sum_all()? * (scale * inv_var))?;
                     aux_value = aux.to_scalar::<f32>()? as f64;
@@ -590,15 +603,33 @@ impl<'a> Trainer<'a> {
             }
             TrainArchitecture::Standard => {
                 let norms = w_dec.sqr()?.sum(1)?.sqrt()?;
-                let l1 = (f.broadcast_mul(&norms)?.sum_all()? / b as f64)?;
+                let l1 = (acts.broadcast_mul(&norms)?.sum_all()? / b as f64)?;
                 l1_value = l1.to_scalar::<f32>()? as f64;
                 ((&sq / b as f64)? + (l1 * c.l1_at(s))?)?
             }
         };
         let grads = loss.backward()?;
 
-        // Dead-latent bookkeeping: tokens since each latent last fired.
-        let fired = f.detach().gt(0f64)?.to_dtype(DType::F32)?.max(0)?;
+        // Dead-latent bookkeeping: tokens since each latent last fired; and L0.
+        let (fired, active) = match &top {
+            Some(idx) => {
+                let pos = acts
+                    .detach()
+                    .gather(idx, 1)?
+                    .gt(0f64)?
+                    .to_dtype(DType::F32)?;
+                let counts = Tensor::zeros(c.d_sae, DType::F32, &Device::Cpu)?.index_add(
+                    &idx.flatten_all()?,
+                    &pos.flatten_all()?,
+                    0,
+                )?;
+                (counts.gt(0f64)?.to_dtype(DType::F32)?, pos.sum_all()?)
+            }
+            None => {
+                let pos = acts.detach().gt(0f64)?.to_dtype(DType::F32)?;
+                (pos.max(0)?, pos.sum_all()?)
+            }
+        };
         self.since_fired = ((&self.since_fired + b as f64)? * fired.affine(-1.0, 1.0)?)?;
 
         // AdamW on the four parameters.
@@ -644,13 +675,7 @@ impl<'a> Trainer<'a> {
         }
 
         let sq_v = sq.to_scalar::<f32>()? as f64;
-        let l0 = f
-            .detach()
-            .gt(0f64)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64
-            / b as f64;
+        let l0 = active.to_scalar::<f32>()? as f64 / b as f64;
         let (_, dead_after) = self.dead_mask()?;
         self.step += 1;
         self.tokens += b as u64;

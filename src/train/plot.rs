@@ -44,6 +44,17 @@ pub fn plot_training_curves(log: &[StepLog], path: &Path) -> Result<()> {
     r
 }
 
+fn tick(v: f64) -> String {
+    let a = v.abs();
+    if a < 1e-12 {
+        "0".into()
+    } else if !(1e-2..1e5).contains(&a) {
+        format!("{v:.1e}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
 type Getter = fn(&StepLog) -> f64;
 
 fn draw(log: &[StepLog], path: &Path) -> Result<()> {
@@ -72,7 +83,13 @@ fn draw(log: &[StepLog], path: &Path) -> Result<()> {
             (lo, hi) = (0.0, 1.0);
         }
         if hi - lo < 1e-12 {
-            hi = lo + 1e-12_f64.max(lo.abs() * 0.1);
+            // A flat series: centre it in a visible band.
+            let half = if lo.abs() > 1e-12 {
+                lo.abs() * 0.1
+            } else {
+                0.5
+            };
+            (lo, hi) = (lo - half, hi + half);
         }
         let pad = (hi - lo) * 0.05;
         let mut chart = ChartBuilder::on(area)
@@ -88,6 +105,8 @@ fn draw(log: &[StepLog], path: &Path) -> Result<()> {
             .label_style((FONT, 13))
             .x_labels(5)
             .y_labels(5)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| tick(*v))
             .draw()
             .map_err(plot_err)?;
         chart
