@@ -62,7 +62,7 @@ use crate::io::write_atomic;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use rng::Rng;
-use topk::{SparseDecode, TopKIndices};
+use topk::{SparseDecode, SparseEncGrad, TopKIndices};
 
 /// The SAE architectures the trainer supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,12 +550,16 @@ impl<'a> Trainer<'a> {
         let zero = (&b_dec_det - b_dec)?
             .unsqueeze(0)?
             .matmul(&w_enc.detach())?;
-        let acts = x
-            .broadcast_sub(&b_dec_det)?
-            .matmul(w_enc)?
-            .broadcast_add(b_enc)?
-            .broadcast_add(&zero)?
-            .relu()?;
+        let xc = x.broadcast_sub(&b_dec_det)?;
+        let pre = match c.architecture {
+            // TopK: ∂/∂W_enc has k (+ k_aux) non-zero columns per token; SparseEncGrad
+            // computes it from those instead of a dense x'ᵀ g product.
+            TrainArchitecture::TopK => {
+                (xc.matmul(&w_enc.detach())? + xc.apply_op2(w_enc, SparseEncGrad)?)?
+            }
+            TrainArchitecture::Standard => xc.matmul(w_enc)?,
+        };
+        let acts = pre.broadcast_add(b_enc)?.broadcast_add(&zero)?.relu()?;
         // TopK: the ids of the k largest activations, and a sparse decode through them.
         // Standard: the dense decode of all activations.
         let (recon, top) = match c.architecture {

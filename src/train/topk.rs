@@ -8,11 +8,14 @@
 //!   and `∂/∂W_dec` (row `i` accumulates `acts[b, i] · g[b]` over the tokens that selected
 //!   it, in token order: deterministic). This replaces the dense decode and its two dense
 //!   backward products, O(N·k·d_in) instead of O(N·d_sae·d_in).
+//! * [`SparseEncGrad`]: adds zeros to the pre-activations in the forward pass; its backward
+//!   is `∂/∂W_enc = x'ᵀ g` computed over the non-zero entries of `g` only. With TopK, `g`
+//!   has at most `k (+ k_aux)` non-zeros per token, so this replaces a dense product.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -280,6 +283,90 @@ impl PartialEq for Cand {
 }
 impl Eq for Cand {}
 
+/// `(x' [N, d_in], W_enc [d_in, d_sae]) → zeros [N, d_sae]` whose backward gives
+/// `∂/∂W_enc = x'ᵀ g` from the non-zeros of `g` (see the module docs).
+pub(crate) struct SparseEncGrad;
+
+impl CustomOp2 for SparseEncGrad {
+    fn name(&self) -> &'static str {
+        "sparse-encoder-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, _) = l1.shape().dims2()?;
+        let (_, n) = l2.shape().dims2()?;
+        Ok((
+            CpuStorage::F32(vec![0f32; rows * n]),
+            Shape::from((rows, n)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gw = grad
+            .contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &EncGradW)?;
+        Ok((None, Some(gw)))
+    }
+}
+
+/// `(g [N, d_sae], x' [N, d_in]) → x'ᵀ g [d_in, d_sae]` over the non-zeros of `g`.
+struct EncGradW;
+
+impl CustomOp2 for EncGradW {
+    fn name(&self) -> &'static str {
+        "sparse-encoder-grad-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, n) = l1.shape().dims2()?;
+        let (_, d) = l2.shape().dims2()?;
+        let g = f32s(s1, l1, "sparse-encoder grad")?;
+        let x = f32s(s2, l2, "sparse-encoder input")?;
+        let mut out = vec![0f32; d * n];
+        if n == 0 || d == 0 {
+            return Ok((CpuStorage::F32(out), Shape::from((d, n))));
+        }
+        // (token, latent, gradient) of every non-zero, in row-major order.
+        let nz: Vec<(usize, usize, f32)> = g
+            .chunks(n)
+            .enumerate()
+            .flat_map(|(b, row)| {
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0.0)
+                    .map(move |(i, &v)| (b, i, v))
+            })
+            .collect();
+        // Row j of the result: Σ over non-zeros of x'[b, j] · g[b, i] into column i.
+        out.par_chunks_mut(n).enumerate().for_each(|(j, row)| {
+            for &(b, i, v) in &nz {
+                if let (Some(slot), Some(&xv)) = (row.get_mut(i), x.get(b * d + j)) {
+                    *slot += xv * v;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((d, n))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +421,32 @@ mod tests {
             assert_eq!(a.dtype(), DType::F32);
             assert!(close(a, b)? < 1e-4, "gradient mismatch");
         }
+        Ok(())
+    }
+
+    /// `x W̄ + Z(x, W)` has the value and the W-gradient of `x W` for a sparse upstream grad.
+    #[test]
+    fn sparse_encoder_grad_matches_dense() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (6, 5), &dev)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 9), &dev)?)?;
+        // A sparse upstream gradient through relu + a mask.
+        let m: Vec<f32> = (0..54)
+            .map(|i| if i % 4 == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(m, (6, 9), &dev)?;
+        let dense = x.matmul(w.as_tensor())?;
+        let sparse =
+            (x.matmul(&w.as_tensor().detach())? + x.apply_op2(w.as_tensor(), SparseEncGrad)?)?;
+        assert_eq!(dense.to_vec2::<f32>()?, sparse.to_vec2::<f32>()?);
+        let gd = (dense.relu()? * &mask)?.sum_all()?.backward()?;
+        let gs = (sparse.relu()? * &mask)?.sum_all()?.backward()?;
+        let (a, b) = (
+            gd.get(w.as_tensor()).unwrap(),
+            gs.get(w.as_tensor()).unwrap(),
+        );
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "gradient mismatch {diff}");
         Ok(())
     }
 }
