@@ -40,6 +40,7 @@
 //! checkpoints in `checkpoints/<step>/` every `checkpoint_every` steps, `train_log.json`
 //! (`{"config": …, "steps": [StepLog…]}`), `train_config.json`, and `train_curve.png`.
 
+mod adamw;
 mod init;
 pub mod metrics;
 mod plot;
@@ -61,6 +62,7 @@ pub use source::{ActivationSource, InMemorySource, ShardSource, ACTIVATIONS_TENS
 use crate::io::write_atomic;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
+use adamw::{Hyper, Moments};
 use rng::Rng;
 use topk::{SparseDecode, SparseEncGrad, TopKIndices};
 
@@ -364,12 +366,6 @@ pub struct TrainedSae {
     pub log: Vec<StepLog>,
 }
 
-/// AdamW moments of one parameter.
-struct Moments {
-    m: Tensor,
-    v: Tensor,
-}
-
 /// A training run in progress. [`train`] is the one-call entry point; `Trainer` exposes
 /// single steps for callers that want their own loop.
 pub struct Trainer<'a> {
@@ -395,11 +391,6 @@ fn param(v: Vec<f32>, shape: &[usize]) -> Result<Var> {
         shape,
         &Device::Cpu,
     )?)?)
-}
-
-fn unit_rows(t: &Tensor) -> Result<Tensor> {
-    let n = t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
-    Ok(t.broadcast_div(&n)?)
 }
 
 impl<'a> Trainer<'a> {
@@ -448,13 +439,8 @@ impl<'a> Trainer<'a> {
         let b_dec = param(b_dec, &[d])?;
         let moments = [&w_enc, &b_enc, &w_dec, &b_dec]
             .iter()
-            .map(|p| {
-                Ok(Moments {
-                    m: p.zeros_like()?,
-                    v: p.zeros_like()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|p| Moments::zeros(p.elem_count()))
+            .collect();
         Ok(Trainer {
             since_fired: Tensor::zeros(n, DType::F32, &Device::Cpu)?,
             cfg,
@@ -636,35 +622,24 @@ impl<'a> Trainer<'a> {
         };
         self.since_fired = ((&self.since_fired + b as f64)? * fired.affine(-1.0, 1.0)?)?;
 
-        // AdamW on the four parameters.
+        // AdamW on the four parameters, one fused in-place pass each.
         let t = (s + 1) as i32;
-        let (b1, b2) = (c.beta1, c.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let h = Hyper {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+            c1: (1.0 - c.beta1.powi(t)) as f32,
+            c2: (1.0 - c.beta2.powi(t)) as f32,
+        };
         let params = [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec];
         for (i, (p, mo)) in params.iter().zip(self.moments.iter_mut()).enumerate() {
             let g = grads.get(p.as_tensor()).ok_or_else(|| {
                 Error::Invalid("training: a parameter received no gradient".into())
             })?;
-            let g = if i == 2 && c.normalize_decoder {
-                // Remove the component of each row's gradient parallel to the row.
-                let w = p.as_tensor();
-                (g - (g * w)?.sum_keepdim(1)?.broadcast_mul(w)?)?
-            } else {
-                g.clone()
-            };
-            mo.m = ((&mo.m * b1)? + (&g * (1.0 - b1))?)?;
-            mo.v = ((&mo.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((&mo.v / c2)?.sqrt()? + c.eps)?;
-            let update = ((&mo.m / c1)? / denom)?;
-            let decayed = if c.weight_decay > 0.0 {
-                (p.as_tensor() * (1.0 - lr * c.weight_decay))?
-            } else {
-                p.as_tensor().clone()
-            };
-            p.set(&(decayed - (update * lr)?)?)?;
-        }
-        if c.normalize_decoder {
-            self.w_dec.set(&unit_rows(self.w_dec.as_tensor())?)?;
+            let unit_rows = (i == 2 && c.normalize_decoder).then_some(d);
+            adamw::step(p.as_tensor(), g, mo, h, unit_rows)?;
         }
 
         let n_steps = c.steps();
@@ -771,19 +746,29 @@ impl<'a> Trainer<'a> {
         self.w_enc.set(&Tensor::from_vec(w_enc, (d, n), &dev)?)?;
         self.b_enc.set(&Tensor::from_vec(b_enc, n, &dev)?)?;
         // Zero the moments of resampled latents and restart their dead clocks.
-        let keep = Tensor::from_vec(dead, n, &dev)?.affine(-1.0, 1.0)?;
-        let keep_row = keep.unsqueeze(1)?; // W_dec rows [n, 1]
-        let keep_col = keep.unsqueeze(0)?; // W_enc columns [1, n]
-        for (i, mo) in self.moments.iter_mut().enumerate() {
-            let k = match i {
-                0 => &keep_col,
-                1 => &keep,
-                2 => &keep_row,
-                _ => continue,
+        for i in (0..n).filter(|&i| dead.get(i).is_some_and(|&v| v > 0.0)) {
+            let [enc, benc, dec, _] = &mut self.moments[..] else {
+                break;
             };
-            mo.m = mo.m.broadcast_mul(k)?;
-            mo.v = mo.v.broadcast_mul(k)?;
+            for j in 0..d {
+                for mv in [&mut enc.m, &mut enc.v] {
+                    if let Some(x) = mv.get_mut(j * n + i) {
+                        *x = 0.0;
+                    }
+                }
+            }
+            for mv in [&mut benc.m, &mut benc.v] {
+                if let Some(x) = mv.get_mut(i) {
+                    *x = 0.0;
+                }
+            }
+            for mv in [&mut dec.m, &mut dec.v] {
+                if let Some(row) = mv.get_mut(i * d..(i + 1) * d) {
+                    row.iter_mut().for_each(|x| *x = 0.0);
+                }
+            }
         }
+        let keep = Tensor::from_vec(dead, n, &dev)?.affine(-1.0, 1.0)?;
         self.since_fired = (&self.since_fired * &keep)?;
         Ok(())
     }
