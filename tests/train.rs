@@ -484,6 +484,10 @@ fn bad_configs_are_clear_errors() {
         );
     }
     assert!(InMemorySource::new(vec![1.0; 10], 4, 0).is_err());
+    // Non-finite activations stop training with an error, not NaN weights.
+    let mut nan = InMemorySource::new(vec![f32::NAN; 256 * D_IN], D_IN, 0).unwrap();
+    let err = train::train(&base, &mut nan, None).unwrap_err();
+    assert!(err.to_string().contains("diverged at step 1"), "{err}");
     // Unknown JSON fields are rejected, missing ones take defaults.
     assert!(serde_json::from_str::<TrainConfig>(r#"{"d_in": 4, "dsae": 8}"#).is_err());
     let c: TrainConfig =
@@ -527,18 +531,26 @@ fn throughput_smollm2_shape() {
     let mut rng = Rng(1);
     let data: Vec<f32> = (0..8192 * d_in).map(|_| rng.normal()).collect();
     let mut src = InMemorySource::new(data, d_in, 0).unwrap();
-    for arch in [TrainArchitecture::TopK, TrainArchitecture::Standard] {
+    // TopK with AuxK over many dead latents (k_aux = 288: the worst case), TopK without
+    // dead latents (the usual steady state), standard.
+    for (arch, dead) in [
+        (TrainArchitecture::TopK, 2048),
+        (TrainArchitecture::TopK, u64::MAX),
+        (TrainArchitecture::Standard, u64::MAX),
+    ] {
         let cfg = TrainConfig {
             architecture: arch,
             batch_size: batch,
             b_dec_init_samples: 1024,
-            dead_tokens_threshold: 2048, // AuxK active from step 3 on: the worst case
+            dead_tokens_threshold: dead,
             ..TrainConfig::topk(d_in, d_sae, 32, (batch * steps) as u64)
         };
         let t = train::train(&cfg, &mut src, None).unwrap();
         // Skip the first step (allocator and thread-pool warm-up).
         let rest = &t.log[1..];
         let tps = rest.len() as f64 / rest.iter().map(|s| 1.0 / s.tokens_per_s).sum::<f64>();
-        eprintln!("{arch:?}: {tps:.0} tokens/s (batch {batch}, d_in {d_in}, d_sae {d_sae})");
+        eprintln!(
+            "{arch:?} (dead threshold {dead}): {tps:.0} tokens/s (batch {batch}, d_in {d_in}, d_sae {d_sae})"
+        );
     }
 }

@@ -18,13 +18,14 @@
 //! * Dead latents of the standard SAE are *resampled* every `resample_every` steps
 //!   (outside the final learning-rate decay), a simplified version of Anthropic's scheme
 //!   (Bricken et al. 2023): for each dead latent draw a token of the current batch with
-//!   probability ∝ its squared reconstruction loss², set `W_dec[i]` to the unit vector of
+//!   probability ∝ the square of its loss `‖x − x̂‖²`, set `W_dec[i]` to the unit vector of
 //!   `x − b_dec`, `W_enc[:, i]` to that vector times 0.2 × the mean encoder-column norm of
 //!   the live latents, `b_enc[i] = 0`, and zero the latent's AdamW moments.
 //! * Decoder rows are unit-norm: before each step the gradient component parallel to each
 //!   row is removed (sparsify's `remove_gradient_parallel_to_decoder_directions`), after it
 //!   the rows are renormalised.
-//! * AdamW (own implementation, decoupled weight decay, default 0; bias-corrected moments).
+//! * AdamW (bias-corrected moments, decoupled weight decay, default 0), fused into one
+//!   in-place pass per parameter together with the decoder projection and renormalisation.
 //! * Learning-rate schedule, step `s` of `n`: linear warm-up `lr·(s+1)/W` over
 //!   `W = lr_warmup_steps`, then constant, then linear decay over the last
 //!   `⌊lr_decay_fraction · n⌋` steps (default 20%): `lr·(n − s)/(n − D)` from step `D`,
@@ -32,6 +33,14 @@
 //! * Initialisation: `W_dec` rows are random unit vectors (seeded), `W_enc = W_decᵀ`,
 //!   `b_enc = 0`; `b_dec` is the geometric median (Weiszfeld), the mean, or zero of
 //!   `b_dec_init_samples` tokens drawn from the source before training.
+//!
+//! # Speed
+//! The TopK path never forms a dense `[N, d_sae]` product beyond the encoder's forward
+//! `x' W_enc`: the decode, its gradients and `∂/∂W_enc` go through custom ops over the `k`
+//! selected latents (see `topk.rs`; each is tested against the dense formulation), and no
+//! autograd node computes the unused `∂/∂x`. A step allocates only candle's op outputs
+//! (the moments and the batch buffer are allocated once). Training runs on the CPU
+//! (the custom ops have no CUDA kernels).
 //!
 //! Every random choice comes from one seeded generator and every reduction is done in a
 //! fixed order, so two runs with the same config and data give bitwise-equal weights.
@@ -598,6 +607,14 @@ impl<'a> Trainer<'a> {
                 ((&sq / b as f64)? + (l1 * c.l1_at(s))?)?
             }
         };
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(Error::Invalid(format!(
+                "training diverged at step {}: loss = {loss_value} (lower the learning rate, \
+                 or check the activations for NaN/inf)",
+                s + 1
+            )));
+        }
         let grads = loss.backward()?;
 
         // Dead-latent bookkeeping: tokens since each latent last fired; and L0.
@@ -662,7 +679,7 @@ impl<'a> Trainer<'a> {
         let entry = StepLog {
             step: self.step,
             tokens: self.tokens,
-            loss: loss.to_scalar::<f32>()? as f64,
+            loss: loss_value,
             mse: sq_v / (b * d) as f64,
             fvu: sq_v * inv_var,
             l0,
