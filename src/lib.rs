@@ -9,6 +9,7 @@
 //! * [`hooks`]: TransformerLens hook points, capture, steering and SAE splices.
 //! * [`model`]: hookable Llama models (GGUF, HF safetensors), tokenizers, generation.
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
+//! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -33,6 +34,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod sae;
+pub mod train;
 
 pub use error::{Error, Result};
 
