@@ -444,6 +444,20 @@ fn hf_safetensors_matches_gguf() {
     );
     // f16/bf16 rounding of the MLP weights only (a wrong RoPE or layout is off by O(scale)).
     assert!(d < 1e-3 * scale, "{d} vs scale {scale}");
+    // A decode step (the fused single-token path, rotate-half RoPE) equals the last
+    // position of the full forward.
+    hf.forward(
+        &ids_tensor(&ids[..63]),
+        0,
+        &mut sae_ablate::hooks::Hooks::new(),
+    )
+    .unwrap();
+    let c = ActivationCache::new();
+    let mut h = sae_ablate::hooks::Hooks::new().with(HookPoint::ResidPost(1), c.clone());
+    hf.forward(&ids_tensor(&ids[63..64]), 63, &mut h).unwrap();
+    let step = c.get(&HookPoint::ResidPost(1)).unwrap().unwrap();
+    let d = max_diff(&step, &got.narrow(1, 63, 1).unwrap());
+    assert!(d < 1e-4 * scale, "decode step differs by {d}");
 }
 
 /// `sae-ablate logits` and `generate` end to end, with and without an SAE splice.

@@ -142,19 +142,34 @@ mod avx2 {
     /// SAFETY: avx2, fma, f16c; `ys.len() <= 8`; `x.len() >= ys.len() * w.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows<T: Elem>(x: &[f32], w: &[T], ys: &mut [f32]) {
-        let n = ys.len();
+        // A compile-time row count keeps the accumulators in registers.
+        match ys.len() {
+            1 => rows_n::<T, 1>(x, w, ys),
+            2 => rows_n::<T, 2>(x, w, ys),
+            3 => rows_n::<T, 3>(x, w, ys),
+            4 => rows_n::<T, 4>(x, w, ys),
+            5 => rows_n::<T, 5>(x, w, ys),
+            6 => rows_n::<T, 6>(x, w, ys),
+            7 => rows_n::<T, 7>(x, w, ys),
+            _ => rows_n::<T, 8>(x, w, ys),
+        }
+    }
+
+    /// SAFETY: as [`dot_rows`], with `ys.len() == N`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_n<T: Elem, const N: usize>(x: &[f32], w: &[T], ys: &mut [f32]) {
         let inp = w.len();
         let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut acc = [_mm256_setzero_ps(); N];
         let mut k = 0;
         while k + 8 <= inp {
             let wv = load8(wp.add(k));
-            for (r, a) in acc.iter_mut().enumerate().take(n) {
+            for (r, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(r * inp + k)), wv, *a);
             }
             k += 8;
         }
-        for (r, y) in ys.iter_mut().enumerate() {
+        for (r, y) in ys.iter_mut().enumerate().take(N) {
             let mut s = hsum(acc[r]);
             for j in k..inp {
                 s += *xp.add(r * inp + j) * (*wp.add(j)).to_f32();

@@ -177,6 +177,120 @@ struct Layer {
     v_cache: Option<Tensor>,
 }
 
+/// One decode step of attention on the CPU (`t = 1`), fused: RoPE on q and k, the K/V
+/// append, scores, softmax and the weighted sum of values in one pass over the cache,
+/// instead of a dozen small candle ops per layer. `qkv [b, (n_heads + 2 n_kv_heads)·hd]`;
+/// returns `y [b, n_heads·hd]` and the updated cache buffers. Same arithmetic as the
+/// general path (f32 throughout).
+fn decode_attention(
+    c: &LlamaConfig,
+    (cos_t, sin_t): (&[f32], &[f32]),
+    (kc, vc): (&Option<Tensor>, &Option<Tensor>),
+    qkv: &Tensor,
+    pos: usize,
+    pads: Option<&[usize]>,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let (nh, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+    let half = hd / 2;
+    let b = qkv.dim(0)?;
+    let w = (nh + 2 * kvh) * hd;
+    let mut v = qkv
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (cos, sin) = match (
+        cos_t.get(pos * half..(pos + 1) * half),
+        sin_t.get(pos * half..(pos + 1) * half),
+    ) {
+        (Some(c), Some(s)) => (c, s),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "position {pos} beyond the RoPE tables"
+            )))
+        }
+    };
+    // RoPE on the q and k heads, in place.
+    for row in v.chunks_mut(w) {
+        for head in row[..(nh + kvh) * hd].chunks_mut(hd) {
+            match c.rope_style {
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (x0, x1) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = x0 * cos[i] - x1 * sin[i];
+                        head[2 * i + 1] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+                RopeStyle::Half => {
+                    for i in 0..half {
+                        let (x0, x1) = (head[i], head[i + half]);
+                        head[i] = x0 * cos[i] - x1 * sin[i];
+                        head[i + half] = x0 * sin[i] + x1 * cos[i];
+                    }
+                }
+            }
+        }
+    }
+    let gather = |off: usize| -> Vec<f32> {
+        v.chunks(w)
+            .flat_map(|row| row[off..off + kvh * hd].iter().copied())
+            .collect()
+    };
+    let dev = qkv.device();
+    let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), dev)?;
+    let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), dev)?;
+    let (mut kb, mut vb) = (kc.clone(), vc.clone());
+    append_kv(&mut kb, &k_new, pos, c.max_seq_len)?;
+    append_kv(&mut vb, &v_new, pos, c.max_seq_len)?;
+    let (Some(kt), Some(vt)) = (&kb, &vb) else {
+        return Err(Error::Invalid("KV cache buffer missing".into()));
+    };
+    let cap = kt.dim(2)?;
+    let total = pos + 1;
+    let rep = nh / kvh;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut y = vec![0f32; b * nh * hd];
+    {
+        let (ks, kl) = kt.storage_and_layout();
+        let (vs, vl) = vt.storage_and_layout();
+        let (kbuf, vbuf) = match (&*ks, &*vs) {
+            (
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(k)),
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)),
+            ) => (&k[kl.start_offset()..], &v[vl.start_offset()..]),
+            _ => return Err(Error::Invalid("KV cache is not f32 on the CPU".into())),
+        };
+        let mut scores = vec![0f32; total];
+        for bi in 0..b {
+            let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0).min(pos);
+            let q_row = &v[bi * w..bi * w + nh * hd];
+            for h in 0..nh {
+                let g = h / rep;
+                let base = (bi * kvh + g) * cap * hd;
+                let q = &q_row[h * hd..(h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for j in pad..total {
+                    let kj = &kbuf[base + j * hd..base + (j + 1) * hd];
+                    let s = crate::kernels::simd::dot(q, kj) * scale;
+                    scores[j] = s;
+                    max = max.max(s);
+                }
+                let mut sum = 0f32;
+                for s in &mut scores[pad..total] {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let out = &mut y[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
+                for j in pad..total {
+                    let p = scores[j] / sum;
+                    crate::kernels::simd::axpy(out, p, &vbuf[base + j * hd..base + (j + 1) * hd]);
+                }
+            }
+        }
+    }
+    Ok((Tensor::from_vec(y, (b, nh * hd), dev)?, kb, vb))
+}
+
 /// Write `new [b, h, t, hd]` at positions `start..start + t` of the cache buffer (growing
 /// it by doubling, or starting a fresh one at `start = 0`); returns the view of the
 /// filled part `[b, h, start + t, hd]`.
@@ -218,6 +332,9 @@ pub struct Llama {
     lm_head: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as flat vectors `[max_seq_len, head_dim / 2]` (fused decode path).
+    cos_v: Vec<f32>,
+    sin_v: Vec<f32>,
     cache_len: usize,
     device: Device,
     /// Where the model came from (for messages).
@@ -593,8 +710,10 @@ impl Llama {
         }
         let device = opts.device.clone();
         Ok(Llama {
-            cos: Tensor::from_vec(cos, (n, half), &device)?,
-            sin: Tensor::from_vec(sin, (n, half), &device)?,
+            cos: Tensor::from_vec(cos.clone(), (n, half), &device)?,
+            sin: Tensor::from_vec(sin.clone(), (n, half), &device)?,
+            cos_v: cos,
+            sin_v: sin,
             cfg,
             embed,
             layers,
@@ -760,45 +879,57 @@ impl Llama {
                 let layer = &self.layers[li];
                 let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
                 let qkv = super::linear::linear(&h.reshape((n, d))?, &layer.wqkv)?;
-                let q = qkv
-                    .narrow(1, 0, c.n_heads * hd)?
-                    .reshape((b, t, c.n_heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let k = qkv
-                    .narrow(1, c.n_heads * hd, c.n_kv_heads * hd)?
-                    .reshape((b, t, c.n_kv_heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let v = qkv
-                    .narrow(1, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?
-                    .reshape((b, t, c.n_kv_heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?;
-                let q = self.rope(&q, start_pos, t)?;
-                let k = self.rope(&k, start_pos, t)?;
-                let max = c.max_seq_len;
-                let mut kb = layer.k_cache.clone();
-                let mut vb = layer.v_cache.clone();
-                let k = append_kv(&mut kb, &k, start_pos, max)?;
-                let v = append_kv(&mut vb, &v, start_pos, max)?;
-                // Grouped-query attention without repeating K/V: the `rep` query heads
-                // sharing a K/V head are stacked along the row axis.
-                let q = q.reshape((b, c.n_kv_heads, rep * t, hd))?;
-                let att = (q.matmul(&k.t()?)? * scale)?;
-                let att = match &mask {
-                    None => att,
-                    Some(m) => att
-                        .reshape((b, c.n_kv_heads, rep, t, total))?
-                        .broadcast_add(m)?
-                        .reshape((b, c.n_kv_heads, rep * t, total))?,
+                let (y, kb, vb) = if t == 1 && self.device.is_cpu() {
+                    decode_attention(
+                        &c,
+                        (&self.cos_v, &self.sin_v),
+                        (&layer.k_cache, &layer.v_cache),
+                        &qkv,
+                        start_pos,
+                        pads,
+                    )?
+                } else {
+                    let q = qkv
+                        .narrow(1, 0, c.n_heads * hd)?
+                        .reshape((b, t, c.n_heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let k = qkv
+                        .narrow(1, c.n_heads * hd, c.n_kv_heads * hd)?
+                        .reshape((b, t, c.n_kv_heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let v = qkv
+                        .narrow(1, (c.n_heads + c.n_kv_heads) * hd, c.n_kv_heads * hd)?
+                        .reshape((b, t, c.n_kv_heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let q = self.rope(&q, start_pos, t)?;
+                    let k = self.rope(&k, start_pos, t)?;
+                    let max = c.max_seq_len;
+                    let mut kb = layer.k_cache.clone();
+                    let mut vb = layer.v_cache.clone();
+                    let k = append_kv(&mut kb, &k, start_pos, max)?;
+                    let v = append_kv(&mut vb, &v, start_pos, max)?;
+                    // Grouped-query attention without repeating K/V: the `rep` query heads
+                    // sharing a K/V head are stacked along the row axis.
+                    let q = q.reshape((b, c.n_kv_heads, rep * t, hd))?;
+                    let att = (q.matmul(&k.t()?)? * scale)?;
+                    let att = match &mask {
+                        None => att,
+                        Some(m) => att
+                            .reshape((b, c.n_kv_heads, rep, t, total))?
+                            .broadcast_add(m)?
+                            .reshape((b, c.n_kv_heads, rep * t, total))?,
+                    };
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    let y = att
+                        .matmul(&v)?
+                        .reshape((b, c.n_heads, t, hd))?
+                        .transpose(1, 2)?
+                        .reshape((n, c.n_heads * hd))?;
+                    (y, kb, vb)
                 };
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att
-                    .matmul(&v)?
-                    .reshape((b, c.n_heads, t, hd))?
-                    .transpose(1, 2)?
-                    .reshape((n, c.n_heads * hd))?;
                 let o = super::linear::linear(&y, &layer.wo)?.reshape((b, t, d))?;
                 (o, kb, vb)
             };
