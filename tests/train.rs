@@ -520,37 +520,3 @@ fn lr_schedule_warms_up_and_decays_to_zero() {
     assert!((l.l1_at(4) - 1.0).abs() < 1e-12);
     assert!((l.l1_at(50) - 2.0).abs() < 1e-12);
 }
-
-/// Training throughput at the SmolLM2 setting (d_in = 576, d_sae = 4608, k = 32) on random
-/// activations. Ignored by default (a few seconds per step in the dev profile); run with
-/// `cargo test --test train -- --ignored --nocapture throughput`.
-#[test]
-#[ignore]
-fn throughput_smollm2_shape() {
-    let (d_in, d_sae, batch, steps) = (576, 4608, 1024, 6);
-    let mut rng = Rng(1);
-    let data: Vec<f32> = (0..8192 * d_in).map(|_| rng.normal()).collect();
-    let mut src = InMemorySource::new(data, d_in, 0).unwrap();
-    // TopK with AuxK over many dead latents (k_aux = 288: the worst case), TopK without
-    // dead latents (the usual steady state), standard.
-    for (arch, dead) in [
-        (TrainArchitecture::TopK, 2048),
-        (TrainArchitecture::TopK, u64::MAX),
-        (TrainArchitecture::Standard, u64::MAX),
-    ] {
-        let cfg = TrainConfig {
-            architecture: arch,
-            batch_size: batch,
-            b_dec_init_samples: 1024,
-            dead_tokens_threshold: dead,
-            ..TrainConfig::topk(d_in, d_sae, 32, (batch * steps) as u64)
-        };
-        let t = train::train(&cfg, &mut src, None).unwrap();
-        // Skip the first step (allocator and thread-pool warm-up).
-        let rest = &t.log[1..];
-        let tps = rest.len() as f64 / rest.iter().map(|s| 1.0 / s.tokens_per_s).sum::<f64>();
-        eprintln!(
-            "{arch:?} (dead threshold {dead}): {tps:.0} tokens/s (batch {batch}, d_in {d_in}, d_sae {d_sae})"
-        );
-    }
-}
