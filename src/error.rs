@@ -96,9 +96,19 @@ pub enum Error {
         /// The cause.
         source: Box<Error>,
     },
-    /// An error from candle.
-    #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    /// An error from candle (its backtrace, if any, is dropped: messages stay one line).
+    #[error("{0}")]
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        let mut e = e;
+        while let candle_core::Error::WithBacktrace { inner, .. } = e {
+            e = *inner;
+        }
+        Error::Candle(e)
+    }
 }
 
 impl Error {
@@ -119,6 +129,12 @@ impl Error {
             path: path.as_ref().display().to_string(),
             source,
         }
+    }
+
+    /// A format error whose cause is a candle error (e.g. a GGUF header candle rejected);
+    /// candle's backtrace is dropped so the message stays one line.
+    pub fn format_candle(format: &'static str, e: candle_core::Error) -> Self {
+        Error::format(format, Error::from(e).to_string())
     }
 
     /// A format error.

@@ -352,7 +352,7 @@ impl std::fmt::Debug for Llama {
 }
 
 fn gguf_err(path: &Path, e: candle_core::Error) -> Error {
-    Error::format("gguf", e.to_string()).in_file(path)
+    Error::format_candle("gguf", e).in_file(path)
 }
 
 fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
@@ -498,7 +498,7 @@ impl Llama {
             .and_then(|v| {
                 v.to_string()
                     .map(|s| s.to_string())
-                    .map_err(|e| Error::format("gguf", e.to_string()))
+                    .map_err(|e| Error::format_candle("gguf", e))
             })
             .map_err(wrap)?;
         if arch != "llama" {

@@ -56,7 +56,7 @@ impl Tokenizer {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = std::io::BufReader::new(file);
         let ct = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::format("gguf", e.to_string()).in_file(path))?;
+            .map_err(|e| Error::format_candle("gguf", e).in_file(path))?;
         Self::from_gguf(&ct).map_err(|e| e.in_file(path))
     }
 
