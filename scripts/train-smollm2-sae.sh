@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 
 MODEL=assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 HOOK=blocks.15.hook_resid_post
-TOKENS=${TOKENS:-120000}          # harvested activation rows
-EPOCHS=${EPOCHS:-2}               # passes over them in training
+TOKENS=${TOKENS:-150000}          # harvested activation rows
+EPOCHS=${EPOCHS:-3}               # passes over them in training
 ACTS=${ACTS:-target/acts-smollm2}
 OUT=${OUT:-assets/saes/smollm2}
 

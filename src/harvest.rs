@@ -6,9 +6,10 @@
 //! is `assets/austen/*.txt`). Each file is tokenized with the model's tokenizer and the
 //! token streams are concatenated, then cut into contexts of `context_len` tokens. When the
 //! tokenizer adds a BOS token (what [`Tokenizer::encode`] of an empty string returns), every
-//! context starts with it and holds `context_len − 1` corpus tokens; the BOS position is
-//! *not* written to the shards (its activations are outliers that SAEs are not trained on)
-//! and is not spliced in [`crate::eval`]. A trailing partial context is dropped.
+//! context starts with it and holds `context_len − 1` corpus tokens. The first position of
+//! every context (the BOS, or without one the first text token, which then acts as the
+//! attention sink) is *not* written to the shards (its activations are outliers with a norm
+//! far above the rest, which SAEs are not trained on) and is not spliced in [`crate::eval`]. A trailing partial context is dropped.
 //!
 //! The **last** `holdout_contexts` contexts of the stream (the end of the last file, for
 //! the Austen default the end of *Sense and Sensibility*) are reserved for evaluation:
@@ -101,7 +102,8 @@ pub type Context = Vec<u32>;
 pub struct Contexts {
     /// Every context, `context_len` tokens each, in corpus order.
     pub contexts: Vec<Vec<u32>>,
-    /// Leading positions of each context that are not corpus text (1 with a BOS, else 0).
+    /// Leading positions of each context left out of the activations (the BOS or the
+    /// first token: always ≥ 1).
     pub prefix_len: usize,
     /// SHA-256 over the corpus files' names and bytes.
     pub corpus_sha256: String,
@@ -141,7 +143,9 @@ impl Contexts {
             .collect();
         Ok(Contexts {
             contexts,
-            prefix_len: prefix.len(),
+            // Without a BOS the first token is the attention sink: its residual stream has a
+            // norm far above every other position's, so it is left out just like a BOS.
+            prefix_len: prefix.len().max(1),
             corpus_sha256: hex(&h.finalize()),
         })
     }
@@ -431,6 +435,7 @@ impl ActivationStore {
             if m.config == *cfg
                 && m.model_sha256 == model_sha
                 && m.corpus_sha256 == ctx.corpus_sha256
+                && m.prefix_len == ctx.prefix_len
             {
                 m.verify(&self.dir)?;
                 return Ok(HarvestReport {
