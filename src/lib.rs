@@ -10,6 +10,8 @@
 //! * [`model`]: hookable Llama models (GGUF, HF safetensors), tokenizers, generation.
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
 //! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
+//! * [`harvest`]: activations of a model over a corpus, streamed to cached safetensors shards.
+//! * [`eval`]: FVU, L0, dead latents, CE loss recovered on held-out text.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -29,6 +31,8 @@ pub mod bench;
 pub mod corpus;
 pub mod edit;
 mod error;
+pub mod eval;
+pub mod harvest;
 pub mod hooks;
 pub mod io;
 pub mod kernels;

@@ -52,7 +52,7 @@
 mod adamw;
 mod init;
 pub mod metrics;
-mod plot;
+pub(crate) mod plot;
 mod rng;
 mod source;
 mod topk;

@@ -11,9 +11,9 @@ use plotters::style::register_font;
 use super::StepLog;
 use crate::{Error, Result};
 
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
-fn register() {
+pub(crate) fn register() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // A failure leaves text unrendered; plotters then reports an error we surface.

@@ -5,6 +5,7 @@
 
 mod bench;
 mod model_cmds;
+mod train_cmds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +92,16 @@ enum Cmd {
     Generate(model_cmds::GenerateArgs),
     /// Measure a model's prefill and decode tokens/s, with and without hooks.
     BenchModel(model_cmds::BenchModelArgs),
+    /// Run a model over a text corpus and save hook-point activations as safetensors shards
+    /// (cached: a second run with the same settings does no forward pass).
+    /// Example: sae-ablate harvest --model assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out acts --max-tokens 100000
+    Harvest(train_cmds::HarvestArgs),
+    /// Train a TopK or L1 SAE on harvested activations; writes it in SAELens format.
+    /// Example: sae-ablate train --activations acts --out my-sae --d-sae 4608 --k 32
+    Train(train_cmds::TrainArgs),
+    /// Evaluate an SAE inside a model on held-out text: FVU, L0, dead latents, CE loss recovered.
+    /// Example: sae-ablate eval --model M.gguf --sae my-sae --json
+    Eval(train_cmds::EvalArgs),
 }
 
 fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
@@ -218,6 +229,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits(a) => model_cmds::logits(a),
         Cmd::Generate(a) => model_cmds::generate(a),
         Cmd::BenchModel(a) => model_cmds::bench_model(a),
+        Cmd::Harvest(a) => train_cmds::harvest(a),
+        Cmd::Train(a) => train_cmds::train(a),
+        Cmd::Eval(a) => train_cmds::eval(a),
     }
 }
 

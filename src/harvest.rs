@@ -1,0 +1,647 @@
+//! Activation harvesting: run a hooked model over a text corpus and stream the activations
+//! at one or more hook points to disk as safetensors shards ([`ActivationStore`]).
+//!
+//! # Corpus, contexts and the held-out split
+//! The corpus is a text file or a folder of `*.txt` files (read in name order; the default
+//! is `assets/austen/*.txt`). Each file is tokenized with the model's tokenizer and the
+//! token streams are concatenated, then cut into contexts of `context_len` tokens. When the
+//! tokenizer adds a BOS token (what [`Tokenizer::encode`] of an empty string returns), every
+//! context starts with it and holds `context_len − 1` corpus tokens. The first position of
+//! every context (the BOS, or without one the first text token, which then acts as the
+//! attention sink) is *not* written to the shards (its activations are outliers with a norm
+//! far above the rest, which SAEs are not trained on) and is not spliced in [`crate::eval`]. A trailing partial context is dropped.
+//!
+//! The **last** `holdout_contexts` contexts of the stream (the end of the last file, for
+//! the Austen default the end of *Sense and Sensibility*) are reserved for evaluation:
+//! [`Contexts::split`] returns them, harvesting never reads them, and `sae-ablate eval`
+//! uses them by default. Harvest and eval must use the same `context_len` and
+//! `holdout_contexts` to stay disjoint.
+//!
+//! # Output
+//! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`,
+//! each holding the tensor `activations [n, d_in]` (f16 by default, or f32) as
+//! [`crate::train::ShardSource`] expects. Every file is written to a temporary name and renamed.
+//!
+//! # Cache
+//! The manifest records the settings (model sha256, hooks, context length, token budget,
+//! held-out size, dtype, shard size, corpus sha256) and each shard's sha256. A run whose
+//! settings equal a manifest's does no model forward: it checks every shard's sha256 and
+//! returns the cached manifest; a shard that is missing or whose hash differs is an error
+//! naming the shard (delete the directory to harvest again).
+//!
+//! # Early stop
+//! The forward pass stops right after the last needed hook point (a hook aborts it with a
+//! private sentinel error), so the layers above it and the LM head are never run.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks};
+use crate::io::write_atomic;
+use crate::model::{HookedModel, Tokenizer};
+use crate::{Error, Result};
+
+/// The name of the manifest file in a harvest directory.
+pub const MANIFEST: &str = "manifest.json";
+
+const STOP: &str = "sae-ablate harvest: forward stopped after the last needed hook point";
+
+/// Lowercase hex SHA-256 of a file (streamed). Errors name the file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The files of a corpus: `path` itself if it is a file, else the `*.txt` files of the
+/// folder in name order. Errors when there are none.
+pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let mut files = Vec::new();
+    for e in rd {
+        let p = e.map_err(|e| Error::io(path, e))?.path();
+        if p.is_file() && p.extension().is_some_and(|x| x == "txt") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no .txt files in the corpus folder (run scripts/fetch-assets.sh for the Austen default)",
+            path.display()
+        )));
+    }
+    Ok(files)
+}
+
+/// One context's token ids.
+pub type Context = Vec<u32>;
+
+/// A corpus tokenized into fixed-length contexts (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Contexts {
+    /// Every context, `context_len` tokens each, in corpus order.
+    pub contexts: Vec<Vec<u32>>,
+    /// Leading positions of each context left out of the activations (the BOS or the
+    /// first token: always ≥ 1).
+    pub prefix_len: usize,
+    /// SHA-256 over the corpus files' names and bytes.
+    pub corpus_sha256: String,
+}
+
+impl Contexts {
+    /// Tokenize `files` with `tok` and cut the stream into contexts of `context_len` tokens.
+    pub fn build(tok: &Tokenizer, files: &[PathBuf], context_len: usize) -> Result<Self> {
+        let prefix = tok.encode("")?;
+        if context_len <= prefix.len() + 1 {
+            return Err(Error::Invalid(format!(
+                "context length {context_len} is too short (needs at least {} tokens)",
+                prefix.len() + 2
+            )));
+        }
+        let mut h = Sha256::new();
+        let mut stream: Vec<u32> = Vec::new();
+        for f in files {
+            let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            h.update(name.unwrap_or_default().as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+            let text = String::from_utf8_lossy(&bytes);
+            let ids = tok.encode(&text).map_err(|e| e.in_file(f))?;
+            let body = ids.strip_prefix(prefix.as_slice()).unwrap_or(&ids);
+            stream.extend_from_slice(body);
+        }
+        let body = context_len - prefix.len();
+        let contexts = stream
+            .chunks_exact(body)
+            .map(|c| {
+                let mut v = prefix.clone();
+                v.extend_from_slice(c);
+                v
+            })
+            .collect();
+        Ok(Contexts {
+            contexts,
+            // Without a BOS the first token is the attention sink: its residual stream has a
+            // norm far above every other position's, so it is left out just like a BOS.
+            prefix_len: prefix.len().max(1),
+            corpus_sha256: hex(&h.finalize()),
+        })
+    }
+
+    /// `(training, held_out)`: the held-out part is the last `holdout` contexts. Errors when
+    /// the corpus has no more than `holdout` contexts.
+    pub fn split(&self, holdout: usize) -> Result<(&[Context], &[Context])> {
+        let n = self.contexts.len();
+        if n <= holdout {
+            return Err(Error::Invalid(format!(
+                "the corpus has {n} contexts, not more than the {holdout} held out for evaluation"
+            )));
+        }
+        Ok(self.contexts.split_at(n - holdout))
+    }
+}
+
+/// What to harvest and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HarvestConfig {
+    /// Hook points to capture (TransformerLens names).
+    pub hooks: Vec<String>,
+    /// Tokens per context (BOS included).
+    pub context_len: usize,
+    /// Contexts per forward pass.
+    pub batch_size: usize,
+    /// Stop after this many activation rows per hook point (`None`: the whole training split).
+    pub max_tokens: Option<u64>,
+    /// Contexts at the end of the corpus reserved for evaluation.
+    pub holdout_contexts: usize,
+    /// `f16` or `f32`.
+    pub dtype: String,
+    /// Rows per shard.
+    pub shard_rows: usize,
+    /// Show an indicatif progress bar on stderr.
+    #[serde(skip)]
+    pub progress: bool,
+}
+
+impl Default for HarvestConfig {
+    /// `blocks.15.hook_resid_post`, 128-token contexts, batches of 8, the whole corpus,
+    /// 64 held-out contexts, f16, 65536 rows per shard, a progress bar.
+    fn default() -> Self {
+        HarvestConfig {
+            hooks: vec!["blocks.15.hook_resid_post".into()],
+            context_len: 128,
+            batch_size: 8,
+            max_tokens: None,
+            holdout_contexts: 64,
+            dtype: "f16".into(),
+            shard_rows: 65536,
+            progress: true,
+        }
+    }
+}
+
+/// The shards of one hook point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name inside the hook's folder.
+    pub name: String,
+    /// Rows in the shard.
+    pub rows: u64,
+    /// SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// One hook point's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookEntry {
+    /// The hook point's name.
+    pub hook: String,
+    /// The folder (relative to the harvest directory) holding its shards.
+    pub dir: String,
+    /// Activation width.
+    pub d_in: usize,
+    /// Total rows (= tokens) over its shards.
+    pub tokens: u64,
+    /// Its shards in order.
+    pub shards: Vec<ShardEntry>,
+}
+
+/// `manifest.json`: the settings of a harvest and what it wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The model file or directory as given.
+    pub model: String,
+    /// SHA-256 of the model file (of its files' hashes for a directory).
+    pub model_sha256: String,
+    /// SHA-256 of the corpus (see [`Contexts::corpus_sha256`]).
+    pub corpus_sha256: String,
+    /// The settings.
+    pub config: HarvestConfig,
+    /// Contexts run through the model.
+    pub contexts: u64,
+    /// Leading positions per context left out (BOS).
+    pub prefix_len: usize,
+    /// Activation rows per hook point.
+    pub tokens: u64,
+    /// Per hook point: its shards.
+    pub outputs: Vec<HookEntry>,
+}
+
+impl Manifest {
+    /// Read `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::format("json", e.to_string()).in_file(&p))
+    }
+
+    /// The shard folder of `hook` inside the harvest directory `dir`.
+    pub fn hook_dir(&self, dir: &Path, hook: &str) -> Result<PathBuf> {
+        self.outputs
+            .iter()
+            .find(|o| o.hook == hook)
+            .map(|o| dir.join(&o.dir))
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no activations for hook `{hook}` in the manifest",
+                    dir.display()
+                ))
+            })
+    }
+
+    /// Check every shard's sha256 against the manifest; the error names the first bad shard.
+    pub fn verify(&self, dir: &Path) -> Result<()> {
+        for o in &self.outputs {
+            for s in &o.shards {
+                let p = dir.join(&o.dir).join(&s.name);
+                if !p.is_file() {
+                    return Err(Error::Invalid(format!(
+                        "cached shard {} listed in {} is missing; delete {} to harvest again",
+                        p.display(),
+                        MANIFEST,
+                        dir.display()
+                    )));
+                }
+                let got = sha256_file(&p)?;
+                if got != s.sha256 {
+                    return Err(Error::Invalid(format!(
+                        "cached shard {} is corrupted: sha256 {got} does not match {} in {}; \
+                         delete {} to harvest again",
+                        p.display(),
+                        s.sha256,
+                        MANIFEST,
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`ActivationStore::harvest`] did.
+#[derive(Debug, Clone)]
+pub struct HarvestReport {
+    /// The manifest (read from the cache or just written).
+    pub manifest: Manifest,
+    /// Whether the cache was used (then no forward pass ran).
+    pub cache_hit: bool,
+    /// Forward passes run.
+    pub forwards: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Activation rows per second (per hook point); 0 on a cache hit.
+    pub tokens_per_s: f64,
+}
+
+/// A harvest directory: activations of a model over a corpus, written once and then cached.
+#[derive(Debug, Clone)]
+pub struct ActivationStore {
+    dir: PathBuf,
+}
+
+/// SHA-256 identifying a model path: the file's hash, or for a directory the hash of its
+/// files' names and hashes.
+pub fn model_sha256(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return sha256_file(path);
+    }
+    let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for e in rd {
+        let p = e.map_err(|e| Error::io(path, e))?.path();
+        if p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(
+            f.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        h.update(sha256_file(&f)?.as_bytes());
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn out_dtype(s: &str) -> Result<(DType, safetensors::Dtype)> {
+    match s {
+        "f16" => Ok((DType::F16, safetensors::Dtype::F16)),
+        "f32" => Ok((DType::F32, safetensors::Dtype::F32)),
+        _ => Err(Error::Invalid(format!(
+            "harvest dtype `{s}`: expected f16 or f32"
+        ))),
+    }
+}
+
+/// Serialize `rows [n, d]` (already in the output dtype) to a safetensors shard, write it
+/// atomically and return its sha256.
+fn write_shard(
+    path: &Path,
+    bytes: &[u8],
+    dt: safetensors::Dtype,
+    n: usize,
+    d: usize,
+) -> Result<String> {
+    let view = safetensors::tensor::TensorView::new(dt, vec![n, d], bytes)
+        .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
+    let data = safetensors::tensor::serialize([(crate::train::ACTIVATIONS_TENSOR, view)], None)
+        .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
+    write_atomic(path, |w| w.write_all(&data).map_err(|e| Error::io(path, e)))?;
+    Ok(hex(&Sha256::digest(&data)))
+}
+
+struct ShardJob {
+    hook: usize,
+    path: PathBuf,
+    name: String,
+    bytes: Vec<u8>,
+    rows: usize,
+}
+
+impl ActivationStore {
+    /// A store at `dir` (created on harvest).
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        ActivationStore {
+            dir: dir.as_ref().to_path_buf(),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest of a finished harvest, if any.
+    pub fn manifest(&self) -> Result<Option<Manifest>> {
+        if self.dir.join(MANIFEST).is_file() {
+            Manifest::read(&self.dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Harvest the training split of `corpus` (see the module docs) from `model`
+    /// (`model_path` identifies it in the manifest), or return the cached result.
+    pub fn harvest(
+        &self,
+        model: &mut dyn HookedModel,
+        tok: &Tokenizer,
+        model_path: &Path,
+        corpus: &Path,
+        cfg: &HarvestConfig,
+    ) -> Result<HarvestReport> {
+        let t0 = Instant::now();
+        if cfg.batch_size == 0 || cfg.shard_rows == 0 || cfg.hooks.is_empty() {
+            return Err(Error::Invalid(
+                "harvest needs at least one hook, batch size ≥ 1 and shard rows ≥ 1".into(),
+            ));
+        }
+        let (dt, st_dt) = out_dtype(&cfg.dtype)?;
+        let points: Vec<HookPoint> = cfg.hooks.iter().map(|h| h.parse()).collect::<Result<_>>()?;
+        for p in &points {
+            p.validate(model.n_layers())?;
+        }
+        let files = corpus_files(corpus)?;
+        let ctx = Contexts::build(tok, &files, cfg.context_len)?;
+        let model_sha = model_sha256(model_path)?;
+        if let Some(m) = self.manifest()? {
+            if m.config == *cfg
+                && m.model_sha256 == model_sha
+                && m.corpus_sha256 == ctx.corpus_sha256
+                && m.prefix_len == ctx.prefix_len
+            {
+                m.verify(&self.dir)?;
+                return Ok(HarvestReport {
+                    manifest: m,
+                    cache_hit: true,
+                    forwards: 0,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    tokens_per_s: 0.0,
+                });
+            }
+        }
+        let (train, _) = ctx.split(cfg.holdout_contexts)?;
+        let per_ctx = (cfg.context_len - ctx.prefix_len) as u64;
+        let n_ctx = match cfg.max_tokens {
+            Some(m) => (m.div_ceil(per_ctx) as usize).min(train.len()),
+            None => train.len(),
+        };
+        let train = train.get(..n_ctx).unwrap_or(train);
+        if train.is_empty() {
+            return Err(Error::Invalid("nothing to harvest: zero contexts".into()));
+        }
+        // Stale outputs from other settings must not mix with the new ones.
+        if self.dir.join(MANIFEST).is_file() {
+            std::fs::remove_file(self.dir.join(MANIFEST))
+                .map_err(|e| Error::io(self.dir.join(MANIFEST), e))?;
+        }
+        let d = model.d_model();
+        let mut outputs = Vec::new();
+        for p in &points {
+            let name = p.to_string();
+            let hd = self.dir.join(&name);
+            if hd.is_dir() {
+                std::fs::remove_dir_all(&hd).map_err(|e| Error::io(&hd, e))?;
+            }
+            std::fs::create_dir_all(&hd).map_err(|e| Error::io(&hd, e))?;
+            outputs.push(HookEntry {
+                hook: name.clone(),
+                dir: name,
+                d_in: d,
+                tokens: 0,
+                shards: Vec::new(),
+            });
+        }
+        // The last hook point in forward order: the pass stops there.
+        let order = HookPoint::all(model.n_layers());
+        let last = points
+            .iter()
+            .copied()
+            .max_by_key(|p| order.iter().position(|q| q == p).unwrap_or(usize::MAX))
+            .unwrap_or(HookPoint::LnFinal);
+        let cache = ActivationCache::new();
+        let mut hooks = Hooks::new();
+        for p in &points {
+            hooks.add(*p, cache.clone());
+        }
+        hooks.add(
+            last,
+            |_: &HookPoint, _: &Tensor, _: &HookContext| -> Result<Option<Tensor>> {
+                Err(Error::Invalid(STOP.into()))
+            },
+        );
+        let bar = if cfg.progress {
+            let b = indicatif::ProgressBar::new(train.len() as u64 * per_ctx);
+            if let Ok(s) = indicatif::ProgressStyle::with_template(
+                "harvest {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
+            ) {
+                b.set_style(s);
+            }
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        // A writer thread hashes and writes shards while the model runs.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ShardJob>(2);
+        let writer = std::thread::spawn(move || -> Result<Vec<(usize, ShardEntry)>> {
+            let mut done = Vec::new();
+            for job in rx {
+                let sha = write_shard(&job.path, &job.bytes, st_dt, job.rows, d)?;
+                done.push((
+                    job.hook,
+                    ShardEntry {
+                        name: job.name,
+                        rows: job.rows as u64,
+                        sha256: sha,
+                    },
+                ));
+            }
+            Ok(done)
+        });
+        let elem = dt.size_in_bytes();
+        let row_bytes = d * elem;
+        let budget = cfg.max_tokens.unwrap_or(u64::MAX);
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); points.len()];
+        let mut counts = vec![0usize; points.len()];
+        let mut tokens: u64 = 0;
+        let mut forwards = 0;
+        let dev = model.device().clone();
+        let dir = self.dir.clone();
+        let send = |i: usize, buf: &mut Vec<u8>, c: &mut usize, rows: usize, o: &HookEntry| {
+            let rest = buf.split_off(rows * row_bytes);
+            let bytes = std::mem::replace(buf, rest);
+            let name = format!("shard_{:05}.safetensors", *c);
+            *c += 1;
+            tx.send(ShardJob {
+                hook: i,
+                path: dir.join(&o.dir).join(&name),
+                name,
+                bytes,
+                rows,
+            })
+            .map_err(|_| Error::Invalid("the shard writer stopped".into()))
+        };
+        let run = (|| -> Result<()> {
+            for batch in train.chunks(cfg.batch_size) {
+                let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+                let t = Tensor::from_vec(flat, (batch.len(), cfg.context_len), &dev)?;
+                match model.forward(&t, 0, &mut hooks) {
+                    Ok(_) => {}
+                    Err(Error::Invalid(m)) if m == STOP => {}
+                    Err(e) => return Err(e),
+                }
+                forwards += 1;
+                // The token budget may end mid-batch: keep only the rows within it.
+                let keep = (batch.len() as u64 * per_ctx).min(budget - tokens) as usize;
+                for (i, p) in points.iter().enumerate() {
+                    let a = cache.get(p)?.ok_or_else(|| {
+                        Error::Invalid(format!("hook point {p} was not reached by the model"))
+                    })?;
+                    let a = a.narrow(1, ctx.prefix_len, cfg.context_len - ctx.prefix_len)?;
+                    let a = a.reshape(((), d))?.narrow(0, 0, keep)?.to_dtype(dt)?;
+                    let (Some(buf), Some(o), Some(c)) =
+                        (bufs.get_mut(i), outputs.get(i), counts.get_mut(i))
+                    else {
+                        continue;
+                    };
+                    match dt {
+                        DType::F16 => buf.extend(
+                            a.flatten_all()?
+                                .to_vec1::<half::f16>()?
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes()),
+                        ),
+                        _ => buf.extend(
+                            a.flatten_all()?
+                                .to_vec1::<f32>()?
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes()),
+                        ),
+                    }
+                    while buf.len() >= cfg.shard_rows * row_bytes {
+                        send(i, buf, c, cfg.shard_rows, o)?;
+                    }
+                }
+                cache.clear();
+                tokens += keep as u64;
+                bar.inc(keep as u64);
+                if tokens >= budget {
+                    break;
+                }
+            }
+            for (i, o) in outputs.iter().enumerate() {
+                if let (Some(buf), Some(c)) = (bufs.get_mut(i), counts.get_mut(i)) {
+                    if !buf.is_empty() {
+                        let rows = buf.len() / row_bytes;
+                        send(i, buf, c, rows, o)?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let written = writer
+            .join()
+            .map_err(|_| Error::Invalid("the shard writer thread panicked".into()))?;
+        run?;
+        let written = written?;
+        bar.finish_and_clear();
+        for (i, s) in written {
+            if let Some(o) = outputs.get_mut(i) {
+                o.tokens += s.rows;
+                o.shards.push(s);
+            }
+        }
+        let rows = outputs.first().map_or(0, |o| o.tokens);
+        let manifest = Manifest {
+            model: model_path.display().to_string(),
+            model_sha256: model_sha,
+            corpus_sha256: ctx.corpus_sha256.clone(),
+            config: cfg.clone(),
+            contexts: n_ctx as u64,
+            prefix_len: ctx.prefix_len,
+            tokens: rows,
+            outputs,
+        };
+        let mp = self.dir.join(MANIFEST);
+        write_atomic(&mp, |w| {
+            serde_json::to_writer_pretty(&mut *w, &manifest)
+                .map_err(|e| Error::format("json", e.to_string()).in_file(&mp))
+        })?;
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(HarvestReport {
+            manifest,
+            cache_hit: false,
+            forwards,
+            seconds: secs,
+            tokens_per_s: rows as f64 / secs.max(1e-9),
+        })
+    }
+}
