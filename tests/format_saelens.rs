@@ -194,6 +194,15 @@ fn save_load_round_trip_is_bitwise() {
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect();
             assert_eq!(names.len(), 2, "{names:?}");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(dir.join("sae_weights.safetensors"))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o777, 0o644, "weights readable by others");
+            }
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }

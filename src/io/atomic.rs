@@ -37,10 +37,24 @@ pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
         name.to_string_lossy(),
         std::process::id()
     ));
-    let result =
-        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let result = write(&tmp)
+        .and_then(|()| readable(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Give the finished file ordinary permissions (rw-r--r--): some writers create their
+/// output private (0600), which would make a published SAE unreadable to other users.
+#[cfg(unix)]
+fn readable(p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).map_err(|e| Error::io(p, e))
+}
+
+#[cfg(not(unix))]
+fn readable(_: &Path) -> Result<()> {
+    Ok(())
 }
