@@ -23,7 +23,7 @@ OUT=${OUT:-assets/saes/smollm2}
 [ -d assets/austen ] || { echo "missing assets/austen: run scripts/fetch-assets.sh" >&2; exit 2; }
 
 cargo build --release --quiet
-BIN=target/release/sae-ablate
+BIN="${CARGO_TARGET_DIR:-target}/release/sae-ablate"
 
 start=$(date +%s)
 $BIN harvest --model "$MODEL" --out "$ACTS" --hooks "$HOOK" --max-tokens "$TOKENS"
