@@ -109,8 +109,9 @@ pub fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
     axpy4_scalar(y, a, w)
 }
 
+/// The AVX2 bodies; `load8` and `hsum` are shared with the model's small-matmul loop.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::Elem;
     use half::{bf16, f16};
     use std::any::TypeId;
@@ -120,7 +121,7 @@ mod avx2 {
     ///
     /// SAFETY: `p` must point to 8 readable `T`s; the CPU must support avx2 + f16c.
     #[inline(always)]
-    unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
+    pub(crate) unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
         if TypeId::of::<T>() == TypeId::of::<f32>() {
             _mm256_loadu_ps(p as *const f32)
         } else if TypeId::of::<T>() == TypeId::of::<f16>() {
@@ -139,8 +140,11 @@ mod avx2 {
         }
     }
 
+    /// Horizontal sum of 8 lanes.
+    ///
+    /// SAFETY: the CPU must support avx2.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

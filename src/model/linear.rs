@@ -108,36 +108,8 @@ fn dot_rows<T: Elem>(x: &[f32], w: &[T], ys: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Elem;
-    use half::{bf16, f16};
-    use std::any::TypeId;
+    use crate::kernels::simd::avx2::{hsum, load8};
     use std::arch::x86_64::*;
-
-    /// SAFETY: `p` points to 8 readable `T`s; avx2 + f16c available.
-    #[inline(always)]
-    unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
-        if TypeId::of::<T>() == TypeId::of::<f32>() {
-            _mm256_loadu_ps(p as *const f32)
-        } else if TypeId::of::<T>() == TypeId::of::<f16>() {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        } else if TypeId::of::<T>() == TypeId::of::<bf16>() {
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        } else {
-            let mut tmp = [0f32; 8];
-            for (i, t) in tmp.iter_mut().enumerate() {
-                *t = (*p.add(i)).to_f32();
-            }
-            _mm256_loadu_ps(tmp.as_ptr())
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// SAFETY: avx2, fma, f16c; `ys.len() <= 8`; `x.len() >= ys.len() * w.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
