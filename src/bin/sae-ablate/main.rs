@@ -4,6 +4,7 @@
 //! Exit code 0 on success, 2 on bad input (one line on stderr).
 
 mod bench;
+mod edit_args;
 mod model_cmds;
 mod train_cmds;
 
@@ -12,11 +13,10 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use sae_ablate::edit::{Edits, LatentEdit, LatentSet, SpliceMode};
 use sae_ablate::io::npy;
 use sae_ablate::kernels::EditPlan;
 use sae_ablate::sae::{Architecture, Sae};
-use sae_ablate::{Error, Result};
+use sae_ablate::Result;
 
 #[derive(Parser)]
 #[command(
@@ -64,27 +64,8 @@ enum Cmd {
         /// Output .npy (f32).
         #[arg(long)]
         output: PathBuf,
-        /// Latents to zero-ablate: `1,2,3`.
-        #[arg(long, value_delimiter = ',')]
-        zero: Vec<u32>,
-        /// A named latent set to zero-ablate (`esr26`: the ESR off-topic detectors).
-        #[arg(long)]
-        zero_preset: Option<String>,
-        /// Clamp latents to values: `ID=V,ID=V`.
-        #[arg(long, value_delimiter = ',')]
-        clamp: Vec<String>,
-        /// Scale latents by factors: `ID=A,ID=A`.
-        #[arg(long, value_delimiter = ',')]
-        scale: Vec<String>,
-        /// Add values to latents (latent-space steering): `ID=V,ID=V`.
-        #[arg(long, value_delimiter = ',')]
-        add: Vec<String>,
-        /// Steer by decoder directions, y += C·W_dec[ID]: `ID=C,ID=C`.
-        #[arg(long, value_delimiter = ',')]
-        steer: Vec<String>,
-        /// Splice mode: `error` (x + decode(f') − decode(f)) or `reconstruct` (decode(f')).
-        #[arg(long, default_value = "error")]
-        mode: SpliceMode,
+        #[command(flatten)]
+        edit: edit_args::EditArgs,
     },
     /// Run a model on a prompt (optionally with an SAE splice): writes f32 logits [seq, vocab] as .npy.
     Logits(model_cmds::LogitsArgs),
@@ -102,22 +83,6 @@ enum Cmd {
     /// Evaluate an SAE inside a model on held-out text: FVU, L0, dead latents, CE loss recovered.
     /// Example: sae-ablate eval --model M.gguf --sae my-sae --json
     Eval(train_cmds::EvalArgs),
-}
-
-fn pairs(flag: &str, items: &[String]) -> Result<Vec<(u32, f32)>> {
-    items
-        .iter()
-        .map(|s| {
-            let bad = || Error::Invalid(format!("bad --{flag} entry `{s}`: expected ID=VALUE"));
-            let (id, v) = s.split_once('=').ok_or_else(bad)?;
-            let id: u32 = id.trim().parse().map_err(|_| bad())?;
-            let v: f32 = v.trim().parse().map_err(|_| bad())?;
-            if !v.is_finite() {
-                return Err(bad());
-            }
-            Ok((id, v))
-        })
-        .collect()
 }
 
 fn stats(t: &candle_core::Tensor) -> Result<serde_json::Value> {
@@ -196,31 +161,10 @@ fn run(cli: Cli) -> Result<()> {
             sae,
             input,
             output,
-            zero,
-            zero_preset,
-            clamp,
-            scale,
-            add,
-            steer,
-            mode,
+            edit,
         } => {
             let sae = Sae::load(&sae, &dev)?;
-            let mut edits = Edits::new(mode).zero(&zero)?;
-            if let Some(name) = zero_preset {
-                edits = edits.zero(LatentSet::preset(&name, sae.d_sae())?.ids())?;
-            }
-            for (id, v) in pairs("clamp", &clamp)? {
-                edits = edits.with(id, LatentEdit::Clamp(v))?;
-            }
-            for (id, v) in pairs("scale", &scale)? {
-                edits = edits.with(id, LatentEdit::Scale(v))?;
-            }
-            for (id, v) in pairs("add", &add)? {
-                edits = edits.with(id, LatentEdit::Add(v))?;
-            }
-            for (id, c) in pairs("steer", &steer)? {
-                edits = edits.steer(id, c)?;
-            }
+            let edits = edit.edits(sae.d_sae())?;
             let plan = EditPlan::new(&sae, &edits)?;
             let x = npy::read_npy(&input, &dev)?;
             let y = plan.apply(&x).map_err(|e| e.in_file(&input))?;

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
-use sae_ablate::edit::{Edits, LatentEdit, LatentSet, SpliceMode};
 use sae_ablate::hooks::{HookPoint, Hooks, Positions, SaeSplice};
 use sae_ablate::io::npy;
 use sae_ablate::model::{self, HookedModel, LoadOptions, SamplingParams};
@@ -21,27 +20,8 @@ pub struct SpliceArgs {
     /// Hook point for the SAE, e.g. `blocks.5.hook_resid_post` (default: the SAE's own hook name).
     #[arg(long)]
     hook: Option<String>,
-    /// Latents to zero-ablate: `1,2,3`.
-    #[arg(long, value_delimiter = ',')]
-    zero: Vec<u32>,
-    /// A named latent set to zero-ablate (`esr26`: the ESR off-topic detectors).
-    #[arg(long)]
-    zero_preset: Option<String>,
-    /// Clamp latents to values: `ID=V,ID=V`.
-    #[arg(long, value_delimiter = ',')]
-    clamp: Vec<String>,
-    /// Scale latents by factors: `ID=A,ID=A`.
-    #[arg(long, value_delimiter = ',')]
-    scale: Vec<String>,
-    /// Add values to latents: `ID=V,ID=V`.
-    #[arg(long, value_delimiter = ',')]
-    add: Vec<String>,
-    /// Steer by decoder directions, y += C·W_dec[ID]: `ID=C,ID=C`.
-    #[arg(long, value_delimiter = ',')]
-    steer: Vec<String>,
-    /// Splice mode: `error` (x + decode(f') − decode(f)) or `reconstruct` (decode(f')).
-    #[arg(long, default_value = "error")]
-    mode: SpliceMode,
+    #[command(flatten)]
+    edit: crate::edit_args::EditArgs,
     /// Positions the splice acts on: `all`, `prompt`, `generated` or an absolute range `A..B`.
     #[arg(long, default_value = "all")]
     positions: String,
@@ -115,14 +95,7 @@ pub struct GenerateArgs {
 fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
     let mut hooks = Hooks::new();
     let Some(path) = &s.sae else {
-        let given = s.hook.is_some()
-            || !s.zero.is_empty()
-            || s.zero_preset.is_some()
-            || !s.clamp.is_empty()
-            || !s.scale.is_empty()
-            || !s.add.is_empty()
-            || !s.steer.is_empty();
-        if given {
+        if s.hook.is_some() || s.edit.any() {
             return Err(Error::Invalid(
                 "--hook and the edit flags need --sae <SAE>".into(),
             ));
@@ -150,22 +123,7 @@ fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
             m.d_model()
         )));
     }
-    let mut edits = Edits::new(s.mode).zero(&s.zero)?;
-    if let Some(name) = &s.zero_preset {
-        edits = edits.zero(LatentSet::preset(name, sae.d_sae())?.ids())?;
-    }
-    for (id, v) in crate::pairs("clamp", &s.clamp)? {
-        edits = edits.with(id, LatentEdit::Clamp(v))?;
-    }
-    for (id, v) in crate::pairs("scale", &s.scale)? {
-        edits = edits.with(id, LatentEdit::Scale(v))?;
-    }
-    for (id, v) in crate::pairs("add", &s.add)? {
-        edits = edits.with(id, LatentEdit::Add(v))?;
-    }
-    for (id, c) in crate::pairs("steer", &s.steer)? {
-        edits = edits.steer(id, c)?;
-    }
+    let edits = s.edit.edits(sae.d_sae())?;
     let positions: Positions = s.positions.parse()?;
     hooks.add(point, SaeSplice::new(&sae, &edits, positions)?);
     Ok(hooks)
