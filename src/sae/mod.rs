@@ -172,6 +172,23 @@ pub struct SaeWeights {
     pub w_skip: Option<Tensor>,
 }
 
+impl SaeWeights {
+    /// The four weights every architecture has; the optional ones start empty
+    /// (set them with struct-update syntax: `SaeWeights { threshold: Some(t), ..SaeWeights::new(..) }`).
+    pub fn new(w_enc: Tensor, b_enc: Tensor, w_dec: Tensor, b_dec: Tensor) -> Self {
+        SaeWeights {
+            w_enc,
+            b_enc,
+            w_dec,
+            b_dec,
+            threshold: None,
+            r_mag: None,
+            b_mag: None,
+            w_skip: None,
+        }
+    }
+}
+
 /// A sparse autoencoder, loaded from any supported format.
 ///
 /// ```

@@ -199,14 +199,8 @@ fn build_v1(m: &mut BTreeMap<String, Tensor>, site: V1Site) -> Result<Sae> {
         V1Site::Unknown => {}
     }
     let w = SaeWeights {
-        w_enc,
-        b_enc,
-        w_dec,
-        b_dec,
         threshold: Some(threshold),
-        r_mag: None,
-        b_mag: None,
-        w_skip: None,
+        ..SaeWeights::new(w_enc, b_enc, w_dec, b_dec)
     };
     Sae::with_format(cfg, w, Format::GemmaScope)
 }
@@ -329,14 +323,8 @@ fn build_v2(
     cfg.hook_name = hook;
     cfg.model_name = model_name;
     let w = SaeWeights {
-        w_enc,
-        b_enc,
-        w_dec,
-        b_dec,
         threshold: Some(threshold),
-        r_mag: None,
-        b_mag: None,
-        w_skip: None,
+        ..SaeWeights::new(w_enc, b_enc, w_dec, b_dec)
     };
     Sae::with_format(cfg, w, Format::GemmaScope2)
 }

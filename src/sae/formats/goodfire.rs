@@ -98,16 +98,7 @@ pub fn load_from(f: &PthFile, device: &Device) -> Result<Sae> {
     let mut cfg = SaeConfig::new(Architecture::Standard, d_in, d_sae);
     cfg.apply_b_dec_to_input = false;
     cfg.hook_name = hook_from_file_name(f.path());
-    let w = SaeWeights {
-        w_enc: w_enc.t()?,
-        b_enc,
-        w_dec: w_dec.t()?,
-        b_dec,
-        threshold: None,
-        r_mag: None,
-        b_mag: None,
-        w_skip: None,
-    };
+    let w = SaeWeights::new(w_enc.t()?, b_enc, w_dec.t()?, b_dec);
     Sae::with_format(cfg, w, Format::Goodfire)
 }
 

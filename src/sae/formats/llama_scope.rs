@@ -203,14 +203,8 @@ fn load_weights(cfg: LlamaScopeConfig, f: &TensorFile, dev: &Device) -> Result<S
     expect_shape("decoder.bias", &b_dec, &[d_in])?;
     let threshold = Tensor::full(cfg.threshold, d_sae, dev)?;
     let w = SaeWeights {
-        w_enc: enc.t()?,
-        b_enc,
-        w_dec: dec.t()?,
-        b_dec,
         threshold: Some(threshold),
-        r_mag: None,
-        b_mag: None,
-        w_skip: None,
+        ..SaeWeights::new(enc.t()?, b_enc, dec.t()?, b_dec)
     };
     Sae::with_format(cfg.sae, w, Format::LlamaScope)
 }

@@ -213,14 +213,8 @@ fn load_weights(cfg: SaeConfig, skip: bool, f: &TensorFile, dev: &Device) -> Res
         None
     };
     let w = SaeWeights {
-        w_enc: enc.t()?,
-        b_enc,
-        w_dec,
-        b_dec,
-        threshold: None,
-        r_mag: None,
-        b_mag: None,
         w_skip,
+        ..SaeWeights::new(enc.t()?, b_enc, w_dec, b_dec)
     };
     Sae::with_format(cfg, w, Format::Sparsify)
 }
