@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::edit::{Edits, SpliceMode};
 use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks, Positions, SaeSplice};
 use crate::model::HookedModel;
-use crate::train::plot::{register, FONT};
+use crate::train::plot::{write_png, FONT};
 use crate::train::MetricsAccumulator;
 use crate::{Error, Result, Sae};
 
@@ -204,18 +204,7 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 /// `tokens` tokens; dead latents are counted in the caption) into the PNG `path`
 /// (written to a temporary file beside it and renamed).
 pub fn plot_latent_density(fire_counts: &[f64], tokens: u64, path: &Path) -> Result<()> {
-    register();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(".tmp-{}-latent-density.png", std::process::id()));
-    let r = draw_density(fire_counts, tokens, &tmp)
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    write_png(path, |tmp| draw_density(fire_counts, tokens, tmp))
 }
 
 fn draw_density(counts: &[f64], tokens: u64, path: &Path) -> Result<()> {

@@ -31,6 +31,7 @@ pub mod bench;
 pub mod corpus;
 pub mod edit;
 mod error;
+pub mod esr;
 pub mod eval;
 pub mod harvest;
 pub mod hooks;

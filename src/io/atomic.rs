@@ -22,6 +22,14 @@ pub fn write_atomic(
     })
 }
 
+/// Write `value` as pretty JSON to `path`, atomically.
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    write_atomic(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value)
+            .map_err(|e| Error::format("json", e.to_string()).in_file(path))
+    })
+}
+
 /// Run `write(tmp)` on a temporary path beside `path`, then rename it over `path`.
 /// For writers that want a path rather than a stream (e.g. safetensors).
 pub fn write_atomic_path(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

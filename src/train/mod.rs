@@ -68,7 +68,7 @@ pub use metrics::{dead_fraction, fire_counts, fvu, mean_l0, mse, MetricsAccumula
 pub use plot::plot_training_curves;
 pub use source::{ActivationSource, InMemorySource, ShardSource, ACTIVATIONS_TENSOR};
 
-use crate::io::write_atomic;
+use crate::io::atomic::write_json;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use adamw::{Hyper, Moments};
@@ -832,13 +832,6 @@ impl<'a> Trainer<'a> {
             },
         )
     }
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    write_atomic(path, |w| {
-        serde_json::to_writer_pretty(&mut *w, value)
-            .map_err(|e| Error::format("json", e.to_string()).in_file(path))
-    })
 }
 
 fn check_batch(buf: &[f32], rows: usize, d: usize) -> Result<()> {

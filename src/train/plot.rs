@@ -29,15 +29,25 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 /// file beside it and renamed). Does nothing useful for an empty log but still writes a
 /// valid image.
 pub fn plot_training_curves(log: &[StepLog], path: &Path) -> Result<()> {
+    write_png(path, |tmp| draw(log, tmp))
+}
+
+/// Draw a PNG atomically: `draw(tmp)` renders into a temporary `.png` beside `path`
+/// (the bitmap encoder picks the format from the extension), which is renamed over `path`
+/// only on success. Registers the embedded font first.
+pub(crate) fn write_png(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     register();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    // The bitmap encoder picks the format from the extension: keep `.png` on the temp name.
-    let tmp = dir.join(format!(".tmp-{}-train-curve.png", std::process::id()));
-    let r =
-        draw(log, &tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}.png",
+        std::process::id(),
+        stem.unwrap_or_default()
+    ));
+    let r = draw(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -1,0 +1,304 @@
+//! The local judge: split an answer into attempts at explicit restart language, and score
+//! each attempt's relevance to its prompt with the unsteered model itself.
+//!
+//! The ESR paper used an LLM judge (Claude) for both. This judge needs no network:
+//!
+//! - **Attempts.** An answer is cut before every restart phrase ([`RESTART_PHRASES`],
+//!   matched case-insensitively at a word start), e.g. "Wait, that's not right" or
+//!   "Let me try again". Cuts closer than [`MIN_ATTEMPT_CHARS`] to the previous cut are
+//!   merged (one restart sentence often holds two phrases; a restart in the first
+//!   [`MIN_ATTEMPT_CHARS`] bytes is part of the first attempt), and empty pieces are dropped.
+//! - **Relevance.** For an attempt `a` answering prompt `p`, with `q` a different prompt
+//!   of the set (the one half the list away), the judge computes
+//!   `Δ = mean log p(a | p) − mean log p(a | q)` over the attempt's first
+//!   [`Judge::max_tokens`] tokens, each prompt rendered with the model's chat template and
+//!   `a` as the assistant's reply. An answer about its own prompt is much likelier after
+//!   that prompt (Δ > 0); text about something else is about as likely after any prompt
+//!   (Δ ≈ 0). The score is `100 · clamp(Δ / Δ_ref, 0, 1)`, where `Δ_ref` is the median Δ
+//!   of the model's own unsteered answers: a typical on-topic answer scores about 100 and
+//!   an answer that ignores its prompt scores about 0.
+
+use candle_core::{DType, Tensor};
+
+use crate::hooks::Hooks;
+use crate::model::{HookedModel, Tokenizer};
+use crate::{Error, Result};
+
+/// Restart phrases that start a new attempt (lower case; matched at a word start).
+pub const RESTART_PHRASES: &[&str] = &[
+    "wait,",
+    "wait.",
+    "wait!",
+    "wait -",
+    "hold on",
+    "that's not right",
+    "that is not right",
+    "that's not correct",
+    "that is not correct",
+    "that's wrong",
+    "i made a mistake",
+    "i apologize",
+    "sorry, i",
+    "sorry, that",
+    "oops",
+    "scratch that",
+    "let me try again",
+    "let me start over",
+    "let me start again",
+    "let me rephrase",
+    "let me correct",
+    "let me refocus",
+    "let me get back",
+    "let me go back",
+    "let's get back",
+    "let's start over",
+    "let's try again",
+    "actually, let me",
+    "i got off track",
+    "back to the question",
+    "back to the topic",
+    "getting back to",
+    "to get back on track",
+];
+
+/// Restart phrases closer than this many bytes to the previous cut join that cut.
+pub const MIN_ATTEMPT_CHARS: usize = 40;
+
+/// Split `text` into attempts (see the module docs). Always returns at least one attempt
+/// for non-blank text, none for blank text.
+pub fn split_attempts(text: &str) -> Vec<String> {
+    // ASCII lower-casing keeps byte offsets, so cuts found in `lower` are valid in `text`.
+    let lower = text.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let mut cuts: Vec<usize> = Vec::new();
+    for (i, _) in lower.char_indices() {
+        let at_word_start = i == 0
+            || bytes
+                .get(i - 1)
+                .is_some_and(|b| !b.is_ascii_alphanumeric() && *b != b'\'');
+        if !at_word_start || i == 0 {
+            continue;
+        }
+        let rest = lower.get(i..).unwrap_or_default();
+        if RESTART_PHRASES.iter().any(|p| rest.starts_with(p)) {
+            let last = cuts.last().copied().unwrap_or(0);
+            if i - last >= MIN_ATTEMPT_CHARS {
+                cuts.push(i);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(cuts.len() + 1);
+    let mut start = 0;
+    for &c in cuts.iter().chain(std::iter::once(&text.len())) {
+        if let Some(piece) = text.get(start..c) {
+            if !piece.trim().is_empty() {
+                out.push(piece.trim().to_string());
+            }
+        }
+        start = c;
+    }
+    out
+}
+
+/// The relevance judge (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Judge {
+    /// Chat-rendered token ids of each prompt (the attempt is appended as the reply).
+    prompts: Vec<Vec<u32>>,
+    /// Token ids the tokenizer prepends to any text (a BOS), stripped from attempts.
+    prefix: Vec<u32>,
+    /// Attempts are scored on at most this many leading tokens.
+    pub max_tokens: usize,
+    /// `Δ` of a typical on-topic answer (the median over the unsteered answers).
+    pub delta_ref: f64,
+    /// Sequences per forward pass.
+    pub batch_size: usize,
+}
+
+impl Judge {
+    /// A judge over the chat-rendered `prompts` (at least two); `delta_ref` starts at 1
+    /// until [`Judge::calibrate`] sets it.
+    pub fn new(
+        tok: &Tokenizer,
+        prompts: &[&str],
+        max_tokens: usize,
+        batch_size: usize,
+    ) -> Result<Self> {
+        if prompts.len() < 2 || max_tokens == 0 || batch_size == 0 {
+            return Err(Error::Invalid(format!(
+                "the judge needs at least 2 prompts (got {}), max_tokens ≥ 1 and batch_size ≥ 1",
+                prompts.len()
+            )));
+        }
+        let ids = prompts
+            .iter()
+            .map(|p| tok.encode(&tok.chat_prompt(p)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Judge {
+            prompts: ids,
+            prefix: tok.encode("")?,
+            max_tokens,
+            delta_ref: 1.0,
+            batch_size,
+        })
+    }
+
+    /// The prompt an attempt at prompt `i` is contrasted with.
+    pub fn other(&self, i: usize) -> usize {
+        (i + self.prompts.len() / 2) % self.prompts.len()
+    }
+
+    /// Set `delta_ref` to the median of `deltas` (the unsteered answers' Δ). Errors when
+    /// it is not positive: the model's own answers would then not be about their prompts,
+    /// and no score could be trusted.
+    pub fn calibrate(&mut self, deltas: &[f64]) -> Result<f64> {
+        let m = median(deltas);
+        if !(m.is_finite() && m > 0.0) {
+            return Err(Error::Invalid(format!(
+                "judge calibration: the unsteered answers' median Δ is {m}; it must be > 0 \
+                 (the answers are not more likely after their own prompt than after another)"
+            )));
+        }
+        self.delta_ref = m;
+        Ok(m)
+    }
+
+    /// Map a Δ to a 0–100 relevance score.
+    pub fn score(&self, delta: f64) -> f64 {
+        (100.0 * delta / self.delta_ref).clamp(0.0, 100.0)
+    }
+
+    /// `Δ` for each `(prompt index, attempt text)` (see the module docs).
+    pub fn deltas(
+        &self,
+        model: &mut dyn HookedModel,
+        tok: &Tokenizer,
+        items: &[(usize, &str)],
+    ) -> Result<Vec<f64>> {
+        let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(items.len() * 2);
+        for &(i, text) in items {
+            let ids = tok.encode(text)?;
+            let body = ids.strip_prefix(self.prefix.as_slice()).unwrap_or(&ids);
+            let body = body.get(..self.max_tokens.min(body.len())).unwrap_or(body);
+            for p in [i, self.other(i)] {
+                let ctx = self.prompts.get(p).ok_or_else(|| {
+                    Error::Invalid(format!("judge: prompt index {p} out of range"))
+                })?;
+                let mut s = ctx.clone();
+                s.extend_from_slice(body);
+                seqs.push((s, ctx.len()));
+            }
+        }
+        let lp = mean_logprobs(model, &seqs, self.batch_size)?;
+        Ok(lp.chunks_exact(2).map(|c| c[0] - c[1]).collect())
+    }
+}
+
+/// Median of `v` (NaN for an empty slice).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+/// For each `(ids, start)`, the mean log-probability the model gives tokens
+/// `ids[start..]` (each after all tokens before it); `0` when there is none. Sequences are
+/// right-padded into batches: causal attention keeps the padding out of every real
+/// position.
+pub fn mean_logprobs(
+    model: &mut dyn HookedModel,
+    seqs: &[(Vec<u32>, usize)],
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    let dev = model.device().clone();
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let t = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+        if t < 2 {
+            out.extend(std::iter::repeat_n(0.0, chunk.len()));
+            continue;
+        }
+        let b = chunk.len();
+        let mut flat = Vec::with_capacity(b * t);
+        let mut next = Vec::with_capacity(b * t);
+        for (s, _) in chunk {
+            let pad = s.first().copied().unwrap_or(0);
+            flat.extend_from_slice(s);
+            flat.extend(std::iter::repeat_n(pad, t - s.len()));
+            next.extend(s.iter().skip(1));
+            next.extend(std::iter::repeat_n(0, t + 1 - s.len()));
+        }
+        let toks = Tensor::from_vec(flat, (b, t), &dev)?;
+        let logits = model.forward(&toks, 0, &mut Hooks::new())?;
+        let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 2)?;
+        let tgt = Tensor::from_vec(next, (b, t), &dev)?.unsqueeze(2)?;
+        let picked = lsm.gather(&tgt, 2)?.squeeze(2)?.to_vec2::<f32>()?;
+        for ((s, start), row) in chunk.iter().zip(&picked) {
+            // Position j predicts token j + 1: the attempt's tokens start..len are
+            // predicted at positions start - 1 .. len - 1.
+            let lo = start.saturating_sub(1);
+            let hi = s.len().saturating_sub(1);
+            let vals = row.get(lo..hi).unwrap_or_default();
+            out.push(if vals.is_empty() || *start == 0 {
+                0.0
+            } else {
+                vals.iter().map(|&v| v as f64).sum::<f64>() / vals.len() as f64
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_at_restart_language() {
+        let a = split_attempts(
+            "To bake bread, mix flour and water and knead the dough well. \
+             Wait, that's not right! Let me try again. First, heat the oven.",
+        );
+        assert_eq!(a.len(), 2, "{a:?}");
+        assert!(a[0].starts_with("To bake bread"));
+        assert!(a[1].starts_with("Wait, that's not right!"), "{a:?}");
+    }
+
+    #[test]
+    fn no_split_inside_words_or_at_the_start() {
+        assert_eq!(
+            split_attempts("Await the dough's rise; it rises slowly.").len(),
+            1
+        );
+        assert_eq!(
+            split_attempts("Wait, first preheat the oven to 220 degrees.").len(),
+            1
+        );
+        assert!(split_attempts("   ").is_empty());
+    }
+
+    #[test]
+    fn three_attempts() {
+        let t = "Tomatoes need sun and a lot of regular watering every day. \
+                 Oops, I was talking about something else entirely there. \
+                 Let me start over: dig a hole twice as wide as the root ball.";
+        let a = split_attempts(t);
+        assert_eq!(a.len(), 3, "{a:?}");
+        assert!(a[2].starts_with("Let me start over"));
+    }
+
+    #[test]
+    fn median_is_the_middle() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+}
