@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job: fetch the assets (SmolLM2-135M-Instruct GGUF, the Austen corpus), then
-# harvest activations, train and evaluate the default SmolLM2 SAE
-# (assets/saes/smollm2/, SAELens format), printing its FVU / L0 / dead fraction /
-# CE loss recovered. The ESR ablation experiment (issue 6) will build on this SAE.
+# The main job: the ESR ablation experiment end to end on SmolLM2-135M-Instruct
+# (examples/esr_ablation.rs): fetch the assets (GGUF, Austen corpus), answer the prompts,
+# harvest + train + evaluate the SAE (Austen + the model's own chat answers), find the
+# off-topic-detector latents, calibrate steering, run baseline / OTD-ablated / 3 random
+# controls, and write results/esr/ (results.json, report.md, plots, sae/).
+# Extra arguments go to the example, e.g. `scripts/main-job.sh --quick --out results/esr-quick`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-assets.sh
-scripts/train-smollm2-sae.sh
+cargo run --release --example esr_ablation -- "$@"

@@ -131,7 +131,9 @@ pub fn evaluate(
     let mut acc = MetricsAccumulator::new(d, sae.d_sae());
     let (mut clean, mut spliced, mut zero, mut n_ce) = (0f64, 0f64, 0f64, 0u64);
     let splice_edits = Edits::new(SpliceMode::Reconstruction);
+    let pb = crate::progress::bar(contexts.len() as u64, "eval", "contexts", true);
     for batch in contexts.chunks(cfg.batch_size) {
+        pb.inc(batch.len() as u64);
         let flat: Vec<u32> = batch.iter().flatten().copied().collect();
         let tokens = Tensor::from_vec(flat, (batch.len(), t), &dev)?;
         // Clean, capturing x.
@@ -193,6 +195,7 @@ pub fn evaluate(
         tokens: acc.tokens(),
         ce_positions: n_ce,
     };
+    pb.finish_and_clear();
     Ok((report, acc))
 }
 

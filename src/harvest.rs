@@ -497,17 +497,12 @@ impl ActivationStore {
                 Err(Error::Invalid(STOP.into()))
             },
         );
-        let bar = if cfg.progress {
-            let b = indicatif::ProgressBar::new(train.len() as u64 * per_ctx);
-            if let Ok(s) = indicatif::ProgressStyle::with_template(
-                "harvest {bar:40} {pos}/{len} tokens ({per_sec}, eta {eta})",
-            ) {
-                b.set_style(s);
-            }
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
+        let bar = crate::progress::bar(
+            train.len() as u64 * per_ctx,
+            "harvest",
+            "tokens",
+            cfg.progress,
+        );
         // A writer thread hashes and writes shards while the model runs.
         let (tx, rx) = std::sync::mpsc::sync_channel::<ShardJob>(2);
         let writer = std::thread::spawn(move || -> Result<Vec<(usize, ShardEntry)>> {

@@ -38,6 +38,7 @@ pub mod hooks;
 pub mod io;
 pub mod kernels;
 pub mod model;
+mod progress;
 pub mod sae;
 pub mod train;
 

@@ -362,16 +362,7 @@ struct Ctx<'a> {
 }
 
 fn bar(cfg: &EsrConfig, len: u64, what: &str) -> indicatif::ProgressBar {
-    if !cfg.progress {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(len);
-    if let Ok(s) = indicatif::ProgressStyle::with_template(&format!(
-        "{what:>12} {{bar:40}} {{pos}}/{{len}} ({{elapsed}}, eta {{eta}})"
-    )) {
-        b.set_style(s);
-    }
-    b
+    crate::progress::bar(len, what, "", cfg.progress)
 }
 
 impl Ctx<'_> {
@@ -714,8 +705,9 @@ fn steer_hooks(sae: &Sae, point: &HookPoint, latent: u32, strength: f32) -> Resu
     Ok(Hooks::new().with(*point, AddVector::new(&dir, strength, Positions::All)?))
 }
 
-/// A fingerprint of the model files (names, sizes, modification times): cheap even for
-/// a 140 GB checkpoint, and it changes when the files do.
+/// A fingerprint of the model files (file names, sizes, modification times): cheap even
+/// for a 140 GB checkpoint, the same whichever path reaches the files, and it changes when
+/// the files do.
 fn model_fingerprint(path: &Path) -> Result<String> {
     let mut files = vec![path.to_path_buf()];
     if path.is_dir() {
@@ -733,7 +725,8 @@ fn model_fingerprint(path: &Path) -> Result<String> {
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
-        s.push_str(&format!("{}:{}:{};", f.display(), m.len(), t));
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+        s.push_str(&format!("{}:{}:{};", name.unwrap_or_default(), m.len(), t));
     }
     Ok(s)
 }

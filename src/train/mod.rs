@@ -798,8 +798,11 @@ impl<'a> Trainer<'a> {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             write_json(&dir.join("train_config.json"), &self.cfg)?;
         }
+        let pb = crate::progress::bar(n as u64, "train", "steps", true);
+        pb.set_position(self.step as u64);
         while self.step < n {
             self.step()?;
+            pb.set_position(self.step as u64);
             let every = self.cfg.checkpoint_every;
             if let Some(dir) = out_dir {
                 if every > 0 && self.step % every == 0 && self.step < n {
@@ -809,6 +812,7 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
+        pb.finish_and_clear();
         let sae = self.sae()?;
         if let Some(dir) = out_dir {
             sae.save_saelens(dir)?;
