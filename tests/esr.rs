@@ -124,7 +124,12 @@ fn quick_experiment_writes_the_output_contract() {
         e.ce_spliced > e.ce_clean && e.ce_zero_ablated > e.ce_spliced,
         "{e:?}"
     );
-    assert!((e.l0 - cfg.train.k as f64).abs() < 1e-6, "TopK L0 {}", e.l0);
+    let k = cfg.train.k as f64;
+    assert!(
+        e.l0 <= k + 1e-9 && e.l0 > 0.5 * k,
+        "TopK L0 {} (k = {k})",
+        e.l0
+    );
     assert!(j["otd_latents"].is_array());
     assert!(j["config"]["seed"].as_u64() == Some(cfg.seed));
     assert!(j["timings"]["stages"]["trials"].is_f64());
