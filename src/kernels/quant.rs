@@ -266,36 +266,50 @@ impl QMatrix {
         }
         let a = QActs::new(x, n, self.cols);
         let (rows, avx) = (self.rows, has_avx2());
-        let mut yt = vec![0f32; rows * n];
+        let mut y = vec![0f32; n * rows];
         if rows == 0 || n == 0 {
-            return Ok(yt);
+            return Ok(y);
         }
         // A few tasks per thread: the machine is shared, so equal halves would wait on
         // the slower core.
         let tasks = 4 * rayon::current_num_threads();
         let chunk = rows.div_ceil(tasks).max(16);
-        yt.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(ci, ys)| {
+        if n == 1 {
+            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
+                for (rr, o) in ys.iter_mut().enumerate() {
+                    self.dot_rows(ci * chunk + rr, &a, 0, std::slice::from_mut(o), avx);
+                }
+            });
+            return Ok(y);
+        }
+        // Each task fills `[n, nr]` for its `nr` weight rows in a small buffer, then the
+        // rows are copied into place (scattered single stores into `y` were slower than
+        // the kernel on wide outputs such as the LM head).
+        let parts: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(chunk))
+            .into_par_iter()
+            .map(|ci| {
                 let r0 = ci * chunk;
-                let nr = ys.len() / n;
+                let nr = chunk.min(rows - r0);
+                let mut local = vec![0f32; n * nr];
+                let mut tmp = [0f32; TILE];
                 let mut i0 = 0;
                 while i0 < n {
                     let t = (n - i0).min(TILE);
                     for rr in 0..nr {
-                        let out = &mut ys[rr * n + i0..rr * n + i0 + t];
-                        self.dot_rows(r0 + rr, &a, i0, out, avx);
+                        self.dot_rows(r0 + rr, &a, i0, &mut tmp[..t], avx);
+                        for (k, &v) in tmp[..t].iter().enumerate() {
+                            local[(i0 + k) * nr + rr] = v;
+                        }
                     }
                     i0 += t;
                 }
-            });
-        if n == 1 {
-            return Ok(yt);
-        }
-        let mut y = vec![0f32; n * rows];
-        for (o, col) in yt.chunks_exact(n).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                y[i * rows + o] = v;
+                (r0, local)
+            })
+            .collect();
+        for (r0, local) in parts {
+            let nr = local.len() / n;
+            for (i, src) in local.chunks_exact(nr).enumerate() {
+                y[i * rows + r0..i * rows + r0 + nr].copy_from_slice(src);
             }
         }
         Ok(y)
@@ -456,6 +470,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let low = _mm_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc2 = [_mm256_setzero_ps(); N];
         let mut accm = [_mm256_setzero_ps(); N];
         let mut tail = [0f32; N];
         let mut sc = [[0f32; 8]; N];
@@ -504,13 +519,19 @@ mod avx2 {
                     // u8 × i8 pairs summed to i16 (≤ 2·128·127, no saturation), then i32.
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
                     let s = _mm256_broadcast_ss(&sc[k][t]);
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k]);
+                    // Few rows: odd blocks go to a second accumulator so that two FMA
+                    // chains overlap (one chain would wait on the FMA latency).
+                    if N <= 2 && t % 2 == 1 {
+                        acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc2[k]);
+                    } else {
+                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k]);
+                    }
                 }
             }
             b += g;
         }
         for k in 0..N {
-            out[k] = hsum(acc[k]) + hsum(accm[k]) + tail[k];
+            out[k] = hsum(_mm256_add_ps(acc[k], acc2[k])) + hsum(accm[k]) + tail[k];
         }
     }
 }
