@@ -312,14 +312,24 @@ fn decode_attention(
                     scores[j] = s;
                     max = max.max(s);
                 }
+                // Weights below e^-80 (relative to the largest) are dropped: their exp is
+                // within a few powers of two of f32's subnormal range, where arithmetic
+                // takes microcode assists, and their share of the sum is below 1e-34.
                 let mut sum = 0f32;
                 for s in &mut scores[pad..total] {
-                    *s = (*s - max).exp();
+                    let e = *s - max;
+                    *s = if e > -80.0 { e.exp() } else { 0.0 };
                     sum += *s;
                 }
                 for j in pad..total {
-                    let p = scores[j] / sum;
-                    crate::kernels::simd::axpy(out, p, &vbuf[base + j * hd..base + (j + 1) * hd]);
+                    if scores[j] > 0.0 {
+                        let p = scores[j] / sum;
+                        crate::kernels::simd::axpy(
+                            out,
+                            p,
+                            &vbuf[base + j * hd..base + (j + 1) * hd],
+                        );
+                    }
                 }
             });
     }
