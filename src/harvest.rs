@@ -314,6 +314,9 @@ pub struct HarvestReport {
     pub seconds: f64,
     /// Activation rows per second (per hook point); 0 on a cache hit.
     pub tokens_per_s: f64,
+    /// Seconds of the forward passes and shard writes alone (without tokenizing the
+    /// corpus and hashing the model); 0 on a cache hit.
+    pub loop_seconds: f64,
 }
 
 /// A harvest directory: activations of a model over a corpus, written once and then cached.
@@ -444,19 +447,12 @@ impl ActivationStore {
                     forwards: 0,
                     seconds: t0.elapsed().as_secs_f64(),
                     tokens_per_s: 0.0,
+                    loop_seconds: 0.0,
                 });
             }
         }
-        let (train, _) = ctx.split(cfg.holdout_contexts)?;
-        let per_ctx = (cfg.context_len - ctx.prefix_len) as u64;
-        let n_ctx = match cfg.max_tokens {
-            Some(m) => (m.div_ceil(per_ctx) as usize).min(train.len()),
-            None => train.len(),
-        };
-        let train = train.get(..n_ctx).unwrap_or(train);
-        if train.is_empty() {
-            return Err(Error::Invalid("nothing to harvest: zero contexts".into()));
-        }
+        let (train, per_ctx) = harvested_contexts(&ctx, cfg)?;
+        let n_ctx = train.len();
         // Stale outputs from other settings must not mix with the new ones.
         if self.dir.join(MANIFEST).is_file() {
             std::fs::remove_file(self.dir.join(MANIFEST))
@@ -479,24 +475,12 @@ impl ActivationStore {
                 shards: Vec::new(),
             });
         }
-        // The last hook point in forward order: the pass stops there.
-        let order = HookPoint::all(model.n_layers());
-        let last = points
-            .iter()
-            .copied()
-            .max_by_key(|p| order.iter().position(|q| q == p).unwrap_or(usize::MAX))
-            .unwrap_or(HookPoint::LnFinal);
         let cache = ActivationCache::new();
         let mut hooks = Hooks::new();
         for p in &points {
             hooks.add(*p, cache.clone());
         }
-        hooks.add(
-            last,
-            |_: &HookPoint, _: &Tensor, _: &HookContext| -> Result<Option<Tensor>> {
-                Err(Error::Invalid(STOP.into()))
-            },
-        );
+        add_stop_hook(&mut hooks, &points, model.n_layers());
         let bar = crate::progress::bar(
             train.len() as u64 * per_ctx,
             "harvest",
@@ -543,6 +527,7 @@ impl ActivationStore {
             })
             .map_err(|_| Error::Invalid("the shard writer stopped".into()))
         };
+        let t_loop = Instant::now();
         let run = (|| -> Result<()> {
             for batch in train.chunks(cfg.batch_size) {
                 let flat: Vec<u32> = batch.iter().flatten().copied().collect();
@@ -605,6 +590,7 @@ impl ActivationStore {
         let written = writer
             .join()
             .map_err(|_| Error::Invalid("the shard writer thread panicked".into()))?;
+        let loop_seconds = t_loop.elapsed().as_secs_f64();
         run?;
         let written = written?;
         bar.finish_and_clear();
@@ -637,6 +623,80 @@ impl ActivationStore {
             forwards,
             seconds: secs,
             tokens_per_s: rows as f64 / secs.max(1e-9),
+            loop_seconds,
         })
     }
+}
+
+/// The training contexts a harvest with `cfg` reads (the first ones holding
+/// `cfg.max_tokens` rows) and the rows each contributes.
+fn harvested_contexts<'a>(ctx: &'a Contexts, cfg: &HarvestConfig) -> Result<(&'a [Context], u64)> {
+    let (train, _) = ctx.split(cfg.holdout_contexts)?;
+    let per_ctx = (cfg.context_len - ctx.prefix_len) as u64;
+    let n_ctx = match cfg.max_tokens {
+        Some(m) => (m.div_ceil(per_ctx) as usize).min(train.len()),
+        None => train.len(),
+    };
+    let train = train.get(..n_ctx).unwrap_or(train);
+    if train.is_empty() {
+        return Err(Error::Invalid("nothing to harvest: zero contexts".into()));
+    }
+    Ok((train, per_ctx))
+}
+
+/// Stop the forward pass right after the last of `points` in forward order.
+fn add_stop_hook(hooks: &mut Hooks, points: &[HookPoint], n_layers: usize) {
+    let order = HookPoint::all(n_layers);
+    let last = points
+        .iter()
+        .copied()
+        .max_by_key(|p| order.iter().position(|q| q == p).unwrap_or(usize::MAX))
+        .unwrap_or(HookPoint::LnFinal);
+    hooks.add(
+        last,
+        |_: &HookPoint, _: &Tensor, _: &HookContext| -> Result<Option<Tensor>> {
+            Err(Error::Invalid(STOP.into()))
+        },
+    );
+}
+
+/// The baseline of a harvest's speed: the same forward passes as
+/// [`ActivationStore::harvest`] with `cfg` over `ctx` (same batches, stopped at the same
+/// hook point) capturing and writing nothing. Returns activation rows per second, to set
+/// against `rows / `[`HarvestReport::loop_seconds`].
+pub fn plain_forward_rows_per_s(
+    model: &mut dyn HookedModel,
+    ctx: &Contexts,
+    cfg: &HarvestConfig,
+) -> Result<f64> {
+    if cfg.batch_size == 0 || cfg.hooks.is_empty() {
+        return Err(Error::Invalid(
+            "harvest needs at least one hook and batch size ≥ 1".into(),
+        ));
+    }
+    let points: Vec<HookPoint> = cfg.hooks.iter().map(|h| h.parse()).collect::<Result<_>>()?;
+    for p in &points {
+        p.validate(model.n_layers())?;
+    }
+    let (train, per_ctx) = harvested_contexts(ctx, cfg)?;
+    let mut hooks = Hooks::new();
+    add_stop_hook(&mut hooks, &points, model.n_layers());
+    let dev = model.device().clone();
+    let budget = cfg.max_tokens.unwrap_or(u64::MAX);
+    let mut rows = 0u64;
+    let t = Instant::now();
+    for batch in train.chunks(cfg.batch_size) {
+        let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+        let x = Tensor::from_vec(flat, (batch.len(), cfg.context_len), &dev)?;
+        match model.forward(&x, 0, &mut hooks) {
+            Ok(_) => {}
+            Err(Error::Invalid(m)) if m == STOP => {}
+            Err(e) => return Err(e),
+        }
+        rows += (batch.len() as u64 * per_ctx).min(budget - rows);
+        if rows >= budget {
+            break;
+        }
+    }
+    Ok(rows as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }

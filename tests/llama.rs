@@ -625,6 +625,81 @@ fn cli_logits_and_generate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `generate` with several prompts (repeated --prompt and --prompts-file) prints one JSON
+/// line per prompt, in order, each equal to that prompt's own single-prompt run; the
+/// quantized weight format continues "The capital of France is" with " Paris" too.
+#[test]
+fn cli_generate_batch_matches_single_prompts() {
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_sae-ablate");
+    let gguf = gguf_path();
+    let g = gguf.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let prompts = ["The capital of France is", "Water boils at"];
+    let common = ["generate", "--model", g, "--max-new-tokens", "5", "--json"];
+    let single: Vec<serde_json::Value> = prompts
+        .iter()
+        .map(|p| {
+            let mut args = common.to_vec();
+            args.extend(["--prompt", p]);
+            serde_json::from_str(run(&args).trim()).unwrap()
+        })
+        .collect();
+    let mut args = common.to_vec();
+    args.extend(["--prompt", prompts[0], "--prompt", prompts[1]]);
+    let batch = run(&args);
+    let dir = std::env::temp_dir().join(format!("sae-ablate-cli-batch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prompts.txt");
+    std::fs::write(&file, format!("{}\n\n{}\n", prompts[0], prompts[1])).unwrap();
+    let mut args = common.to_vec();
+    args.extend(["--prompts-file", file.to_str().unwrap()]);
+    let from_file = run(&args);
+    for out in [&batch, &from_file] {
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        for (i, (l, s)) in lines.iter().zip(&single).enumerate() {
+            assert_eq!(l["prompt"], prompts[i]);
+            assert_eq!(l["ids"], s["ids"], "prompt {i}");
+            assert_eq!(l["prompt_ids"], s["prompt_ids"], "prompt {i}");
+            assert_eq!(l["text"], s["text"], "prompt {i}");
+        }
+    }
+    assert!(single[0]["text"].as_str().unwrap().starts_with(" Paris"));
+    // The quantized weight format.
+    let mut args = common.to_vec();
+    args.extend(["--prompt", prompts[0], "--weights", "quantized"]);
+    let q: serde_json::Value = serde_json::from_str(run(&args).trim()).unwrap();
+    assert!(q["text"].as_str().unwrap().starts_with(" Paris"), "{q}");
+    // An empty prompts file is an error naming the file.
+    std::fs::write(&file, "\n\n").unwrap();
+    let out = Command::new(bin)
+        .args([
+            "generate",
+            "--model",
+            g,
+            "--prompts-file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prompts.txt"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Left-padded batch generation reproduces each prompt's own greedy generation.
 #[test]
 fn batch_generation_matches_single_prompts() {

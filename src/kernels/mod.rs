@@ -14,6 +14,7 @@
 
 pub mod cpu;
 pub mod encode;
+pub mod quant;
 pub mod simd;
 
 pub use cpu::EditPlan;

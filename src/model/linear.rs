@@ -1,14 +1,46 @@
 //! `y = x Wᵀ` for the model's projections.
 //!
-//! Few rows (decode steps, short prompts): a row-parallel loop that streams each weight
-//! row once for all rows of `x`, with the crate's AVX2/F16C dot products, reading f32,
-//! f16 or bf16 weights in place. Many rows (prefill): candle's `gemm`.
+//! Dense weights: few rows (decode steps, short prompts) go through a row-parallel loop
+//! that streams each weight row once for all rows of `x`, with the crate's AVX2/F16C dot
+//! products, reading f32, f16 or bf16 weights in place; many rows (prefill) through
+//! candle's `gemm`. Block-quantized weights: [`QMatrix::matmul`] for any row count.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
 use crate::Result;
+
+/// A weight matrix `[out, in]`: a dense candle tensor or GGUF-style blocks.
+#[derive(Debug, Clone)]
+pub(crate) enum Weight {
+    /// f32, f16 or bf16.
+    Dense(Tensor),
+    /// Q4_1 or Q8_0 blocks (CPU only).
+    Quant(QMatrix),
+}
+
+impl Weight {
+    /// Bytes one pass over the matrix reads.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// `x [n, in]` (f32, row-major) times the matrix transposed → `[n, out]`.
+    pub(crate) fn matmul_vec(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        match self {
+            Weight::Quant(q) => q.matmul(x, n),
+            Weight::Dense(w) => {
+                let xt = Tensor::from_slice(x, (n, x.len() / n.max(1)), w.device())?;
+                Ok(linear(&xt, self)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}
 
 /// Row counts up to this use the streaming path.
 pub(crate) const SMALL_ROWS: usize = 8;
@@ -17,8 +49,20 @@ pub(crate) const SMALL_ROWS: usize = 8;
 const BLOCK: usize = 32;
 
 /// `x [n, in]` (f32) times `w [out, in]`ᵀ → `[n, out]` f32.
-pub(crate) fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Weight) -> Result<Tensor> {
     let n = x.dim(0)?;
+    let w = match w {
+        Weight::Dense(w) => w,
+        Weight::Quant(q) => {
+            let xv = x
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let y = q.matmul(&xv, n)?;
+            return Ok(Tensor::from_vec(y, (n, q.dims().0), x.device())?);
+        }
+    };
     if n <= SMALL_ROWS && w.is_contiguous() && x.device().is_cpu() {
         if let Some(y) = small(x, w)? {
             return Ok(y);
@@ -184,7 +228,10 @@ mod tests {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let y = linear(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+                let y = linear(&x, &Weight::Dense(w.clone()))
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
                 for i in 0..n {
                     for o in 0..out {
                         let want: f64 = (0..inp)

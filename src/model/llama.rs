@@ -1,7 +1,7 @@
 //! The Llama family (SmolLM2, Llama 2/3.x, …): RMSNorm, RoPE, grouped-query
 //! attention, SwiGLU MLP, tied or untied LM head, causal mask, KV cache; loaded
-//! from GGUF (weights dequantized at load) or an HF directory (`config.json` +
-//! memory-mapped `*.safetensors`).
+//! from GGUF or an HF directory (`config.json` + memory-mapped `*.safetensors`), with
+//! dense (dequantized) or block-quantized weights ([`WeightFormat`]).
 //!
 //! RoPE: GGUF files store Q/K weights permuted for the interleaved convention
 //! (pairs `x[2i], x[2i+1]`, llama.cpp's `rope_norm`); HF safetensors keep the
@@ -9,8 +9,11 @@
 //! one; [`LoadOptions::rope_style`] overrides it (only useful to show that the
 //! other one is wrong).
 //!
-//! Matmuls go through candle's `gemm` with fused QKV and gate/up projections; the
-//! attention handles grouped-query heads without copying K/V per query head.
+//! Projections are fused (QKV, gate/up). Prefill runs candle ops (its `gemm` for dense
+//! weights); a decode step (`t = 1` on the CPU) runs on plain slices: RMSNorm, the
+//! projections, attention over the KV cache (query heads in parallel), SwiGLU and the
+//! residual adds, with a tensor built only at hook points that have hooks. Grouped-query
+//! attention never copies K/V per query head.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +21,11 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 
+use super::linear::Weight;
 use super::HookedModel;
 use crate::hooks::{HookContext, HookPoint, Hooks, Phase};
 use crate::io::TensorFile;
+use crate::kernels::quant::{QMatrix, QType};
 use crate::{Error, Result};
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -135,12 +140,31 @@ impl LlamaConfig {
     }
 }
 
+/// How the weight matrices are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Dense tensors of [`LoadOptions::dtype`] (GGUF blocks are dequantized at load).
+    /// The reference format: logits match candle-transformers' dequantized model.
+    #[default]
+    Dense,
+    /// GGUF block formats, CPU only (see [`crate::kernels::quant`]): `Q4_1` and `Q8_0`
+    /// tensors stay as stored; any other tensor (other GGUF types, safetensors) is
+    /// quantized to `Q8_0` at load. Activations are quantized to 8 bits per block of 32
+    /// for each product, as llama.cpp does: the fastest decode; next-token distributions
+    /// stay within ~0.01 nats (KL) of the dense model's, single logits within ~1–4.
+    /// Needs every matrix's input width to be a multiple of 32.
+    Quantized,
+}
+
 /// Options for loading a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The dtype the weight matrices are kept in (`F32`, `F16` or `BF16`); norms stay f32
-    /// and every activation is f32. Default `F32` (candle's CPU bf16 matmul widens per call).
+    /// The dtype the weight matrices are kept in (`F32`, `F16` or `BF16`) with
+    /// [`WeightFormat::Dense`]; norms stay f32 and every activation is f32. Default `F32`
+    /// (candle's CPU bf16 matmul widens per call).
     pub dtype: DType,
+    /// Dense (default) or block-quantized weight matrices.
+    pub weights: WeightFormat,
     /// Override the RoPE convention (default: interleaved for GGUF, rotate-half for HF).
     pub rope_style: Option<RopeStyle>,
     /// Cap the context length (saves the RoPE tables of 128k-context models).
@@ -153,6 +177,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             dtype: DType::F32,
+            weights: WeightFormat::Dense,
             rope_style: None,
             max_seq_len: None,
             device: Device::Cpu,
@@ -162,43 +187,48 @@ impl Default for LoadOptions {
 
 struct Layer {
     attn_norm: Tensor,
+    /// The norm weights as vectors (the decode step's slices).
+    attn_norm_v: Vec<f32>,
+    ffn_norm_v: Vec<f32>,
     /// `[(n_heads + 2 n_kv_heads) · head_dim, d_model]`: q, k, v stacked.
-    wqkv: Tensor,
+    wqkv: Weight,
     /// `[d_model, n_heads · head_dim]`.
-    wo: Tensor,
+    wo: Weight,
     ffn_norm: Tensor,
     /// `[2 d_ff, d_model]`: gate, up stacked.
-    w_gate_up: Tensor,
+    w_gate_up: Weight,
     /// `[d_model, d_ff]`.
-    w_down: Tensor,
+    w_down: Weight,
     /// Preallocated `[batch, n_kv_heads, capacity, head_dim]` buffers, filled up to the
     /// model's `cache_len` (no copy of the whole cache per decode step).
     k_cache: Option<Tensor>,
     v_cache: Option<Tensor>,
 }
 
-/// One decode step of attention on the CPU (`t = 1`), fused: RoPE on q and k, the K/V
-/// append, scores, softmax and the weighted sum of values in one pass over the cache,
-/// instead of a dozen small candle ops per layer. `qkv [b, (n_heads + 2 n_kv_heads)·hd]`;
+/// One decode step of attention on the CPU (`t = 1`), fused: RoPE on q and k (in place
+/// in `qkv`), the K/V append, scores, softmax and the weighted sum of values in one pass
+/// over the cache, query heads in parallel. `qkv [b, (n_heads + 2 n_kv_heads)·hd]`;
 /// returns `y [b, n_heads·hd]` and the updated cache buffers. Same arithmetic as the
 /// general path (f32 throughout).
 fn decode_attention(
     c: &LlamaConfig,
     (cos_t, sin_t): (&[f32], &[f32]),
     (kc, vc): (&Option<Tensor>, &Option<Tensor>),
-    qkv: &Tensor,
+    v: &mut [f32],
+    b: usize,
     pos: usize,
     pads: Option<&[usize]>,
-) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+) -> Result<(Vec<f32>, Option<Tensor>, Option<Tensor>)> {
+    use rayon::prelude::*;
     let (nh, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let half = hd / 2;
-    let b = qkv.dim(0)?;
     let w = (nh + 2 * kvh) * hd;
-    let mut v = qkv
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    if v.len() != b * w {
+        return Err(Error::Invalid(format!(
+            "decode attention: {} q/k/v values for a batch of {b}",
+            v.len()
+        )));
+    }
     let (cos, sin) = match (
         cos_t.get(pos * half..(pos + 1) * half),
         sin_t.get(pos * half..(pos + 1) * half),
@@ -231,14 +261,15 @@ fn decode_attention(
             }
         }
     }
+    let v: &[f32] = v;
     let gather = |off: usize| -> Vec<f32> {
         v.chunks(w)
             .flat_map(|row| row[off..off + kvh * hd].iter().copied())
             .collect()
     };
-    let dev = qkv.device();
-    let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), dev)?;
-    let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), dev)?;
+    let dev = Device::Cpu;
+    let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), &dev)?;
+    let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), &dev)?;
     let (mut kb, mut vb) = (kc.clone(), vc.clone());
     append_kv(&mut kb, &k_new, pos, c.max_seq_len)?;
     append_kv(&mut vb, &v_new, pos, c.max_seq_len)?;
@@ -260,14 +291,20 @@ fn decode_attention(
             ) => (&k[kl.start_offset()..], &v[vl.start_offset()..]),
             _ => return Err(Error::Invalid("KV cache is not f32 on the CPU".into())),
         };
-        let mut scores = vec![0f32; total];
-        for bi in 0..b {
-            let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0).min(pos);
-            let q_row = &v[bi * w..bi * w + nh * hd];
-            for h in 0..nh {
-                let g = h / rep;
-                let base = (bi * kvh + g) * cap * hd;
-                let q = &q_row[h * hd..(h + 1) * hd];
+        if kbuf.len() < b * kvh * cap * hd || vbuf.len() < b * kvh * cap * hd {
+            return Err(Error::Invalid("KV cache buffer too small".into()));
+        }
+        // One task per (row, query head); short caches are not worth a thread hop.
+        let min = if total < 64 { nh } else { 1 };
+        y.par_chunks_mut(hd)
+            .with_min_len(min)
+            .enumerate()
+            .for_each(|(idx, out)| {
+                let (bi, h) = (idx / nh, idx % nh);
+                let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0).min(pos);
+                let base = (bi * kvh + h / rep) * cap * hd;
+                let q = &v[bi * w + h * hd..bi * w + (h + 1) * hd];
+                let mut scores = vec![0f32; total];
                 let mut max = f32::NEG_INFINITY;
                 for j in pad..total {
                     let kj = &kbuf[base + j * hd..base + (j + 1) * hd];
@@ -275,20 +312,41 @@ fn decode_attention(
                     scores[j] = s;
                     max = max.max(s);
                 }
+                // Weights below e^-80 (relative to the largest) are dropped: their exp is
+                // within a few powers of two of f32's subnormal range, where arithmetic
+                // takes microcode assists, and their share of the sum is below 1e-34.
                 let mut sum = 0f32;
                 for s in &mut scores[pad..total] {
-                    *s = (*s - max).exp();
+                    let e = *s - max;
+                    *s = if e > -80.0 { e.exp() } else { 0.0 };
                     sum += *s;
                 }
-                let out = &mut y[(bi * nh + h) * hd..(bi * nh + h + 1) * hd];
                 for j in pad..total {
-                    let p = scores[j] / sum;
-                    crate::kernels::simd::axpy(out, p, &vbuf[base + j * hd..base + (j + 1) * hd]);
+                    if scores[j] > 0.0 {
+                        let p = scores[j] / sum;
+                        crate::kernels::simd::axpy(
+                            out,
+                            p,
+                            &vbuf[base + j * hd..base + (j + 1) * hd],
+                        );
+                    }
                 }
-            }
+            });
+    }
+    Ok((y, kb, vb))
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` (candle's formula: `x / sqrt(mean(x²) + eps) · w`).
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len().max(1);
+    let mut out = vec![0f32; x.len()];
+    for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+        let m = (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
+            *o = v / m * g;
         }
     }
-    Ok((Tensor::from_vec(y, (b, nh * hd), dev)?, kb, vb))
+    out
 }
 
 /// Write `new [b, h, t, hd]` at positions `start..start + t` of the cache buffer (growing
@@ -326,10 +384,12 @@ fn append_kv(
 /// A Llama model with TransformerLens hook points.
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    norm_v: Vec<f32>,
+    /// `None`: tied to the embedding.
+    lm_head: Option<Weight>,
     cos: Tensor,
     sin: Tensor,
     /// The same tables as flat vectors `[max_seq_len, head_dim / 2]` (fused decode path).
@@ -346,7 +406,7 @@ impl std::fmt::Debug for Llama {
         f.debug_struct("Llama")
             .field("source", &self.source)
             .field("config", &self.cfg)
-            .field("dtype", &self.embed.dtype())
+            .field("dtype", &self.dtype())
             .finish()
     }
 }
@@ -406,11 +466,34 @@ fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
 /// Source of named weight tensors (GGUF or safetensors), already in candle order `[out, in]`.
 trait WeightSource {
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>>;
+    /// The matrix in a block format: `Q8_0` unless the source stores blocks already.
+    fn get_quant(&mut self, name: &str) -> Result<Option<QMatrix>> {
+        let Some(t) = self.get(name, DType::F32)? else {
+            return Ok(None);
+        };
+        quantize_tensor(name, &t, QType::Q8_0).map(Some)
+    }
     fn need(&mut self, name: &str, dtype: DType) -> Result<Tensor> {
         self.get(name, dtype)?.ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
         })
     }
+}
+
+/// `t [rows, cols]` quantized to `ty`; errors name the tensor.
+fn quantize_tensor(name: &str, t: &Tensor, ty: QType) -> Result<QMatrix> {
+    let (r, c) = t.dims2()?;
+    if c % crate::kernels::quant::QK != 0 {
+        return Err(Error::Invalid(format!(
+            "tensor `{name}` [{r}, {c}]: the quantized weight format needs rows of a multiple of 32 (use the dense format)"
+        )));
+    }
+    QMatrix::quantize(
+        ty,
+        r,
+        c,
+        &t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+    )
 }
 
 struct GgufSource<'a> {
@@ -421,6 +504,30 @@ struct GgufSource<'a> {
 }
 
 impl WeightSource for GgufSource<'_> {
+    fn get_quant(&mut self, name: &str) -> Result<Option<QMatrix>> {
+        if !self.ct.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        let q = self
+            .ct
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| gguf_err(&self.path, e))?;
+        use candle_core::quantized::GgmlDType as G;
+        let ty = match q.dtype() {
+            G::Q4_1 => QType::Q4_1,
+            G::Q8_0 => QType::Q8_0,
+            _ => {
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| gguf_err(&self.path, e))?;
+                return quantize_tensor(name, &t, QType::Q8_0).map(Some);
+            }
+        };
+        let (rows, cols) = q.shape().dims2()?;
+        let data = q.data().map_err(|e| gguf_err(&self.path, e))?;
+        QMatrix::from_gguf(ty, rows, cols, &data, name).map(Some)
+    }
+
     fn get(&mut self, name: &str, dtype: DType) -> Result<Option<Tensor>> {
         if !self.ct.tensor_infos.contains_key(name) {
             return Ok(None);
@@ -650,42 +757,72 @@ impl Llama {
                 )))
             }
         };
+        let quant = opts.weights == WeightFormat::Quantized;
+        if quant && !opts.device.is_cpu() {
+            return Err(Error::Invalid(
+                "the quantized weight format runs on the CPU only".into(),
+            ));
+        }
         let c = &cfg;
         let (d, hd) = (c.d_model, c.head_dim);
-        let embed = src.need(&names.embed, dt)?;
-        check_shape(&names.embed, &embed, &[c.vocab_size, d])?;
+        // A weight matrix of the given shape, dense or block-quantized.
+        let matrix =
+            |src: &mut dyn WeightSource, name: &str, shape: [usize; 2]| -> Result<Option<Weight>> {
+                if quant {
+                    let Some(q) = src.get_quant(name)? else {
+                        return Ok(None);
+                    };
+                    let (r, cols) = q.dims();
+                    if [r, cols] != shape {
+                        return Err(Error::Shape {
+                            name: name.to_string(),
+                            expected: shape.to_vec(),
+                            found: vec![r, cols],
+                        });
+                    }
+                    Ok(Some(Weight::Quant(q)))
+                } else {
+                    let Some(t) = src.get(name, dt)? else {
+                        return Ok(None);
+                    };
+                    check_shape(name, &t, &shape)?;
+                    Ok(Some(Weight::Dense(t)))
+                }
+            };
+        let need = |w: Option<Weight>, name: &str| {
+            w.ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+            })
+        };
+        let embed = need(matrix(src, &names.embed, [c.vocab_size, d])?, &names.embed)?;
         let norm = src.need(&names.norm, DType::F32)?;
         check_shape(&names.norm, &norm, &[d])?;
-        let lm_head = match src.get(&names.lm_head, dt)? {
-            Some(t) => {
-                check_shape(&names.lm_head, &t, &[c.vocab_size, d])?;
-                t
-            }
-            None => embed.clone(),
-        };
+        let lm_head = matrix(src, &names.lm_head, [c.vocab_size, d])?;
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
-            let mut w = |k: &str, shape: &[usize], dtype: DType| -> Result<Tensor> {
-                let name = (names.layer)(i, k);
-                let t = src.need(&name, dtype)?;
-                check_shape(&name, &t, shape)?;
-                Ok(t)
+            let n = |k: &str| (names.layer)(i, k);
+            let w = |src: &mut dyn WeightSource, k: &str, shape: [usize; 2]| {
+                need(matrix(src, &n(k), shape)?, &n(k))
             };
-            let attn_norm = w("attn_norm", &[d], DType::F32)?;
-            let q = w("q", &[c.n_heads * hd, d], dt)?;
-            let k = w("k", &[c.n_kv_heads * hd, d], dt)?;
-            let v = w("v", &[c.n_kv_heads * hd, d], dt)?;
-            let wo = w("o", &[d, c.n_heads * hd], dt)?;
-            let ffn_norm = w("ffn_norm", &[d], DType::F32)?;
-            let gate = w("gate", &[c.d_ff, d], dt)?;
-            let up = w("up", &[c.d_ff, d], dt)?;
-            let w_down = w("down", &[d, c.d_ff], dt)?;
+            let attn_norm = src.need(&n("attn_norm"), DType::F32)?;
+            check_shape(&n("attn_norm"), &attn_norm, &[d])?;
+            let q = w(src, "q", [c.n_heads * hd, d])?;
+            let k = w(src, "k", [c.n_kv_heads * hd, d])?;
+            let v = w(src, "v", [c.n_kv_heads * hd, d])?;
+            let wo = w(src, "o", [d, c.n_heads * hd])?;
+            let ffn_norm = src.need(&n("ffn_norm"), DType::F32)?;
+            check_shape(&n("ffn_norm"), &ffn_norm, &[d])?;
+            let gate = w(src, "gate", [c.d_ff, d])?;
+            let up = w(src, "up", [c.d_ff, d])?;
+            let w_down = w(src, "down", [d, c.d_ff])?;
             layers.push(Layer {
+                attn_norm_v: attn_norm.to_vec1::<f32>()?,
+                ffn_norm_v: ffn_norm.to_vec1::<f32>()?,
                 attn_norm,
-                wqkv: Tensor::cat(&[&q, &k, &v], 0)?,
+                wqkv: cat_rows(&[q, k, v])?,
                 wo,
                 ffn_norm,
-                w_gate_up: Tensor::cat(&[&gate, &up], 0)?,
+                w_gate_up: cat_rows(&[gate, up])?,
                 w_down,
                 k_cache: None,
                 v_cache: None,
@@ -717,6 +854,7 @@ impl Llama {
             cfg,
             embed,
             layers,
+            norm_v: norm.to_vec1::<f32>()?,
             norm,
             lm_head,
             cache_len: 0,
@@ -730,30 +868,143 @@ impl Llama {
         &self.cfg
     }
 
-    /// The dtype of the weight matrices.
+    /// The dtype of the dense weight matrices (`U8` with [`WeightFormat::Quantized`]).
     pub fn dtype(&self) -> DType {
-        self.embed.dtype()
+        match &self.embed {
+            Weight::Dense(t) => t.dtype(),
+            Weight::Quant(_) => DType::U8,
+        }
+    }
+
+    /// How the weight matrices are kept.
+    pub fn weight_format(&self) -> WeightFormat {
+        match &self.embed {
+            Weight::Dense(_) => WeightFormat::Dense,
+            Weight::Quant(_) => WeightFormat::Quantized,
+        }
     }
 
     /// Bytes of weights read per decode step (every matrix and norm once).
     pub fn weight_bytes(&self) -> usize {
         let b = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut n = b(&self.norm) + b(&self.lm_head);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut n = b(&self.norm) + head.bytes();
         for l in &self.layers {
             n += b(&l.attn_norm)
-                + b(&l.wqkv)
-                + b(&l.wo)
+                + l.wqkv.bytes()
+                + l.wo.bytes()
                 + b(&l.ffn_norm)
-                + b(&l.w_gate_up)
-                + b(&l.w_down);
+                + l.w_gate_up.bytes()
+                + l.w_down.bytes();
         }
         // One embedding row per token; the tied head is counted once.
-        n + self.cfg.d_model * self.embed.dtype().size_in_bytes()
+        n + self.embed.bytes() / self.cfg.vocab_size.max(1)
     }
 
     /// Number of positions in the KV cache.
     pub fn cache_len(&self) -> usize {
         self.cache_len
+    }
+
+    /// One decode step (`t = 1`) on the CPU, on plain slices: RMSNorm, the projections,
+    /// fused attention over the KV cache, SwiGLU and the residual adds without candle ops;
+    /// a tensor is built only at hook points that have hooks. `ids` holds one token per
+    /// row; returns logits `[b, 1, vocab]`.
+    fn decode_step(
+        &mut self,
+        ids: &[u32],
+        pos: usize,
+        pads: Option<&[usize]>,
+        hooks: &mut Hooks,
+        ctx: &HookContext,
+    ) -> Result<Tensor> {
+        let b = ids.len();
+        let (d, ff) = (self.cfg.d_model, self.cfg.d_ff);
+        let eps = self.cfg.rms_eps as f32;
+        let dev = self.device.clone();
+        let hooked = !hooks.is_empty();
+        // A hook point on a `[b, d]` buffer: only built into a tensor when hooked.
+        let mut hk = |p: HookPoint, x: Vec<f32>| -> Result<Vec<f32>> {
+            if !hooked || !hooks.has(&p) {
+                return Ok(x);
+            }
+            let t = Tensor::from_vec(x, (b, 1, d), &dev)?;
+            Ok(hooks
+                .run(p, t, ctx)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let ids_t = Tensor::from_slice(ids, b, &dev)?;
+        let mut x = self.embed_rows(&ids_t)?.flatten_all()?.to_vec1::<f32>()?;
+        x = hk(HookPoint::Embed, x)?;
+        for li in 0..self.cfg.n_layers {
+            x = hk(HookPoint::ResidPre(li), x)?;
+            let layer = &self.layers[li];
+            let h = rms_norm_rows(&x, &layer.attn_norm_v, eps);
+            let mut qkv = layer.wqkv.matmul_vec(&h, b)?;
+            let (y, kb, vb) = decode_attention(
+                &self.cfg,
+                (&self.cos_v, &self.sin_v),
+                (&layer.k_cache, &layer.v_cache),
+                &mut qkv,
+                b,
+                pos,
+                pads,
+            )?;
+            let attn = layer.wo.matmul_vec(&y, b)?;
+            let layer = &mut self.layers[li];
+            layer.k_cache = kb;
+            layer.v_cache = vb;
+            let attn = hk(HookPoint::AttnOut(li), attn)?;
+            for (x, a) in x.iter_mut().zip(&attn) {
+                *x += a;
+            }
+            x = hk(HookPoint::ResidMid(li), x)?;
+            let layer = &self.layers[li];
+            let h = rms_norm_rows(&x, &layer.ffn_norm_v, eps);
+            let gu = layer.w_gate_up.matmul_vec(&h, b)?;
+            let mut a = vec![0f32; b * ff];
+            for (a, r) in a.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
+                let (g, u) = r.split_at(ff);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            let mlp = layer.w_down.matmul_vec(&a, b)?;
+            let mlp = hk(HookPoint::MlpOut(li), mlp)?;
+            for (x, m) in x.iter_mut().zip(&mlp) {
+                *x += m;
+            }
+            x = hk(HookPoint::ResidPost(li), x)?;
+        }
+        self.cache_len = pos + 1;
+        let h = rms_norm_rows(&x, &self.norm_v, eps);
+        let h = hk(HookPoint::LnFinal, h)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = head.matmul_vec(&h, b)?;
+        Ok(Tensor::from_vec(
+            logits,
+            (b, 1, self.cfg.vocab_size),
+            &self.device,
+        )?)
+    }
+
+    /// Embedding rows of `ids` (u32, already checked against the vocabulary) → `[n, d]` f32.
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.embed {
+            Weight::Dense(e) => Ok(e.index_select(ids, 0)?.to_dtype(DType::F32)?),
+            Weight::Quant(q) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let d = self.cfg.d_model;
+                let mut x = vec![0f32; ids.len() * d];
+                for (row, &id) in x.chunks_exact_mut(d).zip(&ids) {
+                    q.dequantize_row(id as usize, row)
+                        .ok_or_else(|| Error::Invalid(format!("token id {id} out of range")))?;
+                }
+                Ok(Tensor::from_vec(x, (ids.len(), d), &self.device)?)
+            }
+        }
     }
 
     fn rope(&self, x: &Tensor, start: usize, t: usize) -> Result<Tensor> {
@@ -809,6 +1060,15 @@ impl Llama {
             )));
         }
         hooks.validate(self.cfg.n_layers)?;
+        if let Some(p) = left_pad {
+            if p.len() != b {
+                return Err(Error::Invalid(format!(
+                    "{} left-padding counts for a batch of {b}",
+                    p.len()
+                )));
+            }
+        }
+        let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
         let prompt_len = hooks.prompt_len();
         let ctx = HookContext {
             start_pos,
@@ -819,6 +1079,9 @@ impl Llama {
                 _ => Phase::Prefill,
             },
         };
+        if t == 1 && self.device.is_cpu() {
+            return self.decode_step(&ids.to_vec1::<u32>()?, start_pos, pads, hooks, &ctx);
+        }
         let hooked = !hooks.is_empty();
         let mut hk = |p: HookPoint, x: Tensor| -> Result<Tensor> {
             if hooked && hooks.has(&p) {
@@ -831,23 +1094,10 @@ impl Llama {
         let (d, hd) = (c.d_model, c.head_dim);
         let n = b * t;
 
-        let mut x = self
-            .embed
-            .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?
-            .reshape((b, t, d))?;
+        let mut x = self.embed_rows(&ids)?.reshape((b, t, d))?;
         x = hk(HookPoint::Embed, x)?;
 
         let total = start_pos + t;
-        if let Some(p) = left_pad {
-            if p.len() != b {
-                return Err(Error::Invalid(format!(
-                    "{} left-padding counts for a batch of {b}",
-                    p.len()
-                )));
-            }
-        }
-        let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
         // Causal mask, plus (batched prompts) the left padding of each row. A padding query
         // attends to itself only, so no row of the softmax is empty.
         let mask = if t > 1 || pads.is_some() {
@@ -879,16 +1129,7 @@ impl Llama {
                 let layer = &self.layers[li];
                 let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
                 let qkv = super::linear::linear(&h.reshape((n, d))?, &layer.wqkv)?;
-                let (y, kb, vb) = if t == 1 && self.device.is_cpu() {
-                    decode_attention(
-                        &c,
-                        (&self.cos_v, &self.sin_v),
-                        (&layer.k_cache, &layer.v_cache),
-                        &qkv,
-                        start_pos,
-                        pads,
-                    )?
-                } else {
+                let (y, kb, vb) = {
                     let q = qkv
                         .narrow(1, 0, c.n_heads * hd)?
                         .reshape((b, t, c.n_heads, hd))?
@@ -958,9 +1199,38 @@ impl Llama {
         } else {
             (h, t)
         };
-        let logits = super::linear::linear(&h.reshape((b * tt, d))?, &self.lm_head)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = super::linear::linear(&h.reshape((b * tt, d))?, head)?;
         Ok(logits.reshape((b, tt, c.vocab_size))?)
     }
+}
+
+/// Stack weight matrices along their rows (all dense, or all quantized: mixed block
+/// formats become `Q8_0`).
+fn cat_rows(ws: &[Weight]) -> Result<Weight> {
+    let dense: Vec<&Tensor> = ws
+        .iter()
+        .filter_map(|w| match w {
+            Weight::Dense(t) => Some(t),
+            Weight::Quant(_) => None,
+        })
+        .collect();
+    if dense.len() == ws.len() {
+        return Ok(Weight::Dense(Tensor::cat(&dense, 0)?));
+    }
+    let qs: Vec<&QMatrix> = ws
+        .iter()
+        .filter_map(|w| match w {
+            Weight::Quant(q) => Some(q),
+            Weight::Dense(_) => None,
+        })
+        .collect();
+    if qs.len() != ws.len() {
+        return Err(Error::Invalid(
+            "cannot stack dense and quantized weights".into(),
+        ));
+    }
+    Ok(Weight::Quant(QMatrix::cat_rows(&qs)?))
 }
 
 struct Names {

@@ -18,7 +18,7 @@ use crate::hooks::{HookPoint, Hooks};
 use crate::Result;
 
 pub use generate::{generate, generate_batch, Generation, SamplingParams};
-pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle};
+pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle, WeightFormat};
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// Load a model and its tokenizer: a GGUF file (tokenizer from its metadata) or an HF

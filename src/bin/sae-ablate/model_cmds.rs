@@ -27,6 +27,27 @@ pub struct SpliceArgs {
     positions: String,
 }
 
+/// How the model's weights are kept in memory.
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Dense weight dtype after loading: f32 (default), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// `dense` (dequantized to --dtype; the reference) or `quantized` (GGUF Q4_1/Q8_0
+    /// blocks as stored, other tensors as Q8_0, 8-bit activations: the fastest decode).
+    #[arg(long, default_value = "dense")]
+    weights: String,
+}
+
+impl LoadArgs {
+    fn describe(&self) -> String {
+        match self.weights.as_str() {
+            "quantized" => "quantized".into(),
+            _ => self.dtype.clone(),
+        }
+    }
+}
+
 /// Arguments of `sae-ablate logits`.
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
@@ -45,9 +66,8 @@ pub struct LogitsArgs {
     /// Print `{"ids": [...]}` (the prompt's token ids) on stdout.
     #[arg(long)]
     json: bool,
-    /// Weight dtype after loading: f32 (default), f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    load: LoadArgs,
     #[command(flatten)]
     splice: SpliceArgs,
 }
@@ -58,9 +78,13 @@ pub struct GenerateArgs {
     /// GGUF file or HF model directory (config.json + *.safetensors + tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// The prompt text.
+    /// The prompt text. Repeat it (or use --prompts-file) to generate for several prompts
+    /// as one left-padded batch: each weight matrix is read once per step for all of them.
+    #[arg(long, required_unless_present = "prompts_file")]
+    prompt: Vec<String>,
+    /// A text file with one prompt per line (empty lines skipped), added after any --prompt.
     #[arg(long)]
-    prompt: String,
+    prompts_file: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template (ChatML or Llama-3) as a user turn.
     #[arg(long)]
     chat: bool,
@@ -82,12 +106,12 @@ pub struct GenerateArgs {
     /// HF-style repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
-    /// Print `{"prompt_ids": [...], "ids": [...], "text": "..."}` instead of streaming text.
+    /// Print `{"prompt_ids": [...], "ids": [...], "text": "..."}` instead of streaming text
+    /// (one line per prompt, in order, with `"prompt"` added, for several prompts).
     #[arg(long)]
     json: bool,
-    /// Weight dtype after loading: f32 (default), f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    load: LoadArgs,
     #[command(flatten)]
     splice: SpliceArgs,
 }
@@ -155,9 +179,18 @@ fn pin_thread_count() {
     }
 }
 
-fn load_opts(dtype: &str) -> Result<LoadOptions> {
+fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
     pin_thread_count();
-    let dtype = match dtype {
+    let weights = match a.weights.as_str() {
+        "dense" => model::WeightFormat::Dense,
+        "quantized" => model::WeightFormat::Quantized,
+        other => {
+            return Err(Error::Invalid(format!(
+                "bad --weights `{other}`: dense or quantized"
+            )))
+        }
+    };
+    let dtype = match a.dtype.as_str() {
         "f32" => candle_core::DType::F32,
         "f16" => candle_core::DType::F16,
         "bf16" => candle_core::DType::BF16,
@@ -169,13 +202,14 @@ fn load_opts(dtype: &str) -> Result<LoadOptions> {
     };
     Ok(LoadOptions {
         dtype,
+        weights,
         ..Default::default()
     })
 }
 
 /// `sae-ablate logits`.
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load)?)?;
     let mut hooks = build_hooks(&a.splice, &m)?;
     let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
@@ -189,9 +223,23 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 
 /// `sae-ablate generate`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let (mut m, tok) = model::load(&a.model, &load_opts(&a.dtype)?)?;
+    let mut prompts = a.prompt.clone();
+    if let Some(f) = &a.prompts_file {
+        let text = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
+        prompts.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string),
+        );
+        if prompts.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: no prompt (every line is empty)",
+                f.display()
+            )));
+        }
+    }
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load)?)?;
     let mut hooks = build_hooks(&a.splice, &m)?;
-    let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
     let params = SamplingParams {
         max_new_tokens: a.max_new_tokens,
         temperature: if a.greedy {
@@ -204,6 +252,29 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed.unwrap_or(42),
         stop_tokens: tok.stop_tokens().to_vec(),
     };
+    if prompts.len() > 1 {
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| prompt_ids(&tok, p, a.chat))
+            .collect::<Result<_>>()?;
+        let gens = model::generate_batch(&mut m, &ids, &params, &mut hooks, &mut |_, _| Ok(true))?;
+        for (p, g) in prompts.iter().zip(&gens) {
+            let text = tok.decode(&g.ids, true)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "prompt": p, "prompt_ids": g.prompt_ids, "ids": g.ids, "text": text
+                    })
+                );
+            } else {
+                println!("{p}{text}");
+            }
+        }
+        return Ok(());
+    }
+    let prompt = prompts.first().map(String::as_str).unwrap_or_default();
+    let ids = prompt_ids(&tok, prompt, a.chat)?;
     let mut out = Vec::new();
     let mut printed = 0usize;
     let stream = !a.json;
@@ -256,14 +327,54 @@ pub struct BenchModelArgs {
     /// Also time batched decoding of this many prompts (0 = skip).
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Weight dtype: f32 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Without --sae: also time an ESR-style splice of a random standard SAE of this width
+    /// (d_in = the model's width) at the middle layer's `hook_resid_post`, 26 latents
+    /// zeroed (spread over the width, error-preserving), at all positions (0 = skip).
+    #[arg(long, default_value_t = 4608)]
+    random_sae_width: usize,
+    /// Also time a harvest of this many activation rows (at the middle layer's
+    /// `hook_resid_post`, 128-token contexts, batches of 8, f16 shards in a temporary
+    /// folder) against the same forward passes writing nothing (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    harvest_tokens: u64,
+    /// Corpus of the harvest measurement.
+    #[arg(long, default_value = "assets/austen")]
+    harvest_corpus: PathBuf,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     splice: SpliceArgs,
+}
+
+/// Harvest rows/s (forward passes + shard writes) and plain forward rows/s over the same
+/// batches: `(harvest, plain)`. The plain passes run before and after the harvest and
+/// their mean is taken, so a drift in the machine's load affects both sides alike.
+fn harvest_vs_forward(
+    m: &mut model::Llama,
+    tok: &model::Tokenizer,
+    model_path: &std::path::Path,
+    corpus: &std::path::Path,
+    tokens: u64,
+) -> Result<(f64, f64)> {
+    use sae_ablate::harvest::{self, ActivationStore, Contexts, HarvestConfig};
+    let cfg = HarvestConfig {
+        hooks: vec![format!("blocks.{}.hook_resid_post", m.n_layers() / 2)],
+        max_tokens: Some(tokens),
+        progress: false,
+        ..Default::default()
+    };
+    let ctx = Contexts::build(tok, &harvest::corpus_files(corpus)?, cfg.context_len)?;
+    let before = harvest::plain_forward_rows_per_s(m, &ctx, &cfg)?;
+    let dir = std::env::temp_dir().join(format!("sae-ablate-bench-harvest-{}", std::process::id()));
+    let r = ActivationStore::new(&dir).harvest(m, tok, model_path, corpus, &cfg);
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = r?;
+    let after = harvest::plain_forward_rows_per_s(m, &ctx, &cfg)?;
+    let rows = r.manifest.tokens as f64;
+    Ok((rows / r.loop_seconds.max(1e-9), (before + after) / 2.0))
 }
 
 /// Read bandwidth of this machine in GB/s: the best of a few sums over a 512 MiB buffer.
@@ -303,8 +414,8 @@ fn read_bandwidth_gbs() -> f64 {
 /// `sae-ablate bench-model`: prefill and decode tokens/s without hooks, with a no-op hook at
 /// every hook point, and with the SAE splice when `--sae` is given.
 pub fn bench_model(a: BenchModelArgs) -> Result<()> {
-    let opts = load_opts(&a.dtype)?;
-    let (mut m, _tok) = model::load(&a.model, &opts)?;
+    let opts = load_opts(&a.load)?;
+    let (mut m, tok) = model::load(&a.model, &opts)?;
     if a.prefill_tokens == 0 || a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
         return Err(Error::Invalid(format!(
             "--prefill-tokens must be positive and prefill + decode ≤ the context length {}",
@@ -328,6 +439,24 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     configs.push(("noop_every_point", noop));
     if a.splice.sae.is_some() {
         configs.push(("sae_splice", build_hooks(&a.splice, &m)?));
+    } else if a.random_sae_width > 0 {
+        use sae_ablate::edit::{Edits, SpliceMode};
+        use sae_ablate::sae::{Architecture, SaeConfig, SaeWeights};
+        let (d, ds, dev) = (m.d_model(), a.random_sae_width, Device::Cpu);
+        let sae = Sae::new(
+            SaeConfig::new(Architecture::Standard, d, ds),
+            SaeWeights::new(
+                Tensor::randn(0f32, 0.05, (d, ds), &dev)?,
+                Tensor::zeros(ds, candle_core::DType::F32, &dev)?,
+                Tensor::randn(0f32, 0.05, (ds, d), &dev)?,
+                Tensor::zeros(d, candle_core::DType::F32, &dev)?,
+            ),
+        )?;
+        let ids: Vec<u32> = (0..26).map(|i| (i * ds / 26) as u32).collect();
+        let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?;
+        let point = HookPoint::ResidPost(m.n_layers() / 2);
+        let splice = SaeSplice::new(&sae, &edits, Positions::All)?;
+        configs.push(("esr26_splice", Hooks::new().with(point, splice)));
     }
     // One untimed pass first: page faults, allocator and thread-pool start-up.
     {
@@ -359,12 +488,15 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         }
     }
     let limit = bw * 1e9 / bytes as f64;
+    let base = best.first().copied().unwrap_or((1.0, 1.0));
     let rows: Vec<serde_json::Value> = configs
         .iter()
         .zip(&best)
         .map(|((name, _), &(prefill, decode))| {
             let decode_tps = a.decode_tokens as f64 / decode.max(1e-9);
             serde_json::json!({
+                "prefill_overhead_pct": 100.0 * (prefill / base.0.max(1e-9) - 1.0),
+                "decode_overhead_pct": 100.0 * (decode / base.1.max(1e-9) - 1.0),
                 "hooks": name,
                 "prefill_tokens": a.prefill_tokens,
                 "prefill_tok_s": a.prefill_tokens as f64 / prefill.max(1e-9),
@@ -399,10 +531,29 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         let tps = (b * a.decode_tokens) as f64 / decode.max(1e-9);
         batch_row = serde_json::json!({"batch": b, "decode_tok_s": tps});
     }
+    let mut harvest_row = serde_json::Value::Null;
+    if a.harvest_tokens > 0 {
+        let (h, p) =
+            harvest_vs_forward(&mut m, &tok, &a.model, &a.harvest_corpus, a.harvest_tokens)?;
+        harvest_row = serde_json::json!({
+            "rows": a.harvest_tokens,
+            "harvest_rows_s": h,
+            "plain_forward_rows_s": p,
+            "ratio": h / p.max(1e-9),
+        });
+    }
+    let b1 = rows
+        .first()
+        .and_then(|r| r["decode_tok_s"].as_f64())
+        .unwrap_or(0.0);
+    if let Some(tps) = batch_row["decode_tok_s"].as_f64() {
+        batch_row["ratio_to_batch_1"] = serde_json::json!(tps / b1.max(1e-9));
+    }
     let out = serde_json::json!({
+        "harvest": harvest_row,
         "batched_decode": batch_row,
         "model": a.model.display().to_string(),
-        "weight_dtype": a.dtype,
+        "weights": a.load.describe(),
         "weight_bytes": bytes,
         "read_bandwidth_gb_s": bw,
         "decode_bandwidth_limit_tok_s": bw * 1e9 / bytes as f64,
@@ -415,26 +566,37 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         println!(
             "weights {:.1} MB ({}), read bandwidth {:.1} GB/s → decode limit {:.1} tok/s",
             bytes as f64 / 1e6,
-            a.dtype,
+            a.load.describe(),
             bw,
             bw * 1e9 / bytes as f64
         );
         for r in &rows {
             println!(
-                "{:>18}: prefill {:>4} tok {:8.1} tok/s | decode {:>4} tok {:7.1} tok/s ({:.0}% of bandwidth limit)",
+                "{:>18}: prefill {:>4} tok {:8.1} tok/s ({:+.1}%) | decode {:>4} tok {:7.1} tok/s ({:+.1}%, {:.0}% of bandwidth limit)",
                 r["hooks"].as_str().unwrap_or(""),
                 a.prefill_tokens,
                 r["prefill_tok_s"].as_f64().unwrap_or(0.0),
+                r["prefill_overhead_pct"].as_f64().unwrap_or(0.0),
                 a.decode_tokens,
                 r["decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["decode_overhead_pct"].as_f64().unwrap_or(0.0),
                 r["decode_pct_of_bandwidth_limit"].as_f64().unwrap_or(0.0),
             );
         }
         if let Some(tps) = batch_row["decode_tok_s"].as_f64() {
             println!(
-                "   batched decode ×{}: {tps:.1} tok/s in total ({:.1} per sequence, no hooks)",
+                "   batched decode ×{}: {tps:.1} tok/s in total ({:.1} per sequence, no hooks) = {:.2}× batch 1",
                 a.batch,
-                tps / a.batch as f64
+                tps / a.batch as f64,
+                tps / b1.max(1e-9)
+            );
+        }
+        if let Some(r) = harvest_row["ratio"].as_f64() {
+            println!(
+                "   harvest {} rows: {:.1} rows/s vs plain forward {:.1} rows/s = {r:.2}×",
+                a.harvest_tokens,
+                harvest_row["harvest_rows_s"].as_f64().unwrap_or(0.0),
+                harvest_row["plain_forward_rows_s"].as_f64().unwrap_or(0.0),
             );
         }
     }
