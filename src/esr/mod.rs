@@ -52,7 +52,9 @@ use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
 use crate::io::atomic::write_json;
 use crate::model::generate::Rng;
-use crate::model::{self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer};
+use crate::model::{
+    self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
+};
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 
@@ -139,8 +141,11 @@ pub struct EsrConfig {
     pub batch_size: usize,
     /// Bootstrap resamples.
     pub bootstrap: usize,
-    /// Weight dtype of the model (`f32`, `f16` or `bf16`).
+    /// Weight dtype of the model (`f32`, `f16` or `bf16`) when the weights are dense.
     pub model_dtype: String,
+    /// `quantized` (GGUF blocks kept as stored, 8-bit activations: the fastest on a CPU)
+    /// or `dense`; see [`crate::model::WeightFormat`]. Every stage uses the same model.
+    pub model_weights: String,
     /// Cached answers, corpus, activations, SAE and evaluation.
     pub cache_dir: PathBuf,
     /// Show progress bars.
@@ -194,6 +199,7 @@ impl EsrConfig {
             batch_size: 8,
             bootstrap: 1000,
             model_dtype: "f32".into(),
+            model_weights: "quantized".into(),
             cache_dir: PathBuf::from(format!("assets/cache/esr-{name}{tag}")),
             progress: true,
         };
@@ -208,6 +214,7 @@ impl EsrConfig {
                 calib_tokens: 64,
                 otd_fixed: Some(ESR_OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
                 model_dtype: "bf16".into(),
+                model_weights: "dense".into(),
                 ..base
             }),
             _ => Err(Error::Invalid(format!(
@@ -245,6 +252,7 @@ impl EsrConfig {
             return bad("eval_contexts must be ≥ 1");
         }
         dtype(&self.model_dtype)?;
+        weights(&self.model_weights)?;
         Ok(())
     }
 }
@@ -256,6 +264,16 @@ fn dtype(s: &str) -> Result<candle_core::DType> {
         "bf16" => Ok(candle_core::DType::BF16),
         _ => Err(Error::Invalid(format!(
             "model dtype `{s}`: expected f32, f16 or bf16"
+        ))),
+    }
+}
+
+fn weights(s: &str) -> Result<WeightFormat> {
+    match s {
+        "dense" => Ok(WeightFormat::Dense),
+        "quantized" => Ok(WeightFormat::Quantized),
+        _ => Err(Error::Invalid(format!(
+            "model weights `{s}`: expected dense or quantized"
         ))),
     }
 }
@@ -441,6 +459,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     let t0 = Instant::now();
     let opts = LoadOptions {
         dtype: dtype(&cfg.model_dtype)?,
+        weights: weights(&cfg.model_weights)?,
         ..LoadOptions::default()
     };
     let (m, tok) = model::load(&cfg.model, &opts)?;
@@ -747,6 +766,7 @@ fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     let cfg = cx.cfg;
     let key = serde_json::json!({
         "model": model_fingerprint(&cfg.model)?,
+        "weights": [&cfg.model_weights, &cfg.model_dtype],
         "prompts": cx.prompts,
         "samples": cfg.chat_samples,
         "params": [cfg.max_new_tokens as f64, cfg.temperature as f64, cfg.top_p as f64, cfg.repetition_penalty as f64, cfg.seed as f64],
@@ -798,9 +818,11 @@ fn prepare_sae(
         Some(p) => {
             let sae = Sae::load(p, &Device::Cpu)?;
             let key = format!(
-                "{}|{}",
+                "{}|{}|{}|{}",
                 model_fingerprint(p)?,
-                model_fingerprint(&cfg.model)?
+                model_fingerprint(&cfg.model)?,
+                cfg.model_weights,
+                cfg.model_dtype
             );
             (sae, p.clone(), key, spec.corpus.clone())
         }
@@ -844,7 +866,10 @@ fn prepare_sae(
                         .map_err(|e| Error::io(&chat_file, e))
                 })?;
             }
-            let acts = cfg.cache_dir.join("acts");
+            // Activations depend on the weight format: one cache per format.
+            let acts = cfg
+                .cache_dir
+                .join(format!("acts-{}-{}", cfg.model_weights, cfg.model_dtype));
             let hcfg = HarvestConfig {
                 hooks: vec![point.to_string()],
                 context_len: spec.context_len,
@@ -877,6 +902,7 @@ fn prepare_sae(
                 "model_sha256": h.manifest.model_sha256,
                 "corpus_sha256": h.manifest.corpus_sha256,
                 "harvest": hcfg.hooks, "tokens": h.manifest.tokens,
+                "weights": [&cfg.model_weights, &cfg.model_dtype],
                 "train": tcfg,
             })
             .to_string();
