@@ -94,3 +94,66 @@ fn safetensors_with_an_overflowing_shape_product() {
         "{e}"
     );
 }
+
+/// A GGUF v3 string: `u64` length, bytes.
+fn gguf_str(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+}
+
+#[test]
+fn gguf_with_zero_alignment() {
+    // candle's reader divides by `general.alignment`: 0 must be an error, not a panic.
+    for (ty, value) in [(4u32, vec![0u8; 4]), (0, vec![0]), (5, vec![0; 4])] {
+        let mut b = gguf_header(0, 2);
+        gguf_str(&mut b, "general.architecture");
+        b.extend_from_slice(&8u32.to_le_bytes());
+        gguf_str(&mut b, "llama");
+        gguf_str(&mut b, "general.alignment");
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&value);
+        let p = tmp("align.gguf", &b);
+        let e = load_err(&p);
+        assert!(
+            e.contains("align.gguf") && e.contains("general.alignment"),
+            "{e}"
+        );
+        let e = sae_ablate::model::Tokenizer::from_gguf_file(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("general.alignment"), "{e}");
+    }
+}
+
+#[test]
+fn gguf_tensor_whose_shape_overflows() {
+    // [2^32, 2^32, 2^32] f32: the element count overflows usize; a naive size check
+    // wraps to a small number and passes.
+    let mut b = gguf_header(1, 0);
+    gguf_str(&mut b, "token_embd.weight");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    for _ in 0..3 {
+        b.extend_from_slice(&(1u64 << 32).to_le_bytes());
+    }
+    b.extend_from_slice(&0u32.to_le_bytes()); // F32
+    b.extend_from_slice(&0u64.to_le_bytes()); // offset
+    b.extend_from_slice(&[0u8; 64]);
+    let e = load_err(&tmp("overflow.gguf", &b));
+    assert!(
+        e.contains("overflow.gguf") && e.contains("token_embd.weight") && e.contains("overflows"),
+        "{e}"
+    );
+    // A tensor that would end past the end of the file.
+    let mut b = gguf_header(1, 0);
+    gguf_str(&mut b, "token_embd.weight");
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&(1u64 << 20).to_le_bytes());
+    b.extend_from_slice(&(1u64 << 20).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    let e = load_err(&tmp("past-end.gguf", &b));
+    assert!(
+        e.contains("past-end.gguf") && e.contains("does not fit"),
+        "{e}"
+    );
+}

@@ -490,9 +490,7 @@ impl Llama {
     /// weights to `opts.dtype` (f32 or f16).
     pub fn from_gguf(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = std::io::BufReader::new(file);
-        let ct = gguf_file::Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
+        let (ct, reader) = super::gguf::open(path)?;
         let wrap = |e: Error| e.in_file(path);
         let arch = md(&ct, "general.architecture")
             .and_then(|v| {

@@ -53,10 +53,7 @@ impl Tokenizer {
     /// Build the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model = gpt2`).
     pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = std::io::BufReader::new(file);
-        let ct = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::format_candle("gguf", e).in_file(path))?;
+        let (ct, _) = super::gguf::open(path)?;
         Self::from_gguf(&ct).map_err(|e| e.in_file(path))
     }
 
