@@ -157,3 +157,24 @@ fn gguf_tensor_whose_shape_overflows() {
         "{e}"
     );
 }
+
+#[test]
+fn gguf_claiming_a_huge_context_in_a_tiny_file() {
+    // The fuzz seed's tiny Llama (9.8 KB) with llama.context_length = 2^26: the RoPE
+    // tables would take 2 GiB. Found by the `gguf` fuzz target's allocation bound.
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/fuzz-regressions/gguf/rope-context-2pow26.gguf");
+    let e = load_err(&p);
+    assert!(
+        e.contains("rope-context-2pow26.gguf")
+            && e.contains("context length 67108864")
+            && e.contains("max_seq_len"),
+        "{e}"
+    );
+    // Capped by the caller, the same file loads.
+    let opts = LoadOptions {
+        max_seq_len: Some(64),
+        ..LoadOptions::default()
+    };
+    assert!(model::load(&p, &opts).is_ok());
+}

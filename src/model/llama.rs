@@ -692,9 +692,16 @@ impl Llama {
         let inv = cfg.inv_freq();
         let half = inv.len();
         let n = cfg.max_seq_len;
-        if n.saturating_mul(half) > 1 << 28 {
+        // The tables are allocated here, from two header numbers: bound them by the
+        // weights actually present (the embedding), so that a tiny file claiming a huge
+        // context cannot allocate gigabytes. Real models are far below this (Llama 3.1:
+        // 2^23 entries against a 5·10^8-entry embedding).
+        let cap = (1usize << 22).max(embed.elem_count());
+        if n.saturating_mul(half) > cap {
             return Err(Error::Invalid(format!(
-                "context length {n} is too large for the RoPE tables: cap it with LoadOptions::max_seq_len"
+                "context length {n} is too large for the RoPE tables ({n} × {half} entries, \
+                 more than the embedding's {}): cap it with LoadOptions::max_seq_len",
+                embed.elem_count()
             )));
         }
         let mut cos = Vec::with_capacity(n * half);
