@@ -1,7 +1,12 @@
 //! The fuzz targets' bodies (`fuzz/src/targets.rs`) over every saved crash input
 //! (`tests/data/fuzz-regressions/<target>/`) and every seed (`fuzz/corpus/<target>/seed-*`):
-//! each must load or give an error, never panic. CI runs this, not the fuzzers.
+//! each must load or give an error, never panic, and never make one allocation over
+//! 64 MiB + 64 × the input's length (the fuzzers' allocator is this binary's global
+//! allocator; an oversized allocation aborts the test with a message saying so).
+//! CI runs this, not the fuzzers. One test, so that only one input is bounded at a time.
 
+#[path = "../fuzz/src/bound.rs"]
+mod bound;
 #[path = "../fuzz/src/targets.rs"]
 mod targets;
 
@@ -32,6 +37,7 @@ fn run_all(prefix: &str, sub: &str) -> usize {
         for p in inputs(&root.join(sub).join(t), prefix) {
             let bytes = std::fs::read(&p).unwrap();
             n += 1;
+            let _bound = bound::AllocBound::new(bytes.len());
             if std::panic::catch_unwind(|| targets::run(t, &bytes)).is_err() {
                 failed.push(p.display().to_string());
             }
@@ -42,13 +48,12 @@ fn run_all(prefix: &str, sub: &str) -> usize {
 }
 
 #[test]
-fn saved_crash_inputs_are_errors_not_panics() {
+fn saved_crash_inputs_and_seeds_are_handled() {
     let n = run_all("", "tests/data/fuzz-regressions");
     assert!(n > 0, "no regression inputs found");
-}
-
-#[test]
-fn seed_corpora_run_clean() {
     let n = run_all("seed-", "fuzz/corpus");
-    assert!(n >= 9, "only {n} seeds: run `cargo test --test fuzz_seeds -- --ignored`");
+    assert!(
+        n >= 9,
+        "only {n} seeds: run `cargo test --test fuzz_seeds -- --ignored`"
+    );
 }
