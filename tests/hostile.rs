@@ -2,6 +2,9 @@
 //! or a huge allocation. (Format-specific cases live beside each format's tests; these are
 //! the header-level attacks on the containers themselves.)
 
+#[path = "common/pickle_writer.rs"]
+mod pickle_writer;
+
 use sae_ablate::model::{self, LoadOptions};
 use sae_ablate::Sae;
 
@@ -177,4 +180,64 @@ fn gguf_claiming_a_huge_context_in_a_tiny_file() {
         ..LoadOptions::default()
     };
     assert!(model::load(&p, &opts).is_ok());
+}
+
+#[test]
+fn empty_tensors_with_overflowing_dimensions() {
+    // Shape (0, 2^40, 2^40) declares no data, so a byte-count check passes, but candle
+    // multiplies the other dimensions for the strides: found by the `npy` fuzz target.
+    let big = 1usize << 40;
+    let dev = candle_core::Device::Cpu;
+
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (0, {big}, {big}), }}");
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(dict.len() as u16 + 1).to_le_bytes());
+    npy.extend_from_slice(dict.as_bytes());
+    npy.push(b'\n');
+    let e = sae_ablate::io::npy::parse_npy(&npy, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overflows"), "{e}");
+
+    let dir = std::env::temp_dir().join(format!("sae-ablate-hostile-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let header =
+        format!(r#"{{"W_enc":{{"dtype":"F32","shape":[0,{big},{big}],"data_offsets":[0,0]}}}}"#);
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    std::fs::write(dir.join("sae_weights.safetensors"), b).unwrap();
+    std::fs::write(
+        dir.join("cfg.json"),
+        r#"{"architecture":"standard","d_in":2,"d_sae":3}"#,
+    )
+    .unwrap();
+    let e = Sae::load(&dir, &dev).unwrap_err().to_string();
+    assert!(
+        e.contains("sae_weights.safetensors") && e.contains("W_enc") && e.contains("overflows"),
+        "{e}"
+    );
+
+    let mut sd = pickle_writer::StateDict::new();
+    let s = sd.storage(pickle_writer::Dt::F32, Vec::new());
+    sd.view("encoder_linear.weight", s, &[0, big, big], &[1, 1, 1], 0);
+    let p = tmp("empty.pth", &sd.zip_bytes());
+    let e = sae_ablate::io::pickle::PthFile::open(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("empty.pth") && e.contains("encoder_linear.weight"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tokenizer_json_with_malformed_decoder() {
+    // tokenizers 0.23 panics on a syntax error inside `decoder` (found by the
+    // `tokenizer` fuzz target); the file is checked as JSON first.
+    let p = tmp(
+        "tokenizer.json",
+        br#"{"added_tokens":[],"decoder":{"type":"ByteLevel",\xff:1},"model":{"type":"BPE","vocab":{},"merges":[]}}"#,
+    );
+    let e = model::Tokenizer::from_hf(&p).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("json"), "{e}");
 }

@@ -150,11 +150,9 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements.
+    /// Number of elements; `None` when the shape overflows (see `io::checked_numel`).
     pub fn numel(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        super::checked_numel(&self.shape)
     }
 }
 

@@ -44,9 +44,7 @@ pub(crate) fn open(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)>
 fn check_tensors(ct: &gguf_file::Content, file_len: u64) -> Result<()> {
     for (name, info) in &ct.tensor_infos {
         let dims = info.shape.dims();
-        let elems = dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        let elems = crate::io::checked_numel(dims)
             .ok_or_else(|| gguf_err(format!("tensor `{name}`: shape {dims:?} overflows")))?;
         let dt = info.ggml_dtype;
         let bytes = (elems / dt.block_size())

@@ -661,7 +661,9 @@ impl Llama {
             }
             None => embed.clone(),
         };
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // Not `with_capacity(n_layers)`: that number is a header field; each layer pushed
+        // below holds tensors that exist in the file.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let mut w = |k: &str, shape: &[usize], dtype: DType| -> Result<Tensor> {
                 let name = (names.layer)(i, k);

@@ -114,6 +114,10 @@ impl Tokenizer {
             (path.to_path_buf(), path.parent().map(|p| p.to_path_buf()))
         };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        // tokenizers 0.23 panics (`expect("Helper")`) on malformed JSON inside
+        // `decoder`; checking the syntax first makes every such file an error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| Error::format("json", e.to_string()).in_file(&file))?;
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(e).in_file(&file))?;
         let mut stop = Vec::new();
