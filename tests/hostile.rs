@@ -12,6 +12,7 @@ fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sae-ablate-hostile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(&p, bytes).unwrap();
     p
 }
@@ -240,4 +241,32 @@ fn tokenizer_json_with_malformed_decoder() {
     );
     let e = model::Tokenizer::from_hf(&p).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json") && e.contains("json"), "{e}");
+    // Invalid UTF-8 inside a string of `decoder`: a JSON error too (a syntax-only
+    // check that skips strings would let it through to the panic).
+    let mut b = br#"{"added_tokens":[],"decoder":{"type":"ByteLevel","x"#.to_vec();
+    b.extend_from_slice(b"\xd2\x79");
+    b.extend_from_slice(br#"":1},"model":{"type":"BPE","vocab":{},"merges":[]}}"#);
+    let p = tmp("utf8/tokenizer.json", &b);
+    let e = model::Tokenizer::from_hf(&p).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("json"), "{e}");
+}
+
+#[test]
+fn gguf_with_an_empty_tensor() {
+    // candle reads a zero-element tensor through an unaligned `&[f32]` (found by the
+    // `gguf` fuzz target as a failed debug precondition).
+    let mut b = gguf_header(1, 0);
+    gguf_str(&mut b, "token_embd.weight");
+    b.extend_from_slice(&2u32.to_le_bytes());
+    b.extend_from_slice(&8u64.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes()); // F32
+    b.extend_from_slice(&0u64.to_le_bytes());
+    let e = load_err(&tmp("empty-tensor.gguf", &b));
+    assert!(
+        e.contains("empty-tensor.gguf")
+            && e.contains("token_embd.weight")
+            && e.contains("no elements"),
+        "{e}"
+    );
 }

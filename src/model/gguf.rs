@@ -7,7 +7,8 @@
 //!   read (a panic with overflow checks, a wrapped, too-small size without).
 //!
 //! [`open`] rejects both with an error naming the file, before anything is read or
-//! allocated for a tensor; every tensor's byte range is also checked against the file.
+//! allocated for a tensor; every tensor's byte range is also checked against the file,
+//! and empty tensors are refused (candle reads them through an unaligned slice).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -46,6 +47,13 @@ fn check_tensors(ct: &gguf_file::Content, file_len: u64) -> Result<()> {
         let dims = info.shape.dims();
         let elems = crate::io::checked_numel(dims)
             .ok_or_else(|| gguf_err(format!("tensor `{name}`: shape {dims:?} overflows")))?;
+        // candle views an empty tensor's (dangling, byte-aligned) buffer as `&[f32]`
+        // etc., an unaligned slice; no model weight is empty anyway.
+        if elems == 0 {
+            return Err(gguf_err(format!(
+                "tensor `{name}` has no elements (shape {dims:?})"
+            )));
+        }
         let dt = info.ggml_dtype;
         let bytes = (elems / dt.block_size())
             .checked_mul(dt.type_size())

@@ -115,8 +115,9 @@ impl Tokenizer {
         };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
         // tokenizers 0.23 panics (`expect("Helper")`) on malformed JSON inside
-        // `decoder`; checking the syntax first makes every such file an error.
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        // `decoder`; parsing the file as JSON first makes every such file an error.
+        // (A full parse: `IgnoredAny` skips strings without checking their escapes.)
+        serde_json::from_slice::<serde_json::Value>(&bytes)
             .map_err(|e| Error::format("json", e.to_string()).in_file(&file))?;
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(e).in_file(&file))?;
