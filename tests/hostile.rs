@@ -270,3 +270,36 @@ fn gguf_with_an_empty_tensor() {
         "{e}"
     );
 }
+
+#[test]
+fn negative_dimensions() {
+    let dev = candle_core::Device::Cpu;
+    let dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 3), }";
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(dict.len() as u16 + 1).to_le_bytes());
+    npy.extend_from_slice(dict.as_bytes());
+    npy.push(b'\n');
+    npy.extend_from_slice(&[0u8; 12]);
+    let e = sae_ablate::io::npy::parse_npy(&npy, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("npy"), "{e}");
+
+    let dir = std::env::temp_dir().join(format!("sae-ablate-hostile-neg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = r#"{"W_enc":{"dtype":"F32","shape":[-1,3],"data_offsets":[0,12]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(&[0u8; 12]);
+    std::fs::write(dir.join("sae_weights.safetensors"), b).unwrap();
+    std::fs::write(
+        dir.join("cfg.json"),
+        r#"{"architecture":"standard","d_in":3,"d_sae":1}"#,
+    )
+    .unwrap();
+    let e = Sae::load(&dir, &dev).unwrap_err().to_string();
+    assert!(
+        e.contains("sae_weights.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
+}
