@@ -166,15 +166,13 @@ impl NpyHeader {
         })
     }
 
-    /// Number of elements (checked product of the shape).
+    /// Number of elements (checked product of the shape; see `io::checked_numel`).
     pub fn elem_count(&self) -> Result<usize> {
-        self.shape.iter().try_fold(1usize, |acc, &d| {
-            acc.checked_mul(d).ok_or_else(|| {
-                err(format!(
-                    "shape {:?} overflows: too many elements",
-                    self.shape
-                ))
-            })
+        super::checked_numel(&self.shape).ok_or_else(|| {
+            err(format!(
+                "shape {:?} overflows: too many elements",
+                self.shape
+            ))
         })
     }
 

@@ -36,7 +36,10 @@ const FMT: &str = "pickle";
 
 /// Deepest nesting of lists, tuples and dicts accepted in a pickle.
 const MAX_DEPTH: u32 = 64;
-/// Upper bound on the work done copying memoized objects (`BINGET`), in nodes + bytes.
+/// Upper bound on the work done copying memoized objects (`BINGET`, `DUP`), in
+/// nodes + bytes: at most this, and at most `2^20 + 64 ×` the pickle's length, so a
+/// few hundred bytes of `DUP`/`TUPLE2` cannot build (and then print) gigabytes.
+/// `torch.save` pickles only re-use small objects (globals, strings).
 const MEMO_BUDGET: u64 = 1 << 28;
 /// Magic number of the legacy format (`torch.serialization.MAGIC_NUMBER`).
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
@@ -150,11 +153,9 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
-    /// Number of elements.
+    /// Number of elements; `None` when the shape overflows (see `io::checked_numel`).
     pub fn numel(&self) -> Option<usize> {
-        self.shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        super::checked_numel(&self.shape)
     }
 }
 
@@ -469,12 +470,13 @@ struct Machine {
 }
 
 impl Machine {
-    fn new() -> Self {
+    /// A machine for a pickle of `len` bytes (see [`MEMO_BUDGET`]).
+    fn new(len: u64) -> Self {
         Machine {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
-            budget: MEMO_BUDGET,
+            budget: MEMO_BUDGET.min((1 << 20) + len.saturating_mul(64)),
         }
     }
 
@@ -1181,8 +1183,9 @@ fn open_zip(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
 
     let root = {
         let f = z.by_name(&pkl).map_err(|e| err(format!("zip: {e}")))?;
+        let len = f.size();
         let mut src = Src::new(BufReader::new(f));
-        Machine::new().run(&mut src)?
+        Machine::new(len).run(&mut src)?
     };
 
     let mut storages = HashMap::new();
@@ -1242,7 +1245,7 @@ fn open_zip(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
 
 fn open_legacy(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
     let mut src = Src::new(BufReader::new(file));
-    let mut m = Machine::new();
+    let mut m = Machine::new(file_len);
     let magic = m.run(&mut src)?;
     let magic_ok = match &magic {
         Value::BigInt(b) if b.len() <= 16 => {
@@ -1260,9 +1263,11 @@ fn open_legacy(file: &File, file_len: u64) -> Result<(Value, Storages, bool)> {
     match m.run(&mut src)? {
         Value::Int(1001) => {}
         other => {
-            return Err(err(format!(
-                "unsupported legacy protocol version {other:?}"
-            )))
+            // The kind, not the value: a hostile "version" can be a huge object.
+            return Err(err(match other {
+                Value::Int(v) => format!("unsupported legacy protocol version {v}"),
+                other => format!("legacy protocol version is a {}, not an int", other.kind()),
+            }));
         }
     }
     let sys_info = m.run(&mut src)?;
@@ -1443,7 +1448,7 @@ mod tests {
     use super::*;
 
     fn run(bytes: &[u8]) -> Result<Value> {
-        Machine::new().run(&mut Src::new(bytes))
+        Machine::new(bytes.len() as u64).run(&mut Src::new(bytes))
     }
 
     #[test]

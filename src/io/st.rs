@@ -36,11 +36,23 @@ impl TensorFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap[..])
             .map_err(|e| Error::format("safetensors", e.to_string()).in_file(&path))?;
-        let infos = meta
+        let infos: HashMap<String, Info> = meta
             .tensors()
             .into_iter()
             .map(|(k, v)| (k, (v.dtype, v.shape.clone(), v.data_offsets)))
             .collect();
+        // The crate checks each tensor's bytes against its offsets, but a shape with a
+        // zero dimension passes with any other dimensions (see `io::checked_numel`).
+        if let Some((name, (_, shape, _))) = infos
+            .iter()
+            .find(|(_, (_, shape, _))| super::checked_numel(shape).is_none())
+        {
+            return Err(Error::format(
+                "safetensors",
+                format!("tensor `{name}`: shape {shape:?} overflows"),
+            )
+            .in_file(&path));
+        }
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(Self {
             path,

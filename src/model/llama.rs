@@ -597,9 +597,7 @@ impl Llama {
     /// weights to `opts.dtype` (f32 or f16).
     pub fn from_gguf(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = std::io::BufReader::new(file);
-        let ct = gguf_file::Content::read(&mut reader).map_err(|e| gguf_err(path, e))?;
+        let (ct, reader) = super::gguf::open(path)?;
         let wrap = |e: Error| e.in_file(path);
         let arch = md(&ct, "general.architecture")
             .and_then(|v| {
@@ -798,7 +796,9 @@ impl Llama {
         let norm = src.need(&names.norm, DType::F32)?;
         check_shape(&names.norm, &norm, &[d])?;
         let lm_head = matrix(src, &names.lm_head, [c.vocab_size, d])?;
-        let mut layers = Vec::with_capacity(c.n_layers);
+        // Not `with_capacity(n_layers)`: that number is a header field; each layer pushed
+        // below holds tensors that exist in the file.
+        let mut layers = Vec::new();
         for i in 0..c.n_layers {
             let n = |k: &str| (names.layer)(i, k);
             let w = |src: &mut dyn WeightSource, k: &str, shape: [usize; 2]| {
@@ -831,9 +831,16 @@ impl Llama {
         let inv = cfg.inv_freq();
         let half = inv.len();
         let n = cfg.max_seq_len;
-        if n.saturating_mul(half) > 1 << 28 {
+        // The tables are allocated here, from two header numbers: bound them by the
+        // weights actually present (the embedding), so that a tiny file claiming a huge
+        // context cannot allocate gigabytes. Real models are far below this (Llama 3.1:
+        // 2^23 entries against a 5·10^8-entry embedding).
+        let cap = (1usize << 22).max(c.vocab_size.saturating_mul(d));
+        if n.saturating_mul(half) > cap {
             return Err(Error::Invalid(format!(
-                "context length {n} is too large for the RoPE tables: cap it with LoadOptions::max_seq_len"
+                "context length {n} is too large for the RoPE tables ({n} × {half} entries, \
+                 more than the embedding's {}): cap it with LoadOptions::max_seq_len",
+                c.vocab_size.saturating_mul(d)
             )));
         }
         let mut cos = Vec::with_capacity(n * half);

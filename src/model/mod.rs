@@ -8,6 +8,7 @@
 //! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
 
 pub mod generate;
+mod gguf;
 mod linear;
 pub mod llama;
 pub mod tokenizer;

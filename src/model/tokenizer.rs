@@ -53,10 +53,7 @@ impl Tokenizer {
     /// Build the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model = gpt2`).
     pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut reader = std::io::BufReader::new(file);
-        let ct = gguf_file::Content::read(&mut reader)
-            .map_err(|e| Error::format_candle("gguf", e).in_file(path))?;
+        let (ct, _) = super::gguf::open(path)?;
         Self::from_gguf(&ct).map_err(|e| e.in_file(path))
     }
 
@@ -117,6 +114,11 @@ impl Tokenizer {
             (path.to_path_buf(), path.parent().map(|p| p.to_path_buf()))
         };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        // tokenizers 0.23 panics (`expect("Helper")`) on malformed JSON inside
+        // `decoder`; parsing the file as JSON first makes every such file an error.
+        // (A full parse: `IgnoredAny` skips strings without checking their escapes.)
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| Error::format("json", e.to_string()).in_file(&file))?;
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(e).in_file(&file))?;
         let mut stop = Vec::new();
