@@ -20,7 +20,8 @@
 //!    with the next prompt's answer (off-topic); the SAE's latents are max-pooled over the
 //!    answer positions. The paper's rule: an OTD latent is zero on every on-topic answer
 //!    and non-zero on at least `otd_min_off_fraction` of the off-topic ones. When no latent
-//!    passes, a documented relaxed rule is used instead and `otd_rule` says so.
+//!    passes, documented fallbacks (`relaxed`, then `contrast`, see `find_otd`) are used
+//!    and `otd_rule` says which.
 //! 5. **Steering latents.** Alive latents (they fire on the evaluation text) that are
 //!    inactive on every prompt (the paper's rule), drawn at random with the seed.
 //! 6. **Calibration.** Per steering latent, bisection on the strength `v` (steering adds
@@ -1105,7 +1106,9 @@ fn latent_stats(on: &[Vec<f32>], off: &[Vec<f32>], d_sae: usize) -> Vec<LatentSt
 
 /// The paper's rule (zero on every on-topic answer, firing on ≥ `otd_min_off_fraction` of
 /// off-topic ones); when nothing passes, the relaxed rule: on-topic firing ≤ 10% and
-/// off-topic firing at least 20 points higher. Strongest first, at most `otd_max`.
+/// off-topic firing at least 20 points higher; when still nothing, the contrast rule:
+/// off-topic firing at least 20 points above on-topic firing. Strongest first, at most
+/// `otd_max`.
 fn find_otd(stats: &[LatentStats], cfg: &EsrConfig) -> (Vec<u32>, String) {
     let rank = |mut v: Vec<&LatentStats>| -> Vec<u32> {
         v.sort_by(|a, b| {
@@ -1127,7 +1130,14 @@ fn find_otd(stats: &[LatentStats], cfg: &EsrConfig) -> (Vec<u32>, String) {
         .iter()
         .filter(|s| s.on_fraction <= 0.1 && s.off_fraction >= s.on_fraction + 0.2)
         .collect();
-    (rank(relaxed), "relaxed".into())
+    if !relaxed.is_empty() {
+        return (rank(relaxed), "relaxed".into());
+    }
+    let contrast: Vec<&LatentStats> = stats
+        .iter()
+        .filter(|s| s.off_fraction >= s.on_fraction + 0.2)
+        .collect();
+    (rank(contrast), "contrast".into())
 }
 
 /// Bisection on the steering strength (see the module docs). The bracket starts at
@@ -1265,5 +1275,9 @@ mod tests {
         let (ids, rule) = find_otd(&stats, &cfg);
         assert_eq!(rule, "relaxed");
         assert_eq!(ids, vec![1, 0]);
+        let stats = vec![st(0, 0.3, 0.65), st(1, 0.5, 0.6), st(2, 0.2, 0.9)];
+        let (ids, rule) = find_otd(&stats, &cfg);
+        assert_eq!(rule, "contrast");
+        assert_eq!(ids, vec![2, 0]);
     }
 }

@@ -164,6 +164,7 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
             100.0 * c.otd_min_off_fraction
         ),
         "relaxed" => "the relaxed rule (no latent met the paper's rule; on-topic firing ≤ 10% and off-topic firing ≥ 20 points higher)".to_string(),
+        "contrast" => "the contrast rule (no latent met the paper's rule or the relaxed one, on-topic firing ≤ 10% and off-topic ≥ 20 points higher; these fire on ≥ 20 points more off-topic than on-topic answers)".to_string(),
         _ => "a fixed, published set".to_string(),
     };
     let _ = writeln!(
