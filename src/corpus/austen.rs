@@ -155,9 +155,7 @@ pub fn extract_austen(deb_or_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>>
             )));
         }
         let path = out_dir.join(format!("{name}.txt"));
-        crate::io::write_atomic(&path, |w| {
-            std::io::Write::write_all(w, &text).map_err(|e| Error::io(&path, e))
-        })?;
+        crate::io::atomic::write_bytes(&path, &text)?;
         written.push(path);
     }
     Ok(written)

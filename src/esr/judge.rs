@@ -209,6 +209,25 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Right-pad `seqs` (repeating each row's first token; causal attention keeps the padding
+/// out of every real position) into one `[rows, t]` batch; `t` is the longest length.
+pub(crate) fn right_padded<'a>(
+    seqs: impl ExactSizeIterator<Item = &'a [u32]> + Clone,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, usize)> {
+    let b = seqs.len();
+    let t = seqs.clone().map(<[u32]>::len).max().unwrap_or(0).max(1);
+    let mut flat = Vec::with_capacity(b * t);
+    for s in seqs {
+        flat.extend_from_slice(s);
+        flat.extend(std::iter::repeat_n(
+            s.first().copied().unwrap_or(0),
+            t - s.len(),
+        ));
+    }
+    Ok((Tensor::from_vec(flat, (b, t), dev)?, t))
+}
+
 /// For each `(ids, start)`, the mean log-probability the model gives tokens
 /// `ids[start..]` (each after all tokens before it); `0` when there is none. Sequences are
 /// right-padded into batches: causal attention keeps the padding out of every real
@@ -227,16 +246,12 @@ pub fn mean_logprobs(
             continue;
         }
         let b = chunk.len();
-        let mut flat = Vec::with_capacity(b * t);
+        let (toks, _) = right_padded(chunk.iter().map(|(s, _)| s.as_slice()), &dev)?;
         let mut next = Vec::with_capacity(b * t);
         for (s, _) in chunk {
-            let pad = s.first().copied().unwrap_or(0);
-            flat.extend_from_slice(s);
-            flat.extend(std::iter::repeat_n(pad, t - s.len()));
             next.extend(s.iter().skip(1));
             next.extend(std::iter::repeat_n(0, t + 1 - s.len()));
         }
-        let toks = Tensor::from_vec(flat, (b, t), &dev)?;
         let logits = model.forward(&toks, 0, &mut Hooks::new())?;
         let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 2)?;
         let tgt = Tensor::from_vec(next, (b, t), &dev)?.unsqueeze(2)?;

@@ -44,14 +44,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::edit::{Edits, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50};
 use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
-use crate::io::atomic::write_json;
+use crate::io::atomic::{write_bytes, write_json};
 use crate::model::generate::Rng;
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
@@ -838,9 +838,7 @@ fn prepare_sae(
                     == std::fs::metadata(&f).ok().map(|m| m.len());
                 if !same {
                     let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
-                    crate::io::write_atomic(&dst, |w| {
-                        std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(&dst, e))
-                    })?;
+                    write_bytes(&dst, &bytes)?;
                 }
             }
             let mut chats = String::new();
@@ -862,10 +860,7 @@ fn prepare_sae(
             let unchanged =
                 std::fs::read_to_string(&chat_file).ok().as_deref() == Some(chats.as_str());
             if !unchanged {
-                crate::io::write_atomic(&chat_file, |w| {
-                    std::io::Write::write_all(w, chats.as_bytes())
-                        .map_err(|e| Error::io(&chat_file, e))
-                })?;
+                write_bytes(&chat_file, chats.as_bytes())?;
             }
             // Activations depend on the weight format: one cache per format.
             let acts = cfg
@@ -925,10 +920,7 @@ fn prepare_sae(
                 cx.timings
                     .stages
                     .insert("sae_train".into(), t0.elapsed().as_secs_f64());
-                crate::io::write_atomic(&key_file, |w| {
-                    std::io::Write::write_all(w, key.as_bytes())
-                        .map_err(|e| Error::io(&key_file, e))
-                })?;
+                write_bytes(&key_file, key.as_bytes())?;
                 trained.sae
             };
             cx.timings.stages.insert("sae_harvest".into(), h.seconds);
@@ -996,20 +988,11 @@ fn max_pool(
     let mut pooled = Vec::with_capacity(seqs.len());
     let mut norms = Vec::new();
     for chunk in seqs.chunks(cx.cfg.batch_size) {
-        let t = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
-        if t == 0 {
+        if chunk.iter().all(|(s, _)| s.is_empty()) {
             pooled.extend(chunk.iter().map(|_| vec![0f32; sae.d_sae()]));
             continue;
         }
-        let mut flat = Vec::with_capacity(chunk.len() * t);
-        for (s, _) in chunk {
-            flat.extend_from_slice(s);
-            flat.extend(std::iter::repeat_n(
-                s.first().copied().unwrap_or(0),
-                t - s.len(),
-            ));
-        }
-        let toks = Tensor::from_vec(flat, (chunk.len(), t), &dev)?;
+        let (toks, t) = judge::right_padded(chunk.iter().map(|(s, _)| s.as_slice()), &dev)?;
         let cache = ActivationCache::new();
         let mut hooks = Hooks::new().with(*point, cache.clone());
         cx.model.forward(&toks, 0, &mut hooks)?;

@@ -19,7 +19,7 @@ use plotters::prelude::*;
 
 use super::stats::Trial;
 use super::{EsrResults, LatentStats};
-use crate::io::atomic::write_json;
+use crate::io::atomic::{write_bytes, write_json};
 use crate::io::write_atomic;
 use crate::train::plot::{write_png, FONT};
 use crate::{Error, Result, Sae};
@@ -49,9 +49,7 @@ pub(super) fn write_outputs(
     if has_curve {
         let dst = out.join("sae_training_curve.png");
         let bytes = std::fs::read(&curve).map_err(|e| Error::io(&curve, e))?;
-        write_atomic(&dst, |w| {
-            std::io::Write::write_all(w, &bytes).map_err(|e| Error::io(&dst, e))
-        })?;
+        write_bytes(&dst, &bytes)?;
     }
     plot_conditions(results, &out.join("conditions.png"))?;
     plot_otd(results, &out.join("otd_activation.png"))?;
@@ -65,9 +63,7 @@ pub(super) fn write_outputs(
     write_json(&out.join("results.json"), results)?;
     let md = report_md(results, trials, has_curve);
     let md_path = out.join("report.md");
-    write_atomic(&md_path, |w| {
-        std::io::Write::write_all(w, md.as_bytes()).map_err(|e| Error::io(&md_path, e))
-    })
+    write_bytes(&md_path, md.as_bytes())
 }
 
 fn pct(v: f64) -> String {

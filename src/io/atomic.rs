@@ -22,6 +22,11 @@ pub fn write_atomic(
     })
 }
 
+/// Write `bytes` to `path`, atomically.
+pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
+}
+
 /// Write `value` as pretty JSON to `path`, atomically.
 pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     write_atomic(path, |w| {

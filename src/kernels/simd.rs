@@ -231,15 +231,19 @@ pub(crate) mod avx2 {
     }
 }
 
+/// Deterministic test values in [-1, 1) (shared by the kernel tests).
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
-    }
+    use super::test_data as data;
 
     fn check<T: Elem>(conv: impl Fn(f32) -> T) {
         for n in [0, 1, 7, 8, 9, 31, 32, 33, 100, 577] {

@@ -199,13 +199,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::simd::test_data as data;
 
     /// The streaming path against plain f64 sums, for every dtype and row count, with
     /// an input width that is not a multiple of 8.
