@@ -6,7 +6,7 @@ mod smollm;
 
 use std::path::{Path, PathBuf};
 
-use sae_ablate::esr::judge::{split_attempts, Judge};
+use sae_ablate::esr::judge::{mean_logprobs_after, split_attempts, Judge};
 use sae_ablate::esr::{self, EsrConfig};
 use sae_ablate::Sae;
 
@@ -69,6 +69,41 @@ fn judge_batches_equal_single_sequences() {
             "right-padded batch {a:?} vs one at a time {b:?}"
         );
     }
+}
+
+/// The judge's shared-prefix scoring (prefix prefilled once, KV cache forked per batch)
+/// against a plain full-sequence forward and log-softmax computed here, row by row.
+#[test]
+fn shared_prefix_logprobs_equal_full_sequences() {
+    use candle_core::{Device, Tensor};
+    use sae_ablate::hooks::Hooks;
+    use sae_ablate::model::HookedModel;
+    let tok = smollm::tokenizer();
+    let mut model = smollm::model();
+    let prefix = tok.encode(&tok.chat_prompt(BREAD).unwrap()).unwrap();
+    let bodies: Vec<Vec<u32>> = [BREAD_ANSWER, "Short.", TIRE_ANSWER]
+        .iter()
+        .map(|t| tok.encode(t).unwrap())
+        .collect();
+    let refs: Vec<&[u32]> = bodies.iter().map(Vec::as_slice).collect();
+    let got = mean_logprobs_after(&mut *model, &prefix, &refs, 2).unwrap();
+    for (body, g) in bodies.iter().zip(&got) {
+        let mut all = prefix.clone();
+        all.extend_from_slice(body);
+        let t = Tensor::from_slice(&all, (1, all.len()), &Device::Cpu).unwrap();
+        let logits = model.forward(&t, 0, &mut Hooks::new()).unwrap();
+        let rows = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let mut sum = 0f64;
+        for (k, &id) in body.iter().enumerate() {
+            let row = &rows[prefix.len() - 1 + k];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+            sum += row[id as usize] as f64 - lse;
+        }
+        let want = sum / body.len() as f64;
+        assert!((g - want).abs() < 1e-3, "shared prefix {g} vs full sequence {want}");
+    }
+    assert!(got[0] > got[2], "bread answer after the bread prompt: {got:?}");
 }
 
 #[test]

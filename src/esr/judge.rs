@@ -169,27 +169,42 @@ impl Judge {
     }
 
     /// `Δ` for each `(prompt index, attempt text)` (see the module docs).
+    ///
+    /// Every attempt scored after the same prompt shares that prompt's cached prefix: it
+    /// is prefilled once per prompt and [forked](HookedModel::fork_cache) into each batch,
+    /// so only the attempts' own tokens go through the model again.
     pub fn deltas(
         &self,
         model: &mut dyn HookedModel,
         tok: &Tokenizer,
         items: &[(usize, &str)],
     ) -> Result<Vec<f64>> {
-        let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(items.len() * 2);
-        for &(i, text) in items {
+        // by_prompt[p] = (slot in the output [2 per item: own, other], attempt ids).
+        let mut by_prompt: Vec<Vec<(usize, Vec<u32>)>> = vec![Vec::new(); self.prompts.len()];
+        for (k, &(i, text)) in items.iter().enumerate() {
             let ids = tok.encode(text)?;
             let body = ids.strip_prefix(self.prefix.as_slice()).unwrap_or(&ids);
             let body = body.get(..self.max_tokens.min(body.len())).unwrap_or(body);
-            for p in [i, self.other(i)] {
-                let ctx = self.prompts.get(p).ok_or_else(|| {
-                    Error::Invalid(format!("judge: prompt index {p} out of range"))
-                })?;
-                let mut s = ctx.clone();
-                s.extend_from_slice(body);
-                seqs.push((s, ctx.len()));
+            for (j, p) in [i, self.other(i)].into_iter().enumerate() {
+                by_prompt
+                    .get_mut(p)
+                    .ok_or_else(|| Error::Invalid(format!("judge: prompt index {p} out of range")))?
+                    .push((2 * k + j, body.to_vec()));
             }
         }
-        let lp = mean_logprobs(model, &seqs, self.batch_size)?;
+        let mut lp = vec![0f64; 2 * items.len()];
+        for (ctx, group) in self.prompts.iter().zip(&by_prompt) {
+            if group.is_empty() {
+                continue;
+            }
+            let bodies: Vec<&[u32]> = group.iter().map(|(_, b)| b.as_slice()).collect();
+            let vals = mean_logprobs_after(model, ctx, &bodies, self.batch_size)?;
+            for ((slot, _), v) in group.iter().zip(vals) {
+                if let Some(x) = lp.get_mut(*slot) {
+                    *x = v;
+                }
+            }
+        }
         Ok(lp.chunks_exact(2).map(|c| c[0] - c[1]).collect())
     }
 }
@@ -228,41 +243,57 @@ pub(crate) fn right_padded<'a>(
     Ok((Tensor::from_vec(flat, (b, t), dev)?, t))
 }
 
-/// For each `(ids, start)`, the mean log-probability the model gives tokens
-/// `ids[start..]` (each after all tokens before it); `0` when there is none. Sequences are
-/// right-padded into batches: causal attention keeps the padding out of every real
-/// position.
-pub fn mean_logprobs(
+/// For each body, the mean log-probability the model gives its tokens after `prefix`
+/// (each token after the prefix and the body's tokens before it); `0` for an empty body.
+///
+/// The prefix (all but its last token) is prefilled once at batch 1; each batch of bodies
+/// then continues a [forked](HookedModel::fork_cache) copy of that cache, right-padded
+/// (causal attention keeps the padding out of every real position).
+pub fn mean_logprobs_after(
     model: &mut dyn HookedModel,
-    seqs: &[(Vec<u32>, usize)],
+    prefix: &[u32],
+    bodies: &[&[u32]],
     batch_size: usize,
 ) -> Result<Vec<f64>> {
+    let Some((&last, head)) = prefix.split_last() else {
+        return Err(Error::Invalid(
+            "mean_logprobs_after: the prefix must hold at least one token".into(),
+        ));
+    };
     let dev = model.device().clone();
-    let mut out = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(batch_size.max(1)) {
-        let t = chunk.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
-        if t < 2 {
+    let hl = head.len();
+    if hl > 0 {
+        let t = Tensor::from_slice(head, (1, hl), &dev)?;
+        model.forward_last(&t, 0, &mut Hooks::new())?;
+    }
+    let mut out = Vec::with_capacity(bodies.len());
+    for chunk in bodies.chunks(batch_size.max(1)) {
+        if chunk.iter().all(|b| b.is_empty()) {
             out.extend(std::iter::repeat_n(0.0, chunk.len()));
             continue;
         }
-        let b = chunk.len();
-        let (toks, _) = right_padded(chunk.iter().map(|(s, _)| s.as_slice()), &dev)?;
-        let mut next = Vec::with_capacity(b * t);
-        for (s, _) in chunk {
-            next.extend(s.iter().skip(1));
-            next.extend(std::iter::repeat_n(0, t + 1 - s.len()));
+        // Row = the prefix's last token, then the body: position j predicts body[j].
+        let rows: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|b| std::iter::once(last).chain(b.iter().copied()).collect())
+            .collect();
+        let b = rows.len();
+        let (toks, t) = right_padded(rows.iter().map(Vec::as_slice), &dev)?;
+        if hl > 0 {
+            model.fork_cache(hl, b)?;
         }
-        let logits = model.forward(&toks, 0, &mut Hooks::new())?;
+        let mut next = Vec::with_capacity(b * t);
+        for body in chunk {
+            next.extend_from_slice(body);
+            next.extend(std::iter::repeat_n(0, t - body.len()));
+        }
+        let logits = model.forward(&toks, hl, &mut Hooks::new())?;
         let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, 2)?;
         let tgt = Tensor::from_vec(next, (b, t), &dev)?.unsqueeze(2)?;
         let picked = lsm.gather(&tgt, 2)?.squeeze(2)?.to_vec2::<f32>()?;
-        for ((s, start), row) in chunk.iter().zip(&picked) {
-            // Position j predicts token j + 1: the attempt's tokens start..len are
-            // predicted at positions start - 1 .. len - 1.
-            let lo = start.saturating_sub(1);
-            let hi = s.len().saturating_sub(1);
-            let vals = row.get(lo..hi).unwrap_or_default();
-            out.push(if vals.is_empty() || *start == 0 {
+        for (body, row) in chunk.iter().zip(&picked) {
+            let vals = row.get(..body.len()).unwrap_or_default();
+            out.push(if vals.is_empty() {
                 0.0
             } else {
                 vals.iter().map(|&v| v as f64).sum::<f64>() / vals.len() as f64

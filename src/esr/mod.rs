@@ -292,7 +292,8 @@ pub struct Timings {
     pub generation_s: f64,
     /// `generated_tokens / generation_s` (batched, with hooks live).
     pub generation_tokens_per_s: f64,
-    /// Tokens run through the judge's forward passes.
+    /// Attempt tokens the judge scored, each attempt counted twice (after its own prompt
+    /// and after the contrast prompt); the shared prompt prefixes are not counted.
     pub judged_tokens: u64,
     /// Seconds spent judging.
     pub judge_s: f64,
@@ -440,10 +441,9 @@ impl Ctx<'_> {
         let t0 = Instant::now();
         let d = judge.deltas(&mut self.model, &self.tok, items)?;
         self.timings.judge_s += t0.elapsed().as_secs_f64();
-        for &(i, t) in items {
+        for &(_, t) in items {
             let n = self.tok.encode(t)?.len().min(judge.max_tokens);
-            let p = self.prompt_ids.get(i).map_or(0, Vec::len);
-            self.timings.judged_tokens += 2 * (n + p) as u64;
+            self.timings.judged_tokens += 2 * n as u64;
         }
         Ok(d)
     }
@@ -623,12 +623,15 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
         conditions.push((format!("random_{}", i + 1), s.clone()));
     }
     let which: Vec<usize> = (0..n).collect();
+    // Generate every condition first, then judge all answers together: the judge shares
+    // each prompt's cached prefix among all attempts scored after that prompt.
     let pb = bar(
         cfg,
-        (steering.len() * conditions.len() * n) as u64,
+        (steering.len() * conditions.len() * n + n) as u64,
         "trials",
     );
     let mut trials: Vec<Trial> = Vec::new();
+    let mut attempts: Vec<Vec<String>> = Vec::new();
     for (li, st) in steering.iter().enumerate() {
         let seed = cfg.seed.wrapping_add(1_000_000 * (li as u64 + 1));
         for (name, set) in &conditions {
@@ -638,24 +641,9 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
                 hooks.add(sae_point, SaeSplice::new(&sae, &edits, Positions::All)?);
             }
             let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &pb)?;
-            let texts: Vec<String> = gens.iter().map(|g| cx.text(g)).collect::<Result<_>>()?;
-            let attempts: Vec<Vec<String>> =
-                texts.iter().map(|t| judge::split_attempts(t)).collect();
-            let items: Vec<(usize, &str)> = attempts
-                .iter()
-                .enumerate()
-                .flat_map(|(i, a)| a.iter().map(move |t| (i, t.as_str())))
-                .collect();
-            let d = cx.deltas(&judge, &items)?;
-            let mut k = 0;
-            for (i, (a, (g, t))) in attempts.iter().zip(gens.iter().zip(&texts)).enumerate() {
-                let scores: Vec<f64> = d
-                    .get(k..k + a.len())
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|&x| judge.score(x))
-                    .collect();
-                k += a.len();
+            for (i, g) in gens.into_iter().enumerate() {
+                let text = cx.text(&g)?;
+                attempts.push(judge::split_attempts(&text));
                 trials.push(Trial {
                     condition: name.clone(),
                     latent: st.latent,
@@ -663,11 +651,42 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
                     prompt: i,
                     seed: seed + i as u64,
                     tokens: g.len(),
-                    scores,
-                    text: t.clone(),
+                    scores: Vec::new(),
+                    text,
                 });
             }
         }
+    }
+    // (trial, prompt, attempt) for every attempt, judged in blocks of prompts so that a
+    // block's prompts (and their contrast prompts) are prefilled once per block.
+    let mut items: Vec<(usize, usize, &str)> = trials
+        .iter()
+        .zip(&attempts)
+        .enumerate()
+        .flat_map(|(k, (t, a))| a.iter().map(move |s| (k, t.prompt, s.as_str())))
+        .collect();
+    items.sort_by_key(|&(k, p, _)| (p, k));
+    let block = cfg.batch_size.max(1);
+    let mut scores: Vec<Vec<f64>> = vec![Vec::new(); trials.len()];
+    let mut rest = items.as_slice();
+    while let Some(&(_, first, _)) = rest.first() {
+        let cut = rest
+            .iter()
+            .position(|&(_, p, _)| p >= first + block)
+            .unwrap_or(rest.len());
+        let (now, later) = rest.split_at(cut);
+        let pairs: Vec<(usize, &str)> = now.iter().map(|&(_, p, s)| (p, s)).collect();
+        let d = cx.deltas(&judge, &pairs)?;
+        for (&(k, _, _), x) in now.iter().zip(d) {
+            if let Some(v) = scores.get_mut(k) {
+                v.push(judge.score(x));
+            }
+        }
+        pb.inc(block.min(n) as u64);
+        rest = later;
+    }
+    for (t, s) in trials.iter_mut().zip(scores) {
+        t.scores = s;
     }
     pb.finish_and_clear();
     stage(&mut cx.timings, "trials", t0);

@@ -208,7 +208,7 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
     let _ = writeln!(
         s,
         "| **total** | **{:.1}** |\n\nGeneration: {} tokens at {:.1} tok/s (batches of {}, hooks live). \
-         Judge: {} tokens at {:.1} tok/s. SAE from cache: {}; answers from cache: {}.\n",
+         Judge: {} attempt tokens scored at {:.1} tok/s. SAE from cache: {}; answers from cache: {}.\n",
         t.total_s, t.generated_tokens, t.generation_tokens_per_s, c.batch_size, t.judged_tokens, t.judge_tokens_per_s, t.sae_cached, t.answers_cached
     );
     let _ = writeln!(

@@ -1373,6 +1373,28 @@ impl HookedModel for Llama {
         }
         self.cache_len = 0;
     }
+    fn fork_cache(&mut self, keep: usize, batch: usize) -> Result<()> {
+        if batch == 0 || keep == 0 || keep > self.cache_len {
+            return Err(Error::Invalid(format!(
+                "fork_cache: cannot keep {keep} of {} cached positions in {batch} rows",
+                self.cache_len
+            )));
+        }
+        for l in &mut self.layers {
+            for buf in [&mut l.k_cache, &mut l.v_cache] {
+                let old = buf
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid("fork_cache: the KV cache is empty".into()))?;
+                let (_, h, cap, hd) = old.dims4()?;
+                let row = old.narrow(0, 0, 1)?.narrow(2, 0, keep)?;
+                let fresh = Tensor::zeros((batch, h, cap, hd), old.dtype(), old.device())?;
+                fresh.slice_set(&row.repeat((batch, 1, 1, 1))?.contiguous()?, 2, 0)?;
+                *buf = Some(fresh);
+            }
+        }
+        self.cache_len = keep;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,16 @@ pub trait HookedModel {
     fn device(&self) -> &Device;
     /// Forget the KV cache.
     fn reset(&mut self);
+    /// Keep the first `keep` cached positions of batch row 0 and copy them into `batch`
+    /// rows, so that a prefix prefilled once is continued by `batch` different sequences
+    /// (the next forward starts at `start_pos = keep`). The default reports that the model
+    /// cannot share a cached prefix.
+    fn fork_cache(&mut self, keep: usize, batch: usize) -> Result<()> {
+        let _ = (keep, batch);
+        Err(crate::Error::Invalid(
+            "this model cannot share a cached prefix".into(),
+        ))
+    }
     /// Every hook point of the model, in forward order.
     fn hook_points(&self) -> Vec<HookPoint> {
         HookPoint::all(self.n_layers())
