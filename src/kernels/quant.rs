@@ -11,15 +11,57 @@
 //! `Σ_j w_j x_j ≈ Σ_blocks d·dx·Σ_j q_j qx_j (+ m·dx·Σ_j qx_j for Q4_1)`.
 //!
 //! [`QMatrix::matmul`] splits the output rows over the rayon pool and streams each weight
-//! block once for up to 8 activation rows (batched decode and prefill). The AVX2 body
-//! (`_mm256_maddubs_epi16` on unsigned × signed bytes) is picked at run time; the scalar
-//! loop is the reference it is tested against.
+//! block once for up to 8 activation rows (batched decode and prefill). The SIMD body is
+//! picked at run time ([`Isa::detect`]): AVX2 (`_mm256_maddubs_epi16` + `_mm256_madd_epi16`
+//! on unsigned × signed bytes) or, where the CPU has AVX-512 VNNI, the same body on 256-bit
+//! registers with the one-instruction `vpdpbusd` instead of that pair. The scalar loop is
+//! the reference both are tested against.
 
 use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::simd::has_avx2;
 use crate::{Error, Result};
+
+/// The instruction set a block product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The portable reference loop.
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 + FMA + F16C with AVX-512 VNNI (`vpdpbusd`) on 256-bit registers.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The fastest body this CPU supports (checked once).
+    pub fn detect() -> Isa {
+        use std::sync::OnceLock;
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if !has_avx2() {
+                return Isa::Scalar;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+            {
+                return Isa::Avx512Vnni;
+            }
+            Isa::Avx2
+        })
+    }
+
+    /// Every body this CPU can run, slowest first (the kernels' tests run them all).
+    pub fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Scalar => vec![Isa::Scalar],
+            Isa::Avx2 => vec![Isa::Scalar, Isa::Avx2],
+            Isa::Avx512Vnni => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni],
+        }
+    }
+}
 
 /// Weights per block.
 pub const QK: usize = 32;
@@ -257,6 +299,17 @@ impl QMatrix {
 
     /// `y [n, rows] = x [n, cols] · selfᵀ` with `x` quantized to 8 bits per block.
     pub fn matmul(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        self.matmul_on(x, n, Isa::detect())
+    }
+
+    /// [`QMatrix::matmul`] on a chosen body; one this CPU lacks falls back to the best it
+    /// has, never to an instruction it cannot run.
+    pub fn matmul_on(&self, x: &[f32], n: usize, isa: Isa) -> Result<Vec<f32>> {
+        let isa = if Isa::available().contains(&isa) {
+            isa
+        } else {
+            Isa::detect()
+        };
         if x.len() != n * self.cols {
             return Err(Error::Invalid(format!(
                 "quantized matmul: {} inputs for {n} rows of {}",
@@ -265,7 +318,7 @@ impl QMatrix {
             )));
         }
         let a = QActs::new(x, n, self.cols);
-        let (rows, avx) = (self.rows, has_avx2());
+        let rows = self.rows;
         let mut y = vec![0f32; n * rows];
         if rows == 0 || n == 0 {
             return Ok(y);
@@ -277,7 +330,7 @@ impl QMatrix {
         if n == 1 {
             y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
                 for (rr, o) in ys.iter_mut().enumerate() {
-                    self.dot_rows(ci * chunk + rr, &a, 0, std::slice::from_mut(o), avx);
+                    self.dot_rows(ci * chunk + rr, &a, 0, std::slice::from_mut(o), isa);
                 }
             });
             return Ok(y);
@@ -296,7 +349,7 @@ impl QMatrix {
                 while i0 < n {
                     let t = (n - i0).min(TILE);
                     for rr in 0..nr {
-                        self.dot_rows(r0 + rr, &a, i0, &mut tmp[..t], avx);
+                        self.dot_rows(r0 + rr, &a, i0, &mut tmp[..t], isa);
                         for (k, &v) in tmp[..t].iter().enumerate() {
                             local[(i0 + k) * nr + rr] = v;
                         }
@@ -316,15 +369,21 @@ impl QMatrix {
     }
 
     /// `out[k] = row r · activation row i0 + k` for `k < out.len() ≤ 8`.
-    fn dot_rows(&self, r: usize, a: &QActs, i0: usize, out: &mut [f32], avx: bool) {
+    fn dot_rows(&self, r: usize, a: &QActs, i0: usize, out: &mut [f32], isa: Isa) {
         #[cfg(target_arch = "x86_64")]
-        if avx && r < self.rows && (i0 + out.len()) <= a.n && out.len() <= TILE {
-            // SAFETY: avx2/fma/f16c present (checked by the caller through has_avx2);
-            // row r and activation rows i0..i0 + out.len() are in range (checked above).
-            unsafe { avx2::dot_rows(self, r, a, i0, out) };
+        if isa != Isa::Scalar && r < self.rows && (i0 + out.len()) <= a.n && out.len() <= TILE {
+            // SAFETY: the CPU has the features of `isa` (the caller passes only what
+            // `Isa::available` lists); row r and activation rows i0..i0 + out.len() are in
+            // range (checked above).
+            unsafe {
+                match isa {
+                    Isa::Avx512Vnni => avx2::dot_rows_vnni(self, r, a, i0, out),
+                    _ => avx2::dot_rows(self, r, a, i0, out),
+                }
+            };
             return;
         }
-        let _ = avx;
+        let _ = isa;
         for (k, o) in out.iter_mut().enumerate() {
             *o = self.dot_scalar(r, a, i0 + k);
         }
@@ -413,12 +472,37 @@ mod avx2 {
     /// SAFETY: avx2, fma, f16c; `r < m.rows`; `i0 + out.len() <= a.n`; `out.len() <= 8`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_rows(m: &QMatrix, r: usize, a: &QActs, i0: usize, out: &mut [f32]) {
+        dispatch::<false>(m, r, a, i0, out)
+    }
+
+    /// [`dot_rows`] with `vpdpbusd` for the integer block sums.
+    /// SAFETY: as [`dot_rows`], plus avx512vnni and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn dot_rows_vnni(
+        m: &QMatrix,
+        r: usize,
+        a: &QActs,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        dispatch::<true>(m, r, a, i0, out)
+    }
+
+    /// SAFETY: as [`dot_rows`]; `VNNI` only inside [`dot_rows_vnni`].
+    #[inline(always)]
+    unsafe fn dispatch<const VNNI: bool>(
+        m: &QMatrix,
+        r: usize,
+        a: &QActs,
+        i0: usize,
+        out: &mut [f32],
+    ) {
         // Compile-time row counts keep the accumulators in registers.
         macro_rules! go {
             ($n:literal) => {
                 match m.ty {
-                    QType::Q4_1 => kernel::<true, $n>(m, r, a, i0, out),
-                    QType::Q8_0 => kernel::<false, $n>(m, r, a, i0, out),
+                    QType::Q4_1 => kernel::<true, VNNI, $n>(m, r, a, i0, out),
+                    QType::Q8_0 => kernel::<false, VNNI, $n>(m, r, a, i0, out),
                 }
             };
         }
@@ -443,12 +527,14 @@ mod avx2 {
     /// `out[k]` = weight row `r` · activation row `i0 + k` (`Q4` selects Q4_1, else Q8_0). Per block: one integer dot product (`maddubs` + `madd`) and one FMA
     /// with the scale `dw·dx`; the scales (and Q4_1's `m·dx·Σqx`) are computed eight
     /// blocks at a time.
-    /// SAFETY: avx2, fma, f16c; row `r` and activation rows `i0..i0 + N` exist;
-    /// `out.len() >= N`; `m.ty` is Q4_1 exactly when `Q4`.
+    /// With `VNNI`, `vpdpbusd` does the integer dot product in one instruction.
+    /// SAFETY: avx2, fma, f16c (and avx512vnni + avx512vl when `VNNI`); row `r` and
+    /// activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1 exactly when
+    /// `Q4`.
     // Index loops: the block index `t` addresses raw pointers and `sc` alike.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn kernel<const Q4: bool, const N: usize>(
+    unsafe fn kernel<const Q4: bool, const VNNI: bool, const N: usize>(
         m: &QMatrix,
         r: usize,
         a: &QActs,
@@ -516,8 +602,14 @@ mod avx2 {
                 for k in 0..N {
                     let x = _mm256_loadu_si256(xq.add((k * nb + bb) * QK) as *const __m256i);
                     let x = if Q4 { x } else { _mm256_sign_epi8(x, w) };
-                    // u8 × i8 pairs summed to i16 (≤ 2·128·127, no saturation), then i32.
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones);
+                    let p = if VNNI {
+                        // u8 × i8 products, four at a time summed straight into i32.
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, x)
+                    } else {
+                        // u8 × i8 pairs summed to i16 (≤ 2·128·127, no saturation),
+                        // then pairs of those to i32.
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones)
+                    };
                     let s = _mm256_broadcast_ss(&sc[k][t]);
                     // Few rows: odd blocks go to a second accumulator so that two FMA
                     // chains overlap (one chain would wait on the FMA latency).
@@ -593,9 +685,12 @@ mod tests {
             for (a, b) in w.iter().zip(&wd) {
                 assert!((a - b).abs() <= 0.5 * step + 2e-3, "{ty:?} {a} {b}");
             }
-            for n in [1usize, 2, 5, 8, 11, 16] {
+            for (n, isa) in [1usize, 2, 5, 8, 11, 16]
+                .into_iter()
+                .flat_map(|n| Isa::available().into_iter().map(move |i| (n, i)))
+            {
                 let x = data(n * cols, 5 + n as u32);
-                let y = qm.matmul(&x, n).unwrap();
+                let y = qm.matmul_on(&x, n, isa).unwrap();
                 let a = QActs::new(&x, n, cols);
                 for i in 0..n {
                     for r in 0..rows {
@@ -603,7 +698,7 @@ mod tests {
                         let want = qm.dot_scalar(r, &a, i);
                         assert!(
                             (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{ty:?} n={n}"
+                            "{ty:?} n={n} {isa:?}"
                         );
                         let exact: f64 = (0..cols)
                             .map(|k| x[i * cols + k] as f64 * wd[r * cols + k] as f64)
@@ -612,7 +707,10 @@ mod tests {
                         let bound: f64 = (0..cols)
                             .map(|k| wd[r * cols + k].abs() as f64 / 254.0)
                             .sum();
-                        assert!((got as f64 - exact).abs() <= bound + 1e-4, "{ty:?} n={n}");
+                        assert!(
+                            (got as f64 - exact).abs() <= bound + 1e-4,
+                            "{ty:?} n={n} {isa:?}"
+                        );
                     }
                 }
             }
