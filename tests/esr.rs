@@ -101,9 +101,15 @@ fn shared_prefix_logprobs_equal_full_sequences() {
             sum += row[id as usize] as f64 - lse;
         }
         let want = sum / body.len() as f64;
-        assert!((g - want).abs() < 1e-3, "shared prefix {g} vs full sequence {want}");
+        assert!(
+            (g - want).abs() < 1e-3,
+            "shared prefix {g} vs full sequence {want}"
+        );
     }
-    assert!(got[0] > got[2], "bread answer after the bread prompt: {got:?}");
+    assert!(
+        got[0] > got[2],
+        "bread answer after the bread prompt: {got:?}"
+    );
 }
 
 #[test]

@@ -542,7 +542,7 @@ impl Machine {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(err("SETITEMS with an odd number of items"));
         }
         let new_depth = child_depth(&items)?;

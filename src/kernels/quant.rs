@@ -10,10 +10,13 @@
 //!
 //! `Σ_j w_j x_j ≈ Σ_blocks d·dx·Σ_j q_j qx_j (+ m·dx·Σ_j qx_j for Q4_1)`.
 //!
-//! [`QMatrix::matmul`] splits the output rows over the rayon pool and streams each weight
-//! block once for up to 8 activation rows (batched decode and prefill). The SIMD body is
-//! picked at run time ([`Isa::detect`]): AVX2 (`_mm256_maddubs_epi16` + `_mm256_madd_epi16`
-//! on unsigned × signed bytes) or, where the CPU has AVX-512 VNNI, the same body on 256-bit
+//! The blocks are repacked at load so that 8 weight rows sit side by side (see
+//! [`QMatrix`]): one 256-bit integer vector then holds 8 rows' partial sums, the scales of
+//! 8 rows apply in one FMA, and no horizontal sum is needed: a GEMM micro-kernel of
+//! 8 weight rows × up to 8 activation rows, each weight block read once for all of them.
+//! [`QMatrix::matmul`] splits the row groups over the rayon pool. The SIMD body is picked
+//! at run time ([`Isa::detect`]): AVX2 (`_mm256_maddubs_epi16` + `_mm256_madd_epi16` on
+//! unsigned × signed bytes) or, where the CPU has AVX-512 VNNI, the same body on 256-bit
 //! registers with the one-instruction `vpdpbusd` instead of that pair. The scalar loop is
 //! the reference both are tested against.
 
@@ -66,9 +69,6 @@ impl Isa {
 /// Weights per block.
 pub const QK: usize = 32;
 
-/// Activation rows that share one pass over the weights.
-const TILE: usize = 8;
-
 /// A block format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QType {
@@ -96,19 +96,31 @@ impl QType {
 }
 
 /// A `[rows, cols]` weight matrix in blocks of 32 along each row (`cols % 32 == 0`).
+///
+/// The rows are stored in groups of [`GROUP`] (the last group padded with zero blocks),
+/// block by block, the codes of a group's 8 rows interleaved four bytes at a time: one
+/// 32-byte load holds the same 4 code bytes of all 8 rows. A vector of 8 integer lanes
+/// then accumulates one block product per weight row (no horizontal sums), and one FMA
+/// applies the 8 rows' scales at once (see the `avx2` kernel).
 #[derive(Clone)]
 pub struct QMatrix {
     ty: QType,
     rows: usize,
     cols: usize,
-    /// Scale of each block, row-major `[rows, cols / 32]`.
+    /// Scales `[groups, cols / 32, 8]`.
     d: Vec<f16>,
-    /// Minimum of each block (`Q4_1` only; empty for `Q8_0`).
+    /// `Q4_1` minimums `[groups, cols / 32, 8]` (empty for `Q8_0`).
     m: Vec<f16>,
-    /// Codes: `Q4_1` 16 bytes a block (byte `j` holds element `j` in its low nibble and
-    /// element `j + 16` in its high nibble, as GGUF stores them); `Q8_0` 32 signed bytes.
+    /// Codes `[groups, cols / 32, code_bytes / 4, 8, 4]`: byte `j` of row `8g + r` in
+    /// block `b` sits at `((g·nb + b)·code_bytes + (j / 4)·32 + r·4 + j % 4)`. `Q4_1`: 16
+    /// bytes a block, byte `j` holding element `j` (low nibble) and `j + 16` (high
+    /// nibble), as GGUF stores them; `Q8_0`: 32 bytes `q + 128` (the signed code offset
+    /// to an unsigned byte, which `vpdpbusd` multiplies without a sign fix-up).
     qs: Vec<u8>,
 }
+
+/// Weight rows interleaved per group (the lanes of one 256-bit integer vector).
+pub const GROUP: usize = 8;
 
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,7 +136,76 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
+/// One block as stored in GGUF: scale, minimum (`Q4_1`) and code bytes.
+struct Block<'a> {
+    d: f16,
+    m: f16,
+    codes: &'a [u8],
+}
+
 impl QMatrix {
+    /// An all-zero matrix in the interleaved layout, filled by [`QMatrix::set_block`].
+    fn zeros(ty: QType, rows: usize, cols: usize) -> Self {
+        let nb = cols / QK;
+        let slots = rows.div_ceil(GROUP) * nb * GROUP;
+        QMatrix {
+            ty,
+            rows,
+            cols,
+            d: vec![f16::ZERO; slots],
+            m: if ty == QType::Q4_1 {
+                vec![f16::ZERO; slots]
+            } else {
+                Vec::new()
+            },
+            qs: vec![0u8; slots * ty.code_bytes()],
+        }
+    }
+
+    /// Index of block `(r, b)`'s scale; the codes of its byte `j` are at
+    /// [`QMatrix::code_at`].
+    fn slot(&self, r: usize, b: usize) -> usize {
+        let nb = self.cols / QK;
+        ((r / GROUP) * nb + b) * GROUP + r % GROUP
+    }
+
+    fn code_at(&self, r: usize, b: usize, j: usize) -> usize {
+        let nb = self.cols / QK;
+        ((r / GROUP) * nb + b) * GROUP * self.ty.code_bytes()
+            + (j / 4) * 32
+            + (r % GROUP) * 4
+            + j % 4
+    }
+
+    /// Store block `(r, b)` (in range: the callers loop over `rows × cols / 32`).
+    fn set_block(&mut self, r: usize, b: usize, blk: &Block<'_>) {
+        let k = self.slot(r, b);
+        self.d[k] = blk.d;
+        if self.ty == QType::Q4_1 {
+            self.m[k] = blk.m;
+        }
+        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
+        for (j, &c) in blk.codes.iter().enumerate() {
+            let i = self.code_at(r, b, j);
+            self.qs[i] = c ^ flip;
+        }
+    }
+
+    /// Block `(r, b)` as GGUF stores it (codes in `buf`).
+    fn block<'a>(&self, r: usize, b: usize, buf: &'a mut [u8; QK]) -> Block<'a> {
+        let k = self.slot(r, b);
+        let cb = self.ty.code_bytes();
+        let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
+        for (j, c) in buf.iter_mut().take(cb).enumerate() {
+            *c = self.qs[self.code_at(r, b, j)] ^ flip;
+        }
+        Block {
+            d: self.d[k],
+            m: self.m.get(k).copied().unwrap_or(f16::ZERO),
+            codes: &buf[..cb],
+        }
+    }
+
     /// Wrap GGUF block data (`rows · cols / 32` blocks in GGUF's layout). Errors name
     /// `name` when the sizes disagree.
     pub fn from_gguf(
@@ -134,87 +215,79 @@ impl QMatrix {
         bytes: &[u8],
         name: &str,
     ) -> Result<Self> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(Error::Invalid(format!(
                 "tensor `{name}`: {cols} columns are not a multiple of the block size {QK}"
             )));
         }
-        let nblocks = rows * (cols / QK);
-        if bytes.len() != nblocks * ty.block_bytes() {
+        let nb = cols / QK;
+        let want = rows
+            .checked_mul(nb)
+            .and_then(|n| n.checked_mul(ty.block_bytes()));
+        if want != Some(bytes.len()) {
+            let want = rows.saturating_mul(nb).saturating_mul(ty.block_bytes());
             return Err(Error::Invalid(format!(
-                "tensor `{name}`: {} bytes of {ty:?} data for shape [{rows}, {cols}] (expected {})",
-                bytes.len(),
-                nblocks * ty.block_bytes()
+                "tensor `{name}`: {} bytes of {ty:?} data for shape [{rows}, {cols}] (expected {want})",
+                bytes.len()
             )));
         }
-        let cb = ty.code_bytes();
-        let mut d = Vec::with_capacity(nblocks);
-        let mut m = Vec::new();
-        let mut qs = Vec::with_capacity(nblocks * cb);
-        for blk in bytes.chunks_exact(ty.block_bytes()) {
-            d.push(f16_at(blk, 0));
-            match ty {
-                QType::Q4_1 => {
-                    m.push(f16_at(blk, 2));
-                    qs.extend_from_slice(&blk[4..]);
-                }
-                QType::Q8_0 => qs.extend_from_slice(&blk[2..]),
-            }
+        let mut q = QMatrix::zeros(ty, rows, cols);
+        for (k, blk) in bytes.chunks_exact(ty.block_bytes()).enumerate() {
+            let (d, m, codes) = match ty {
+                QType::Q4_1 => (f16_at(blk, 0), f16_at(blk, 2), &blk[4..]),
+                QType::Q8_0 => (f16_at(blk, 0), f16::ZERO, &blk[2..]),
+            };
+            q.set_block(k / nb, k % nb, &Block { d, m, codes });
         }
-        Ok(QMatrix {
-            ty,
-            rows,
-            cols,
-            d,
-            m,
-            qs,
-        })
+        Ok(q)
     }
 
     /// Quantize a row-major f32 matrix (llama.cpp's reference quantizers: `Q8_0` scale
     /// `max|w|/127`; `Q4_1` scale `(max − min)/15` and minimum `min`).
     pub fn quantize(ty: QType, rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
-        if cols % QK != 0 || w.len() != rows * cols {
+        if !cols.is_multiple_of(QK) || Some(w.len()) != rows.checked_mul(cols) {
             return Err(Error::Invalid(format!(
                 "cannot quantize {} values as [{rows}, {cols}] in blocks of {QK}",
                 w.len()
             )));
         }
-        let nblocks = rows * (cols / QK);
-        let mut d = Vec::with_capacity(nblocks);
-        let mut m = Vec::new();
-        let mut qs = Vec::with_capacity(nblocks * ty.code_bytes());
-        for blk in w.chunks_exact(QK) {
-            match ty {
+        let nb = cols / QK;
+        let mut q = QMatrix::zeros(ty, rows, cols);
+        let mut codes = [0u8; QK];
+        for (k, blk) in w.chunks_exact(QK).enumerate() {
+            let (d, m, cb) = match ty {
                 QType::Q8_0 => {
                     let amax = blk.iter().fold(0f32, |a, x| a.max(x.abs()));
                     let s = amax / 127.0;
                     let id = if s > 0.0 { 1.0 / s } else { 0.0 };
-                    d.push(f16::from_f32(s));
-                    qs.extend(blk.iter().map(|x| (x * id).round() as i8 as u8));
+                    for (c, x) in codes.iter_mut().zip(blk) {
+                        *c = (x * id).round() as i8 as u8;
+                    }
+                    (f16::from_f32(s), f16::ZERO, QK)
                 }
                 QType::Q4_1 => {
                     let lo = blk.iter().copied().fold(f32::INFINITY, f32::min);
                     let hi = blk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let s = (hi - lo) / 15.0;
                     let id = if s > 0.0 { 1.0 / s } else { 0.0 };
-                    d.push(f16::from_f32(s));
-                    m.push(f16::from_f32(lo));
-                    let q = |x: f32| (((x - lo) * id + 0.5) as u8).min(15);
+                    let qz = |x: f32| (((x - lo) * id + 0.5) as u8).min(15);
                     for j in 0..QK / 2 {
-                        qs.push(q(blk[j]) | (q(blk[j + QK / 2]) << 4));
+                        codes[j] = qz(blk[j]) | (qz(blk[j + QK / 2]) << 4);
                     }
+                    (f16::from_f32(s), f16::from_f32(lo), QK / 2)
                 }
-            }
+            };
+            q.set_block(
+                k / nb,
+                k % nb,
+                &Block {
+                    d,
+                    m,
+                    codes: &codes[..cb],
+                },
+            );
         }
-        Ok(QMatrix {
-            ty,
-            rows,
-            cols,
-            d,
-            m,
-            qs,
-        })
+        Ok(q)
     }
 
     /// Stack matrices of equal width along the rows (`Q8_0` unless all share one format).
@@ -234,14 +307,30 @@ impl QMatrix {
             let w: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
             return QMatrix::quantize(QType::Q8_0, rows, cols, &w);
         }
-        Ok(QMatrix {
-            ty: first.ty,
-            rows,
-            cols,
-            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
-            m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
-            qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
-        })
+        // The blocks move as they are (exact); only their places in the groups change.
+        let mut q = QMatrix::zeros(first.ty, rows, cols);
+        let mut r0 = 0;
+        let mut buf = [0u8; QK];
+        for p in parts {
+            for r in 0..p.rows {
+                for b in 0..cols / QK {
+                    let blk = p.block(r, b, &mut buf);
+                    let (d, m) = (blk.d, blk.m);
+                    let codes: Vec<u8> = blk.codes.to_vec();
+                    q.set_block(
+                        r0 + r,
+                        b,
+                        &Block {
+                            d,
+                            m,
+                            codes: &codes,
+                        },
+                    );
+                }
+            }
+            r0 += p.rows;
+        }
+        Ok(q)
     }
 
     /// The block format.
@@ -254,7 +343,8 @@ impl QMatrix {
         (self.rows, self.cols)
     }
 
-    /// Bytes a full pass over the matrix reads.
+    /// Bytes a full pass over the matrix reads (GGUF's block size; the padding rows of
+    /// the last group are not counted).
     pub fn bytes(&self) -> usize {
         self.rows * (self.cols / QK) * self.ty.block_bytes()
     }
@@ -264,15 +354,14 @@ impl QMatrix {
         if r >= self.rows || out.len() != self.cols {
             return None;
         }
-        let nb = self.cols / QK;
-        let cb = self.ty.code_bytes();
+        let mut buf = [0u8; QK];
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
-            let k = r * nb + b;
-            let d = self.d[k].to_f32();
-            let q = &self.qs[k * cb..(k + 1) * cb];
+            let blk = self.block(r, b, &mut buf);
+            let d = blk.d.to_f32();
+            let q = blk.codes;
             match self.ty {
                 QType::Q4_1 => {
-                    let m = self.m[k].to_f32();
+                    let m = blk.m.to_f32();
                     for j in 0..QK / 2 {
                         o[j] = d * (q[j] & 15) as f32 + m;
                         o[j + QK / 2] = d * (q[j] >> 4) as f32 + m;
@@ -310,7 +399,7 @@ impl QMatrix {
         } else {
             Isa::detect()
         };
-        if x.len() != n * self.cols {
+        if Some(x.len()) != n.checked_mul(self.cols) {
             return Err(Error::Invalid(format!(
                 "quantized matmul: {} inputs for {n} rows of {}",
                 x.len(),
@@ -320,86 +409,98 @@ impl QMatrix {
         let a = QActs::new(x, n, self.cols);
         let rows = self.rows;
         let mut y = vec![0f32; n * rows];
-        if rows == 0 || n == 0 {
+        let groups = rows.div_ceil(GROUP);
+        if groups == 0 || n == 0 {
             return Ok(y);
         }
-        // A few tasks per thread: the machine is shared, so equal halves would wait on
-        // the slower core.
+        // A few tasks per thread (the machine is shared: equal halves would wait on the
+        // slower core). Each task fills `[n, its rows]` in a local buffer; the rows are
+        // then copied into place.
         let tasks = 4 * rayon::current_num_threads();
-        let chunk = rows.div_ceil(tasks).max(16);
-        if n == 1 {
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-                for (rr, o) in ys.iter_mut().enumerate() {
-                    self.dot_rows(ci * chunk + rr, &a, 0, std::slice::from_mut(o), isa);
-                }
-            });
-            return Ok(y);
-        }
-        // Each task fills `[n, nr]` for its `nr` weight rows in a small buffer, then the
-        // rows are copied into place (scattered single stores into `y` were slower than
-        // the kernel on wide outputs such as the LM head).
-        let parts: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(chunk))
+        let per = groups.div_ceil(tasks).max(4);
+        let parts: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per))
             .into_par_iter()
-            .map(|ci| {
-                let r0 = ci * chunk;
-                let nr = chunk.min(rows - r0);
-                let mut local = vec![0f32; n * nr];
-                let mut tmp = [0f32; TILE];
-                let mut i0 = 0;
-                while i0 < n {
-                    let t = (n - i0).min(TILE);
-                    for rr in 0..nr {
-                        self.dot_rows(r0 + rr, &a, i0, &mut tmp[..t], isa);
-                        for (k, &v) in tmp[..t].iter().enumerate() {
-                            local[(i0 + k) * nr + rr] = v;
-                        }
-                    }
-                    i0 += t;
-                }
-                (r0, local)
+            .map(|ti| {
+                let g0 = ti * per;
+                let ng = per.min(groups - g0);
+                let mut local = vec![0f32; n * ng * GROUP];
+                self.groups_times(&a, g0, ng, &mut local, isa);
+                (g0, local)
             })
             .collect();
-        for (r0, local) in parts {
-            let nr = local.len() / n;
-            for (i, src) in local.chunks_exact(nr).enumerate() {
-                y[i * rows + r0..i * rows + r0 + nr].copy_from_slice(src);
+        for (g0, local) in parts {
+            let r0 = g0 * GROUP;
+            let w = local.len() / n;
+            let keep = w.min(rows - r0);
+            for (i, src) in local.chunks_exact(w).enumerate() {
+                y[i * rows + r0..i * rows + r0 + keep].copy_from_slice(&src[..keep]);
             }
         }
         Ok(y)
     }
 
-    /// `out[k] = row r · activation row i0 + k` for `k < out.len() ≤ 8`.
-    fn dot_rows(&self, r: usize, a: &QActs, i0: usize, out: &mut [f32], isa: Isa) {
+    /// Groups `g0..g0 + ng` times every activation row into `out [n, ng · 8]`.
+    fn groups_times(&self, a: &QActs, g0: usize, ng: usize, out: &mut [f32], isa: Isa) {
+        let w = ng * GROUP;
+        let tile = if isa == Isa::Avx512Vnni { 8 } else { 4 };
+        let mut tmp = [[0f32; GROUP]; 8];
+        for g in g0..g0 + ng {
+            let mut i0 = 0;
+            while i0 < a.n {
+                let t = (a.n - i0).min(tile);
+                self.group_tile(g, a, i0, &mut tmp[..t], isa);
+                for (k, v) in tmp[..t].iter().enumerate() {
+                    let o = (i0 + k) * w + (g - g0) * GROUP;
+                    out[o..o + GROUP].copy_from_slice(v);
+                }
+                i0 += t;
+            }
+        }
+    }
+
+    /// `out[k][r]` = weight row `8g + r` · activation row `i0 + k`, `k < out.len() ≤ 8`.
+    fn group_tile(&self, g: usize, a: &QActs, i0: usize, out: &mut [[f32; GROUP]], isa: Isa) {
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar && r < self.rows && (i0 + out.len()) <= a.n && out.len() <= TILE {
-            // SAFETY: the CPU has the features of `isa` (the caller passes only what
-            // `Isa::available` lists); row r and activation rows i0..i0 + out.len() are in
-            // range (checked above).
+        if isa != Isa::Scalar
+            && g < self.rows.div_ceil(GROUP)
+            && i0 + out.len() <= a.n
+            && out.len() <= 8
+        {
+            // SAFETY: the CPU has the features of `isa` (the callers pass only what
+            // `Isa::available` lists); group g and activation rows i0..i0 + out.len()
+            // are in range (checked above).
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => avx2::dot_rows_vnni(self, r, a, i0, out),
-                    _ => avx2::dot_rows(self, r, a, i0, out),
+                    Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, out),
+                    _ => avx2::group_tile(self, g, a, i0, out),
                 }
             };
             return;
         }
         let _ = isa;
         for (k, o) in out.iter_mut().enumerate() {
-            *o = self.dot_scalar(r, a, i0 + k);
+            for (r, v) in o.iter_mut().enumerate() {
+                let row = g * GROUP + r;
+                *v = if row < self.rows {
+                    self.dot_scalar(row, a, i0 + k)
+                } else {
+                    0.0
+                };
+            }
         }
     }
 
     /// Scalar reference: row `r` of the weights · quantized activation row `i`.
     fn dot_scalar(&self, r: usize, a: &QActs, i: usize) -> f32 {
         let nb = self.cols / QK;
-        let cb = self.ty.code_bytes();
         let mut sum = 0f32;
+        let mut buf = [0u8; QK];
         for b in 0..nb {
-            let k = r * nb + b;
-            let q = &self.qs[k * cb..(k + 1) * cb];
+            let blk = self.block(r, b, &mut buf);
+            let q = blk.codes;
             let xq = &a.q[(i * nb + b) * QK..(i * nb + b + 1) * QK];
             let (dx, sx) = (a.d[i * nb + b], a.s[i * nb + b]);
-            let dw = self.d[k].to_f32();
+            let dw = blk.d.to_f32();
             match self.ty {
                 QType::Q4_1 => {
                     let mut s = 0i32;
@@ -407,7 +508,7 @@ impl QMatrix {
                         s += (q[j] & 15) as i32 * xq[j] as i32
                             + (q[j] >> 4) as i32 * xq[j + QK / 2] as i32;
                     }
-                    sum += dw * dx * s as f32 + self.m[k].to_f32() * sx;
+                    sum += dw * dx * s as f32 + blk.m.to_f32() * sx;
                 }
                 QType::Q8_0 => {
                     let s: i32 = q
@@ -464,45 +565,51 @@ impl QActs {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QActs, QMatrix, QType, QK};
-    use crate::kernels::simd::avx2::hsum;
+    use super::{QActs, QMatrix, QType, GROUP, QK};
     use std::arch::x86_64::*;
 
-    /// Weight row `r` times activation rows `i0..i0 + out.len()`.
-    /// SAFETY: avx2, fma, f16c; `r < m.rows`; `i0 + out.len() <= a.n`; `out.len() <= 8`.
+    /// Weight group `g` times activation rows `i0..i0 + out.len()`.
+    /// SAFETY: avx2, fma, f16c; group `g` exists; `i0 + out.len() <= a.n`;
+    /// `out.len() <= 8`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows(m: &QMatrix, r: usize, a: &QActs, i0: usize, out: &mut [f32]) {
-        dispatch::<false>(m, r, a, i0, out)
-    }
-
-    /// [`dot_rows`] with `vpdpbusd` for the integer block sums.
-    /// SAFETY: as [`dot_rows`], plus avx512vnni and avx512vl.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn dot_rows_vnni(
+    pub(super) unsafe fn group_tile(
         m: &QMatrix,
-        r: usize,
+        g: usize,
         a: &QActs,
         i0: usize,
-        out: &mut [f32],
+        out: &mut [[f32; GROUP]],
     ) {
-        dispatch::<true>(m, r, a, i0, out)
+        dispatch::<false>(m, g, a, i0, out)
     }
 
-    /// SAFETY: as [`dot_rows`]; `VNNI` only inside [`dot_rows_vnni`].
+    /// [`group_tile`] with `vpdpbusd` for the integer products.
+    /// SAFETY: as [`group_tile`], plus avx512vnni and avx512vl.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn group_tile_vnni(
+        m: &QMatrix,
+        g: usize,
+        a: &QActs,
+        i0: usize,
+        out: &mut [[f32; GROUP]],
+    ) {
+        dispatch::<true>(m, g, a, i0, out)
+    }
+
+    /// SAFETY: as [`group_tile`]; `VNNI` only inside [`group_tile_vnni`].
     #[inline(always)]
     unsafe fn dispatch<const VNNI: bool>(
         m: &QMatrix,
-        r: usize,
+        g: usize,
         a: &QActs,
         i0: usize,
-        out: &mut [f32],
+        out: &mut [[f32; GROUP]],
     ) {
         // Compile-time row counts keep the accumulators in registers.
         macro_rules! go {
             ($n:literal) => {
                 match m.ty {
-                    QType::Q4_1 => kernel::<true, VNNI, $n>(m, r, a, i0, out),
-                    QType::Q8_0 => kernel::<false, VNNI, $n>(m, r, a, i0, out),
+                    QType::Q4_1 => kernel::<true, VNNI, $n>(m, g, a, i0, out),
+                    QType::Q8_0 => kernel::<false, VNNI, $n>(m, g, a, i0, out),
                 }
             };
         }
@@ -519,111 +626,113 @@ mod avx2 {
         }
     }
 
+    /// `acc + Σ` of the four `u8 × i8` products in each 32-bit lane.
     #[inline(always)]
-    unsafe fn f16_to_f32(bits: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    unsafe fn dot4<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(acc, w, x)
+        } else {
+            // u8 × i8 pairs summed to i16, then pairs of those to i32. No saturation:
+            // the unsigned side is ≤ 128 (Q4 codes ≤ 15, Q8_0 magnitudes ≤ 128) and the
+            // signed side ≤ 127 in magnitude, so a pair is at most 2·128·127 = 32512.
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+            _mm256_add_epi32(acc, p)
+        }
     }
 
-    /// `out[k]` = weight row `r` · activation row `i0 + k` (`Q4` selects Q4_1, else Q8_0). Per block: one integer dot product (`maddubs` + `madd`) and one FMA
-    /// with the scale `dw·dx`; the scales (and Q4_1's `m·dx·Σqx`) are computed eight
-    /// blocks at a time.
-    /// With `VNNI`, `vpdpbusd` does the integer dot product in one instruction.
-    /// SAFETY: avx2, fma, f16c (and avx512vnni + avx512vl when `VNNI`); row `r` and
+    /// `out[k][r]` = weight row `8g + r` · activation row `i0 + k` (`Q4` selects Q4_1,
+    /// else Q8_0). Per block, the 8 rows' codes come in 32-byte vectors (4 bytes of each
+    /// row); each is multiplied with the same 4 activation bytes broadcast to all lanes,
+    /// so lane `r` sums row `r`'s block product. One FMA then applies the 8 scales
+    /// `dw[r]·dx` (and one more the `Q4_1` minimums `m[r]·dx·Σqx`).
+    /// SAFETY: avx2, fma, f16c (and avx512vnni + avx512vl when `VNNI`); group `g` and
     /// activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1 exactly when
     /// `Q4`.
-    // Index loops: the block index `t` addresses raw pointers and `sc` alike.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn kernel<const Q4: bool, const VNNI: bool, const N: usize>(
         m: &QMatrix,
-        r: usize,
+        g: usize,
         a: &QActs,
         i0: usize,
-        out: &mut [f32],
+        out: &mut [[f32; GROUP]],
     ) {
         let nb = m.cols / QK;
         let cb = if Q4 { QK / 2 } else { QK };
-        let wq = m.qs.as_ptr().add(r * nb * cb);
-        let wd = m.d.as_ptr().add(r * nb) as *const u16;
-        let wm = if Q4 {
-            m.m.as_ptr().add(r * nb) as *const u16
-        } else {
-            wd
-        };
+        let base = g * nb;
+        let wq = m.qs.as_ptr().add(base * GROUP * cb);
+        let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
+        let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
         let xq = a.q.as_ptr().add(i0 * nb * QK);
         let xd = a.d.as_ptr().add(i0 * nb);
         let xs = a.s.as_ptr().add(i0 * nb);
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
+        let low = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); N];
-        let mut acc2 = [_mm256_setzero_ps(); N];
-        let mut accm = [_mm256_setzero_ps(); N];
-        let mut tail = [0f32; N];
-        let mut sc = [[0f32; 8]; N];
-        let mut b = 0;
-        while b < nb {
-            let g = (nb - b).min(8);
-            if g == 8 {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b) as *const __m128i));
-                let mw = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b) as *const __m128i));
-                for k in 0..N {
-                    let dx = _mm256_loadu_ps(xd.add(k * nb + b));
-                    _mm256_storeu_ps(sc[k].as_mut_ptr(), _mm256_mul_ps(dw, dx));
-                    if Q4 {
-                        let sx = _mm256_loadu_ps(xs.add(k * nb + b));
-                        accm[k] = _mm256_fmadd_ps(mw, sx, accm[k]);
-                    }
+        for b in 0..nb {
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b)));
+            // The block's codes as 8 vectors: vector c holds elements 4c..4c + 4 of each
+            // row (Q4_1: the low nibbles of byte group c are elements 4c.., the high
+            // nibbles 16 + 4c..).
+            let mut w = [_mm256_setzero_si256(); 8];
+            let blk = wq.add(b * GROUP * cb);
+            if Q4 {
+                for c in 0..4 {
+                    let raw = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                    w[c] = _mm256_and_si256(raw, low);
+                    w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
                 }
             } else {
-                for t in 0..g {
-                    let dw = f16_to_f32(*wd.add(b + t));
-                    let mw = f16_to_f32(*wm.add(b + t));
-                    for k in 0..N {
-                        sc[k][t] = dw * *xd.add(k * nb + b + t);
-                        if Q4 {
-                            tail[k] += mw * *xs.add(k * nb + b + t);
-                        }
-                    }
-                }
-            }
-            for t in 0..g {
-                let bb = b + t;
-                let w = if Q4 {
-                    // 16 bytes → 32 unsigned 4-bit codes in element order.
-                    let raw = _mm_loadu_si128(wq.add(bb * 16) as *const __m128i);
-                    let lo = _mm_and_si128(raw, low);
-                    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-                    _mm256_set_m128i(hi, lo)
-                } else {
-                    _mm256_loadu_si256(wq.add(bb * QK) as *const __m256i)
-                };
-                // maddubs needs one unsigned side: Q8_0 takes |w| and x with w's sign.
-                let wu = if Q4 { w } else { _mm256_sign_epi8(w, w) };
-                for k in 0..N {
-                    let x = _mm256_loadu_si256(xq.add((k * nb + bb) * QK) as *const __m256i);
-                    let x = if Q4 { x } else { _mm256_sign_epi8(x, w) };
-                    let p = if VNNI {
-                        // u8 × i8 products, four at a time summed straight into i32.
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, x)
+                for c in 0..8 {
+                    // `q + 128`: unsigned as stored for vpdpbusd; signed again for AVX2.
+                    let u = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                    w[c] = if VNNI {
+                        u
                     } else {
-                        // u8 × i8 pairs summed to i16 (≤ 2·128·127, no saturation),
-                        // then pairs of those to i32.
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(wu, x), ones)
+                        _mm256_xor_si256(u, _mm256_set1_epi8(-128))
                     };
-                    let s = _mm256_broadcast_ss(&sc[k][t]);
-                    // Few rows: odd blocks go to a second accumulator so that two FMA
-                    // chains overlap (one chain would wait on the FMA latency).
-                    if N <= 2 && t % 2 == 1 {
-                        acc2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc2[k]);
-                    } else {
-                        acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k]);
-                    }
                 }
             }
-            b += g;
+            // AVX2's maddubs sums pairs to i16, which `q + 128` (≤ 255) would saturate:
+            // there Q8_0 takes |q| and gives x the sign of q instead.
+            let wu = if Q4 || VNNI {
+                w
+            } else {
+                let mut u = w;
+                for c in 0..8 {
+                    u[c] = _mm256_sign_epi8(w[c], w[c]);
+                }
+                u
+            };
+            // The per-block constant term's weight-side factor: Q4_1's minimum `m`, or
+            // −128·d for Q8_0's offset codes (`Σ (q + 128)·x = Σ q·x + 128·Σ x`).
+            let mw = if Q4 {
+                _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b)))
+            } else {
+                _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
+            };
+            for k in 0..N {
+                let xb = xq.add((k * nb + b) * QK) as *const i32;
+                let mut p = _mm256_setzero_si256();
+                for c in 0..8 {
+                    // Activation bytes 4c..4c + 4 (vector c's elements), in every lane.
+                    let x = _mm256_set1_epi32(xb.add(c).read_unaligned());
+                    let x = if Q4 || VNNI {
+                        x
+                    } else {
+                        _mm256_sign_epi8(x, w[c])
+                    };
+                    p = dot4::<VNNI>(p, wu[c], x);
+                }
+                let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k]);
+                if Q4 || VNNI {
+                    let sx = _mm256_set1_ps(*xs.add(k * nb + b));
+                    acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
+                }
+            }
         }
         for k in 0..N {
-            out[k] = hsum(_mm256_add_ps(acc[k], acc2[k])) + hsum(accm[k]) + tail[k];
+            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
         }
     }
 }
@@ -712,6 +821,38 @@ mod tests {
                             "{ty:?} n={n} {isa:?}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Stacking moves blocks exactly (same format) across the row groups: the stack
+    /// dequantizes to the parts' rows, bit for bit, and multiplies like them.
+    #[test]
+    fn cat_rows_is_exact_across_groups() {
+        let cols = 64;
+        for ty in [QType::Q4_1, QType::Q8_0] {
+            let a = QMatrix::quantize(ty, 5, cols, &data(5 * cols, 3)).unwrap();
+            let b = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 4)).unwrap();
+            let c = QMatrix::cat_rows(&[&a, &b]).unwrap();
+            assert_eq!(c.dims(), (16, cols));
+            let mut want = a.dequantize();
+            want.extend(b.dequantize());
+            assert_eq!(c.dequantize(), want, "{ty:?}");
+            let x = data(3 * cols, 9);
+            let (ya, yb, yc) = (
+                a.matmul(&x, 3).unwrap(),
+                b.matmul(&x, 3).unwrap(),
+                c.matmul(&x, 3).unwrap(),
+            );
+            for i in 0..3 {
+                let row: Vec<f32> = ya[i * 5..(i + 1) * 5]
+                    .iter()
+                    .chain(&yb[i * 11..(i + 1) * 11])
+                    .copied()
+                    .collect();
+                for (g, w) in yc[i * 16..(i + 1) * 16].iter().zip(&row) {
+                    assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{ty:?} {g} {w}");
                 }
             }
         }

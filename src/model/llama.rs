@@ -95,13 +95,13 @@ impl LlamaConfig {
                 "invalid Llama config: every size must be positive: {c:?}"
             )));
         }
-        if c.n_heads % c.n_kv_heads != 0 {
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
             return Err(Error::Invalid(format!(
                 "invalid Llama config: {} query heads are not a multiple of {} key/value heads",
                 c.n_heads, c.n_kv_heads
             )));
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return Err(Error::Invalid(format!(
                 "invalid Llama config: head_dim = {} must be even for RoPE",
                 c.head_dim

@@ -4,7 +4,7 @@
 use crate::{Error, Result};
 
 fn check_points(points: &[f32], d: usize) -> Result<usize> {
-    if d == 0 || points.is_empty() || points.len() % d != 0 {
+    if d == 0 || points.is_empty() || !points.len().is_multiple_of(d) {
         return Err(Error::Invalid(format!(
             "need a non-empty [n, d] array of points: got {} values for d = {d}",
             points.len()

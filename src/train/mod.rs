@@ -663,7 +663,7 @@ impl<'a> Trainer<'a> {
         let decay_start = n_steps.saturating_sub((c.lr_decay_fraction * n_steps as f64) as usize);
         if c.architecture == TrainArchitecture::Standard
             && c.resample_every > 0
-            && (s + 1) % c.resample_every == 0
+            && (s + 1).is_multiple_of(c.resample_every)
             && s + 1 < decay_start
         {
             let per_token = (&recon - &x)?.sqr()?.sum(1)?.detach();
@@ -805,7 +805,7 @@ impl<'a> Trainer<'a> {
             pb.set_position(self.step as u64);
             let every = self.cfg.checkpoint_every;
             if let Some(dir) = out_dir {
-                if every > 0 && self.step % every == 0 && self.step < n {
+                if every > 0 && self.step.is_multiple_of(every) && self.step < n {
                     let ck: PathBuf = dir.join("checkpoints").join(self.step.to_string());
                     self.sae()?.save_saelens(&ck)?;
                     self.write_log(dir)?;

@@ -44,7 +44,7 @@ pub struct InMemorySource {
 impl InMemorySource {
     /// Wrap `data` (`[n, d_in]` row-major, `n ≥ 1`), shuffled with `seed`.
     pub fn new(data: Vec<f32>, d_in: usize, seed: u64) -> Result<Self> {
-        if d_in == 0 || data.is_empty() || data.len() % d_in != 0 {
+        if d_in == 0 || data.is_empty() || !data.len().is_multiple_of(d_in) {
             return Err(Error::Invalid(format!(
                 "in-memory activations: {} values do not form rows of d_in = {d_in}",
                 data.len()
