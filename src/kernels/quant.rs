@@ -315,17 +315,7 @@ impl QMatrix {
             for r in 0..p.rows {
                 for b in 0..cols / QK {
                     let blk = p.block(r, b, &mut buf);
-                    let (d, m) = (blk.d, blk.m);
-                    let codes: Vec<u8> = blk.codes.to_vec();
-                    q.set_block(
-                        r0 + r,
-                        b,
-                        &Block {
-                            d,
-                            m,
-                            codes: &codes,
-                        },
-                    );
+                    q.set_block(r0 + r, b, &blk);
                 }
             }
             r0 += p.rows;
