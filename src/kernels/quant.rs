@@ -526,15 +526,36 @@ struct QActs {
 }
 
 impl QActs {
-    /// `x [n, cols]`, `cols % 32 == 0`.
+    /// `x [n, cols]`, `cols % 32 == 0`. The AVX2 body computes exactly what
+    /// [`QActs::new_scalar`] does (same operations, same rounding).
     fn new(x: &[f32], n: usize, cols: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            let mut a = QActs::empty(n, cols);
+            for (blk, q) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
+                // SAFETY: avx2/fma/f16c present (checked above); both blocks are 32 long.
+                let (d, s) = unsafe { avx2::quantize_block(blk, q) };
+                a.d.push(d);
+                a.s.push(d * s as f32);
+            }
+            return a;
+        }
+        QActs::new_scalar(x, n, cols)
+    }
+
+    fn empty(n: usize, cols: usize) -> Self {
         let nb = n * (cols / QK);
-        let mut a = QActs {
+        QActs {
             n,
             d: Vec::with_capacity(nb),
             s: Vec::with_capacity(nb),
             q: vec![0i8; n * cols],
-        };
+        }
+    }
+
+    /// Scalar reference of [`QActs::new`].
+    fn new_scalar(x: &[f32], n: usize, cols: usize) -> Self {
+        let mut a = QActs::empty(n, cols);
         for (blk, q) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
             let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
@@ -614,6 +635,45 @@ mod avx2 {
             7 => go!(7),
             _ => go!(8),
         }
+    }
+
+    /// One activation block: `q = round_half_away(x / d)` with `d = max|x| / 127`, as
+    /// `QActs::new_scalar` computes it; returns `(d, Σ q)`.
+    /// SAFETY: avx2, fma, f16c; `x.len() >= 32`, `q.len() >= 32`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let p = x.as_ptr();
+        let sign = _mm256_set1_ps(-0.0);
+        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+        let mut m = _mm256_setzero_ps();
+        for x in v {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let i = v.map(|x| {
+            let r = _mm256_mul_ps(x, id);
+            // r + copysign(0.5, r), truncated toward zero.
+            let h = _mm256_or_ps(half, _mm256_and_ps(r, sign));
+            _mm256_cvttps_epi32(_mm256_add_ps(r, h))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+        // i32 → i16 → i8 (values fit: |q| ≤ 127); the packs interleave 128-bit lanes,
+        // the permutation restores element order.
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(i[0], i[1]),
+            _mm256_packs_epi32(i[2], i[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+        (d, sum)
     }
 
     /// `acc + Σ` of the four `u8 × i8` products in each 32-bit lane.
@@ -846,6 +906,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AVX2 activation quantizer is bit-exact with the scalar one, ties included.
+    #[test]
+    fn activation_quantization_matches_scalar_exactly() {
+        let mut x = data(5 * 96, 13);
+        // Exact halves after scaling (max 127 → id = 1): ties round away from zero.
+        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| {
+            if i == 0 {
+                127.0
+            } else {
+                (i as f32 - 16.0) + 0.5
+            }
+        }));
+        x[32..64].fill(0.0);
+        let (a, b) = (QActs::new(&x, 5, 96), QActs::new_scalar(&x, 5, 96));
+        assert_eq!(a.q, b.q);
+        assert_eq!(a.d, b.d);
+        assert_eq!(a.s, b.s);
+        assert_eq!(b.q[1], -15, "-14.5 rounds away from zero");
+        assert_eq!(b.q[17], 2, "1.5 rounds away from zero");
     }
 
     #[test]

@@ -109,6 +109,51 @@ pub fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
     axpy4_scalar(y, a, w)
 }
 
+/// Softmax numerators below `e^-80` (relative to the largest) are dropped: their exp is
+/// within a few powers of two of f32's subnormal range, where arithmetic takes microcode
+/// assists, and their share of the sum is below 1e-34.
+pub const SOFTMAX_CUTOFF: f32 = -80.0;
+
+/// Scalar reference: `s[i] = exp(s[i] − max)` (0 at or below [`SOFTMAX_CUTOFF`]); returns
+/// the sum.
+pub fn softmax_exp_scalar(s: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for v in s {
+        let e = *v - max;
+        *v = if e > SOFTMAX_CUTOFF { e.exp() } else { 0.0 };
+        sum += *v;
+    }
+    sum
+}
+
+/// `s[i] = exp(s[i] − max)` (0 at or below [`SOFTMAX_CUTOFF`]); returns the sum. The
+/// AVX2 body's exp is within 2e-7 relative error of `f32::exp`.
+pub fn softmax_exp(s: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports avx2, fma and f16c (checked above).
+        return unsafe { avx2::softmax_exp(s, max) };
+    }
+    softmax_exp_scalar(s, max)
+}
+
+/// Scalar reference: `out[i] = g[i]·σ(g[i])·u[i]` (SwiGLU), over the shortest length.
+pub fn silu_mul_scalar(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// `out[i] = g[i]·σ(g[i])·u[i]` (SwiGLU), over the shortest length.
+pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports avx2, fma and f16c (checked above).
+        return unsafe { avx2::silu_mul(g, u, out) };
+    }
+    silu_mul_scalar(g, u, out)
+}
+
 /// The AVX2 bodies; `load8` and `hsum` are shared with the model's small-matmul loop.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
@@ -149,6 +194,84 @@ pub(crate) mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
+    }
+
+    /// `e^x` for 8 lanes (Cephes' `expf` scheme): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`,
+    /// `e^r` by a degree-7 polynomial (a degree-5 one times `r²` plus `1 + r`), `2^n` added
+    /// to the exponent bits. `x` is clamped to `[−87.3, 88.7]`, where `2^n` is a normal
+    /// f32 (so `e^x` of smaller `x` is `~1e-38`, not 0: callers cut off below).
+    ///
+    /// SAFETY: the CPU must support avx2 and fma.
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.7),
+        );
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // ln 2 in two parts: n·LN2_HI is exact in f32 for |n| ≤ 128.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let e = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2n = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n))
+    }
+
+    /// SAFETY: caller guarantees avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn softmax_exp(s: &mut [f32], max: f32) -> f32 {
+        let n = s.len();
+        let p = s.as_mut_ptr();
+        let (m, cut) = (_mm256_set1_ps(max), _mm256_set1_ps(super::SOFTMAX_CUTOFF));
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m);
+            let keep = _mm256_cmp_ps(e, cut, _CMP_GT_OQ);
+            let v = _mm256_and_ps(exp8(e), keep);
+            _mm256_storeu_ps(p.add(i), v);
+            acc = _mm256_add_ps(acc, v);
+            i += 8;
+        }
+        hsum(acc) + super::softmax_exp_scalar(&mut s[i..], max)
+    }
+
+    /// SAFETY: caller guarantees avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = g.len().min(u.len()).min(out.len());
+        let (gp, up, op) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let gv = _mm256_loadu_ps(gp.add(i));
+            // σ(g) = 1 / (1 + e^−g); e^−g saturates at e^88.7 for very negative g (σ → 0).
+            let den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+            let v = _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(up.add(i)));
+            _mm256_storeu_ps(op.add(i), v);
+            i += 8;
+        }
+        super::silu_mul_scalar(&g[i..n], &u[i..n], &mut out[i..n]);
     }
 
     /// SAFETY: caller guarantees avx2, fma and f16c.
@@ -244,6 +367,49 @@ mod tests {
     use super::*;
 
     use super::test_data as data;
+
+    /// The SIMD exp against `f64::exp` over the whole softmax range (scores relative to
+    /// their max, down past the cutoff) and SwiGLU against the scalar reference.
+    #[test]
+    fn exp_based_kernels_match_f64() {
+        let n = 1003;
+        let mut s: Vec<f32> = (0..n).map(|i| -90.0 + 0.09 * i as f32).collect();
+        let want: Vec<f64> = s
+            .iter()
+            .map(|&v| {
+                if v > SOFTMAX_CUTOFF {
+                    (v as f64).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let sum = softmax_exp(&mut s, 0.0);
+        for (g, w) in s.iter().zip(&want) {
+            assert!((*g as f64 - w).abs() <= 3e-7 * w, "{g} vs {w}");
+        }
+        let ws: f64 = want.iter().sum();
+        assert!((sum as f64 - ws).abs() <= 1e-6 * ws, "{sum} vs {ws}");
+        // A max shift: exp(s − max) with max = 3.
+        let mut t = vec![3.0f32, 2.0, -77.5, -76.9, 1.5, 0.0, -1.0, 2.5, 3.0];
+        let mut r = t.clone();
+        let (a, b) = (softmax_exp(&mut t, 3.0), softmax_exp_scalar(&mut r, 3.0));
+        assert!((a - b).abs() <= 1e-6 * b);
+        assert_eq!(t[2], 0.0, "e^-80.5 is below the cutoff");
+        assert!(t[3] > 0.0, "e^-79.9 is kept");
+
+        let g: Vec<f32> = (0..n).map(|i| -100.0 + 0.2 * i as f32).collect();
+        let u = data(n, 7);
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        silu_mul(&g, &u, &mut a);
+        silu_mul_scalar(&g, &u, &mut b);
+        for ((x, y), gi) in a.iter().zip(&b).zip(&g) {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "g = {gi}: {x} vs {y}"
+            );
+        }
+    }
 
     fn check<T: Elem>(conv: impl Fn(f32) -> T) {
         for n in [0, 1, 7, 8, 9, 31, 32, 33, 100, 577] {

@@ -312,15 +312,9 @@ fn decode_attention(
                     scores[j] = s;
                     max = max.max(s);
                 }
-                // Weights below e^-80 (relative to the largest) are dropped: their exp is
-                // within a few powers of two of f32's subnormal range, where arithmetic
-                // takes microcode assists, and their share of the sum is below 1e-34.
-                let mut sum = 0f32;
-                for s in &mut scores[pad..total] {
-                    let e = *s - max;
-                    *s = if e > -80.0 { e.exp() } else { 0.0 };
-                    sum += *s;
-                }
+                // Weights below e^-80 (relative to the largest) are dropped (see
+                // `SOFTMAX_CUTOFF`).
+                let sum = crate::kernels::simd::softmax_exp(&mut scores[pad..total], max);
                 for j in pad..total {
                     if scores[j] > 0.0 {
                         let p = scores[j] / sum;
@@ -974,9 +968,7 @@ impl Llama {
             let mut a = vec![0f32; b * ff];
             for (a, r) in a.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
                 let (g, u) = r.split_at(ff);
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
+                crate::kernels::simd::silu_mul(g, u, a);
             }
             let mlp = layer.w_down.matmul_vec(&a, b)?;
             let mlp = hk(HookPoint::MlpOut(li), mlp)?;
