@@ -109,6 +109,52 @@ pub fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
     axpy4_scalar(y, a, w)
 }
 
+/// Scalar reference: `out[j] = x · m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`,
+/// `j < out.len()` (rows past the end of `m` give 0).
+pub fn dot_rows_scalar(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = m
+            .get(j * d..(j + 1) * d)
+            .map_or(0.0, |r| dot_scalar(&x[..d.min(x.len())], r));
+    }
+}
+
+/// `out[j] = x · m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`, `j < out.len()` (rows
+/// past the end of `m` give 0): attention scores against a K cache in one call.
+pub fn dot_rows(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && x.len() >= d && m.len() >= out.len() * d {
+        // SAFETY: the CPU supports avx2, fma and f16c; x holds d and m holds
+        // out.len()·d elements (checked above).
+        return unsafe { avx2::dot_rows(x, m, d, out) };
+    }
+    dot_rows_scalar(x, m, d, out)
+}
+
+/// Scalar reference: `y += Σ_j a[j]·m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`,
+/// `j < a.len()`, `d = y.len()`.
+pub fn axpy_rows_scalar(y: &mut [f32], a: &[f32], m: &[f32]) {
+    let d = y.len();
+    for (j, &aj) in a.iter().enumerate() {
+        if let Some(r) = m.get(j * d..(j + 1) * d) {
+            axpy_scalar(y, aj, r);
+        }
+    }
+}
+
+/// `y += Σ_j a[j]·m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`, `j < a.len()`,
+/// `d = y.len()`: an attention head's weighted sum of V rows in one call (`y` stays in
+/// registers across the rows).
+pub fn axpy_rows(y: &mut [f32], a: &[f32], m: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && m.len() >= a.len() * y.len() {
+        // SAFETY: the CPU supports avx2, fma and f16c; m holds a.len()·y.len() elements
+        // (checked above).
+        return unsafe { avx2::axpy_rows(y, a, m) };
+    }
+    axpy_rows_scalar(y, a, m)
+}
+
 /// Softmax numerators below `e^-80` (relative to the largest) are dropped: their exp is
 /// within a few powers of two of f32's subnormal range, where arithmetic takes microcode
 /// assists, and their share of the sum is below 1e-34.
@@ -235,6 +281,76 @@ pub(crate) mod avx2 {
             23,
         );
         _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n))
+    }
+
+    /// SAFETY: avx2, fma, f16c; `x.len() >= d`; `m.len() >= out.len()·d`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_rows(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+        let d8 = d - d % 8;
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = m.as_ptr().add(j * d);
+            // Two accumulators: two FMA chains in flight.
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= d8 {
+                a0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    _mm256_loadu_ps(r.add(i)),
+                    a0,
+                );
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(r.add(i + 8)),
+                    a1,
+                );
+                i += 16;
+            }
+            if i < d8 {
+                a0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                    _mm256_loadu_ps(r.add(i)),
+                    a0,
+                );
+            }
+            let mut t = hsum(_mm256_add_ps(a0, a1));
+            for k in d8..d {
+                t += x[k] * *r.add(k);
+            }
+            *o = t;
+        }
+    }
+
+    /// SAFETY: avx2, fma, f16c; `m.len() >= a.len()·y.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn axpy_rows(y: &mut [f32], a: &[f32], m: &[f32]) {
+        let d = y.len();
+        // Columns in chunks of 64: 8 accumulators stay in registers over all rows.
+        let mut c0 = 0;
+        while c0 + 64 <= d {
+            let yp = y.as_mut_ptr().add(c0);
+            let mut acc = [0, 8, 16, 24, 32, 40, 48, 56].map(|o| _mm256_loadu_ps(yp.add(o)));
+            for (j, &aj) in a.iter().enumerate() {
+                if aj == 0.0 {
+                    continue;
+                }
+                let s = _mm256_set1_ps(aj);
+                let r = m.as_ptr().add(j * d + c0);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(s, _mm256_loadu_ps(r.add(8 * k)), *acc);
+                }
+            }
+            for (k, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(yp.add(8 * k), *acc);
+            }
+            c0 += 64;
+        }
+        if c0 < d {
+            for (j, &aj) in a.iter().enumerate() {
+                for k in c0..d {
+                    y[k] += aj * m[j * d + k];
+                }
+            }
+        }
     }
 
     /// SAFETY: caller guarantees avx2, fma and f16c.
@@ -408,6 +524,31 @@ mod tests {
                 (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
                 "g = {gi}: {x} vs {y}"
             );
+        }
+    }
+
+    /// Attention's row-batched dot products and weighted sums against the scalar loops,
+    /// for head sizes below, at and above the 64-column register block.
+    #[test]
+    fn row_batched_kernels_match_scalar() {
+        for d in [8usize, 20, 64, 80, 128] {
+            let rows = 37;
+            let m = data(rows * d, 3);
+            let x = data(d, 4);
+            let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+            dot_rows(&x, &m, d, &mut a);
+            dot_rows_scalar(&x, &m, d, &mut b);
+            for (g, w) in a.iter().zip(&b) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "d={d}: {g} vs {w}");
+            }
+            let mut p = data(rows, 5);
+            p[3] = 0.0;
+            let (mut y1, mut y2) = (data(d, 6), data(d, 6));
+            axpy_rows(&mut y1, &p, &m);
+            axpy_rows_scalar(&mut y2, &p, &m);
+            for (g, w) in y1.iter().zip(&y2) {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "d={d}: {g} vs {w}");
+            }
         }
     }
 

@@ -305,26 +305,21 @@ fn decode_attention(
                 let base = (bi * kvh + h / rep) * cap * hd;
                 let q = &v[bi * w + h * hd..bi * w + (h + 1) * hd];
                 let mut scores = vec![0f32; total];
+                let kh = &kbuf[base + pad * hd..base + total * hd];
+                crate::kernels::simd::dot_rows(q, kh, hd, &mut scores[pad..total]);
                 let mut max = f32::NEG_INFINITY;
-                for j in pad..total {
-                    let kj = &kbuf[base + j * hd..base + (j + 1) * hd];
-                    let s = crate::kernels::simd::dot(q, kj) * scale;
-                    scores[j] = s;
-                    max = max.max(s);
+                for s in &mut scores[pad..total] {
+                    *s *= scale;
+                    max = max.max(*s);
                 }
                 // Weights below e^-80 (relative to the largest) are dropped (see
                 // `SOFTMAX_CUTOFF`).
                 let sum = crate::kernels::simd::softmax_exp(&mut scores[pad..total], max);
-                for j in pad..total {
-                    if scores[j] > 0.0 {
-                        let p = scores[j] / sum;
-                        crate::kernels::simd::axpy(
-                            out,
-                            p,
-                            &vbuf[base + j * hd..base + (j + 1) * hd],
-                        );
-                    }
+                for s in &mut scores[pad..total] {
+                    *s /= sum;
                 }
+                let vh = &vbuf[base + pad * hd..base + total * hd];
+                crate::kernels::simd::axpy_rows(out, &scores[pad..total], vh);
             });
     }
     Ok((y, kb, vb))
