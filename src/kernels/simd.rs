@@ -312,11 +312,8 @@ pub(crate) mod avx2 {
                     a0,
                 );
             }
-            let mut t = hsum(_mm256_add_ps(a0, a1));
-            for k in d8..d {
-                t += x[k] * *r.add(k);
-            }
-            *o = t;
+            let tail = std::slice::from_raw_parts(r.add(d8), d - d8);
+            *o = hsum(_mm256_add_ps(a0, a1)) + super::dot_scalar(&x[d8..d], tail);
         }
     }
 

@@ -294,32 +294,37 @@ fn decode_attention(
         if kbuf.len() < b * kvh * cap * hd || vbuf.len() < b * kvh * cap * hd {
             return Err(Error::Invalid("KV cache buffer too small".into()));
         }
-        // One task per (row, query head); short caches are not worth a thread hop.
-        let min = if total < 64 { nh } else { 1 };
-        y.par_chunks_mut(hd)
+        // One task per (row, KV head): its `rep` query heads read the same K and V rows
+        // one after another, while they are still in cache. Short caches are not worth a
+        // thread hop.
+        let min = if total < 64 { kvh } else { 1 };
+        y.par_chunks_mut(rep * hd)
             .with_min_len(min)
             .enumerate()
-            .for_each(|(idx, out)| {
-                let (bi, h) = (idx / nh, idx % nh);
+            .for_each(|(idx, outs)| {
+                let (bi, g) = (idx / kvh, idx % kvh);
                 let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0).min(pos);
-                let base = (bi * kvh + h / rep) * cap * hd;
-                let q = &v[bi * w + h * hd..bi * w + (h + 1) * hd];
-                let mut scores = vec![0f32; total];
+                let base = (bi * kvh + g) * cap * hd;
                 let kh = &kbuf[base + pad * hd..base + total * hd];
-                crate::kernels::simd::dot_rows(q, kh, hd, &mut scores[pad..total]);
-                let mut max = f32::NEG_INFINITY;
-                for s in &mut scores[pad..total] {
-                    *s *= scale;
-                    max = max.max(*s);
-                }
-                // Weights below e^-80 (relative to the largest) are dropped (see
-                // `SOFTMAX_CUTOFF`).
-                let sum = crate::kernels::simd::softmax_exp(&mut scores[pad..total], max);
-                for s in &mut scores[pad..total] {
-                    *s /= sum;
-                }
                 let vh = &vbuf[base + pad * hd..base + total * hd];
-                crate::kernels::simd::axpy_rows(out, &scores[pad..total], vh);
+                let mut scores = vec![0f32; total - pad];
+                for (r, out) in outs.chunks_exact_mut(hd).enumerate() {
+                    let h = g * rep + r;
+                    let q = &v[bi * w + h * hd..bi * w + (h + 1) * hd];
+                    crate::kernels::simd::dot_rows(q, kh, hd, &mut scores);
+                    let mut max = f32::NEG_INFINITY;
+                    for s in &mut scores {
+                        *s *= scale;
+                        max = max.max(*s);
+                    }
+                    // Weights below e^-80 (relative to the largest) are dropped (see
+                    // `SOFTMAX_CUTOFF`).
+                    let sum = crate::kernels::simd::softmax_exp(&mut scores, max);
+                    for s in &mut scores {
+                        *s /= sum;
+                    }
+                    crate::kernels::simd::axpy_rows(out, &scores, vh);
+                }
             });
     }
     Ok((y, kb, vb))
