@@ -806,3 +806,60 @@ fn tokenizer_json_and_chat_templates() {
          <|start_header_id|>assistant<|end_header_id|>\n\n"
     );
 }
+
+/// `fork_cache`: continuing a prefix prefilled once, in several rows at once, gives the
+/// logits of the full sequences run from scratch; bad arguments are errors that say why.
+#[test]
+fn forked_prefix_cache_continues_like_full_sequences() {
+    let tok = tokenizer();
+    let mut m = model();
+    let prefix = tok
+        .encode("It is a truth universally acknowledged")
+        .unwrap();
+    let tails = [
+        tok.encode(", that a single man").unwrap(),
+        tok.encode(" by all the neighbours").unwrap(),
+    ];
+    // Before any forward there is nothing to fork.
+    m.reset();
+    let e = m.fork_cache(1, 2).unwrap_err().to_string();
+    assert!(e.contains("fork_cache"), "{e}");
+    m.forward(&ids_tensor(&prefix), 0, &mut Hooks::new())
+        .unwrap();
+    for (keep, batch) in [(0, 2), (prefix.len() + 1, 2), (1, 0)] {
+        let e = m.fork_cache(keep, batch).unwrap_err().to_string();
+        assert!(
+            e.contains("fork_cache") && e.contains("cached positions"),
+            "{e}"
+        );
+    }
+    let t = tails[0].len().min(tails[1].len());
+    m.fork_cache(prefix.len(), 2).unwrap();
+    let rows: Vec<u32> = tails.iter().flat_map(|x| x[..t].iter().copied()).collect();
+    let forked = m
+        .forward(
+            &Tensor::from_vec(rows, (2, t), &Device::Cpu).unwrap(),
+            prefix.len(),
+            &mut Hooks::new(),
+        )
+        .unwrap();
+    for (r, tail) in tails.iter().enumerate() {
+        let mut all = prefix.clone();
+        all.extend_from_slice(&tail[..t]);
+        let full = m.forward(&ids_tensor(&all), 0, &mut Hooks::new()).unwrap();
+        let want = full.narrow(1, prefix.len(), t).unwrap();
+        let got = forked.narrow(0, r, 1).unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff < 1e-3,
+            "row {r}: forked vs full logits differ by {diff}"
+        );
+    }
+}
