@@ -324,7 +324,7 @@ pub struct BenchModelArgs {
     /// Rounds over all configurations; the best per configuration is reported.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Also time batched decoding of this many prompts (0 = skip).
+    /// Also time batched decoding of this many prompts (0 = skip; best of `--repeat`).
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[command(flatten)]
@@ -520,15 +520,19 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         )?;
         let pads = vec![0usize; b];
         let mut hooks = Hooks::new();
-        let mut logits = m.forward_last_padded(&x, 0, &pads, &mut hooks)?;
-        let t = std::time::Instant::now();
-        for s in 0..a.decode_tokens {
-            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
-            let y = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
-            logits = m.forward_last_padded(&y, a.prefill_tokens + s, &pads, &mut hooks)?;
+        // Best of `repeat` rounds, like the batch-1 rows it is compared with.
+        let mut tps = 0f64;
+        for _ in 0..a.repeat.max(1) {
+            let mut logits = m.forward_last_padded(&x, 0, &pads, &mut hooks)?;
+            let t = std::time::Instant::now();
+            for s in 0..a.decode_tokens {
+                let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                let y = Tensor::from_vec(next, (b, 1), &Device::Cpu)?;
+                logits = m.forward_last_padded(&y, a.prefill_tokens + s, &pads, &mut hooks)?;
+            }
+            let decode = t.elapsed().as_secs_f64();
+            tps = tps.max((b * a.decode_tokens) as f64 / decode.max(1e-9));
         }
-        let decode = t.elapsed().as_secs_f64();
-        let tps = (b * a.decode_tokens) as f64 / decode.max(1e-9);
         batch_row = serde_json::json!({"batch": b, "decode_tok_s": tps});
     }
     let mut harvest_row = serde_json::Value::Null;
