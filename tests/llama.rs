@@ -849,14 +849,7 @@ fn forked_prefix_cache_continues_like_full_sequences() {
         let full = m.forward(&ids_tensor(&all), 0, &mut Hooks::new()).unwrap();
         let want = full.narrow(1, prefix.len(), t).unwrap();
         let got = forked.narrow(0, r, 1).unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&got, &want);
         assert!(
             diff < 1e-3,
             "row {r}: forked vs full logits differ by {diff}"
