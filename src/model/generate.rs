@@ -6,6 +6,7 @@
 //! generated ones.
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::HookedModel;
 use crate::hooks::Hooks;
@@ -145,7 +146,9 @@ pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
         return Ok(argmax(&l));
     }
     let z: f64 = probs.iter().map(|x| x.1).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Descending probability, ties by id: a total order over distinct ids, so the
+    // unstable sort gives the one order a stable sort would.
+    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let mut keep = probs.len();
     if p.top_p < 1.0 {
         let mut cum = 0.0;
@@ -289,13 +292,26 @@ pub fn generate_batch<M: HookedModel + ?Sized>(
         let mut pos = max_len;
         loop {
             let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            // Every row has its own generator, so sampling the rows in parallel picks
+            // what sampling them in order would.
+            let picks: Vec<Option<u32>> = rows
+                .par_iter()
+                .zip(rngs.par_iter_mut())
+                .zip(history.par_iter().zip(done.par_iter()))
+                .map(|((row, rng), (hist, &d))| {
+                    if d {
+                        Ok(None)
+                    } else {
+                        sample(row, hist, params, rng).map(Some)
+                    }
+                })
+                .collect::<Result<_>>()?;
             let mut step = Vec::with_capacity(b);
-            for i in 0..b {
-                if done[i] {
+            for (i, pick) in picks.into_iter().enumerate() {
+                let Some(next) = pick else {
                     step.push(history[i].last().copied().unwrap_or(0));
                     continue;
-                }
-                let next = sample(&rows[i], &history[i], params, &mut rngs[i])?;
+                };
                 history[i].push(next);
                 out[i].0.push(next);
                 step.push(next);
