@@ -56,13 +56,21 @@ impl Isa {
         })
     }
 
+    /// Whether this CPU can run the body (no allocation: checked on every matmul).
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => Isa::detect() != Isa::Scalar,
+            Isa::Avx512Vnni => Isa::detect() == Isa::Avx512Vnni,
+        }
+    }
+
     /// Every body this CPU can run, slowest first (the kernels' tests run them all).
     pub fn available() -> Vec<Isa> {
-        match Isa::detect() {
-            Isa::Scalar => vec![Isa::Scalar],
-            Isa::Avx2 => vec![Isa::Scalar, Isa::Avx2],
-            Isa::Avx512Vnni => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni],
-        }
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
     }
 }
 
@@ -384,11 +392,7 @@ impl QMatrix {
     /// [`QMatrix::matmul`] on a chosen body; one this CPU lacks falls back to the best it
     /// has, never to an instruction it cannot run.
     pub fn matmul_on(&self, x: &[f32], n: usize, isa: Isa) -> Result<Vec<f32>> {
-        let isa = if Isa::available().contains(&isa) {
-            isa
-        } else {
-            Isa::detect()
-        };
+        let isa = if isa.supported() { isa } else { Isa::detect() };
         if Some(x.len()) != n.checked_mul(self.cols) {
             return Err(Error::Invalid(format!(
                 "quantized matmul: {} inputs for {n} rows of {}",
