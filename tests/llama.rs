@@ -856,3 +856,64 @@ fn forked_prefix_cache_continues_like_full_sequences() {
         );
     }
 }
+
+/// An f16 or bf16 KV cache rounds only what it stores: a forward from position 0 is
+/// bitwise the f32 model's, and continuing from the cache (one position at a time, and
+/// several at once) stays close to the full f32 forward, with the same greedy tokens.
+/// Reference: the same sequence run from position 0 with the f32 cache.
+#[test]
+fn half_kv_cache_rounds_only_the_cached_past() {
+    let tok = tokenizer();
+    let ids = tok.encode(&AUSTEN[..400]).unwrap();
+    let (n, p) = (ids.len().min(64), 24);
+    let ids = &ids[..n];
+    let full = {
+        let mut m = model();
+        m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap()
+    };
+    let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().flatten_all().unwrap();
+    for (kv, tol) in [(DType::F16, 0.05f32), (DType::BF16, 0.4)] {
+        let opts = LoadOptions {
+            kv_cache: kv,
+            max_seq_len: Some(256),
+            ..Default::default()
+        };
+        let mut m = Llama::from_gguf(gguf_path(), &opts).unwrap();
+        let same = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
+        assert_eq!(max_diff(&same, &full), 0.0, "{kv:?}: prefill from 0");
+        // One position at a time (the fused decode step).
+        m.forward(&ids_tensor(&ids[..p]), 0, &mut Hooks::new())
+            .unwrap();
+        let mut steps = Vec::new();
+        for (i, &id) in ids.iter().enumerate().skip(p) {
+            steps.push(m.forward(&ids_tensor(&[id]), i, &mut Hooks::new()).unwrap());
+        }
+        let steps = Tensor::cat(&steps, 1).unwrap();
+        // The rest at once (the general path, past read from the cache).
+        m.forward(&ids_tensor(&ids[..p]), 0, &mut Hooks::new())
+            .unwrap();
+        let chunk = m
+            .forward(&ids_tensor(&ids[p..]), p, &mut Hooks::new())
+            .unwrap();
+        let want = full.narrow(1, p, n - p).unwrap();
+        for (what, got) in [("steps", &steps), ("chunk", &chunk)] {
+            let d = max_diff(got, &want);
+            println!("{kv:?} cache, {what}: max |Δ logit| = {d}");
+            assert!(d > 0.0, "{kv:?} {what}: the cache was not rounded");
+            assert!(d < tol, "{kv:?} {what}: logits differ by {d}");
+            assert_eq!(
+                argmax(got).to_vec1::<u32>().unwrap(),
+                argmax(&want).to_vec1::<u32>().unwrap(),
+                "{kv:?} {what}: greedy tokens"
+            );
+        }
+    }
+    let opts = LoadOptions {
+        kv_cache: DType::U8,
+        ..Default::default()
+    };
+    let e = Llama::from_gguf(gguf_path(), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("KV cache dtype") && e.contains("U8"), "{e}");
+}

@@ -111,7 +111,7 @@ pub fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
 
 /// Scalar reference: `out[j] = x · m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`,
 /// `j < out.len()` (rows past the end of `m` give 0).
-pub fn dot_rows_scalar(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+pub fn dot_rows_scalar<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
     for (j, o) in out.iter_mut().enumerate() {
         *o = m
             .get(j * d..(j + 1) * d)
@@ -120,8 +120,9 @@ pub fn dot_rows_scalar(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
 }
 
 /// `out[j] = x · m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`, `j < out.len()` (rows
-/// past the end of `m` give 0): attention scores against a K cache in one call.
-pub fn dot_rows(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+/// past the end of `m` give 0): attention scores against a K cache (f32, f16 or bf16)
+/// in one call.
+pub fn dot_rows<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && x.len() >= d && m.len() >= out.len() * d {
         // SAFETY: the CPU supports avx2, fma and f16c; x holds d and m holds
@@ -133,7 +134,7 @@ pub fn dot_rows(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
 
 /// Scalar reference: `y += Σ_j a[j]·m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`,
 /// `j < a.len()`, `d = y.len()`.
-pub fn axpy_rows_scalar(y: &mut [f32], a: &[f32], m: &[f32]) {
+pub fn axpy_rows_scalar<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
     let d = y.len();
     for (j, &aj) in a.iter().enumerate() {
         if let Some(r) = m.get(j * d..(j + 1) * d) {
@@ -144,8 +145,8 @@ pub fn axpy_rows_scalar(y: &mut [f32], a: &[f32], m: &[f32]) {
 
 /// `y += Σ_j a[j]·m[j]` for the rows `m[j] = m[j·d..(j + 1)·d]`, `j < a.len()`,
 /// `d = y.len()`: an attention head's weighted sum of V rows in one call (`y` stays in
-/// registers across the rows).
-pub fn axpy_rows(y: &mut [f32], a: &[f32], m: &[f32]) {
+/// registers across the rows). `m` is f32, f16 or bf16.
+pub fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && m.len() >= a.len() * y.len() {
         // SAFETY: the CPU supports avx2, fma and f16c; m holds a.len()·y.len() elements
@@ -285,7 +286,7 @@ pub(crate) mod avx2 {
 
     /// SAFETY: avx2, fma, f16c; `x.len() >= d`; `m.len() >= out.len()·d`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows(x: &[f32], m: &[f32], d: usize, out: &mut [f32]) {
+    pub unsafe fn dot_rows<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
         let d8 = d - d % 8;
         // Rows of a multiple of 16 columns, four at a time: the same FMAs per row as the
         // loop below, and the four horizontal sums done together (a 4×4 transpose) in the
@@ -305,8 +306,8 @@ pub(crate) mod avx2 {
                     );
                     for p in 0..4 {
                         let rp = r.add(p * d + i);
-                        a0[p] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(rp), a0[p]);
-                        a1[p] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(rp.add(8)), a1[p]);
+                        a0[p] = _mm256_fmadd_ps(x0, load8(rp), a0[p]);
+                        a1[p] = _mm256_fmadd_ps(x1, load8(rp.add(8)), a1[p]);
                     }
                     i += 16;
                 }
@@ -337,24 +338,16 @@ pub(crate) mod avx2 {
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = 0;
             while i + 16 <= d8 {
-                a0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    _mm256_loadu_ps(r.add(i)),
-                    a0,
-                );
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
                 a1 = _mm256_fmadd_ps(
                     _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    _mm256_loadu_ps(r.add(i + 8)),
+                    load8(r.add(i + 8)),
                     a1,
                 );
                 i += 16;
             }
             if i < d8 {
-                a0 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i)),
-                    _mm256_loadu_ps(r.add(i)),
-                    a0,
-                );
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
             }
             let tail = std::slice::from_raw_parts(r.add(d8), d - d8);
             *o = hsum(_mm256_add_ps(a0, a1)) + super::dot_scalar(&x[d8..d], tail);
@@ -363,7 +356,7 @@ pub(crate) mod avx2 {
 
     /// SAFETY: avx2, fma, f16c; `m.len() >= a.len()·y.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn axpy_rows(y: &mut [f32], a: &[f32], m: &[f32]) {
+    pub unsafe fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
         let d = y.len();
         // Columns in chunks of 64: 8 accumulators stay in registers over all rows.
         let mut c0 = 0;
@@ -377,7 +370,7 @@ pub(crate) mod avx2 {
                 let s = _mm256_set1_ps(aj);
                 let r = m.as_ptr().add(j * d + c0);
                 for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(s, _mm256_loadu_ps(r.add(8 * k)), *acc);
+                    *acc = _mm256_fmadd_ps(s, load8(r.add(8 * k)), *acc);
                 }
             }
             for (k, acc) in acc.iter().enumerate() {
@@ -388,7 +381,7 @@ pub(crate) mod avx2 {
         if c0 < d {
             for (j, &aj) in a.iter().enumerate() {
                 for k in c0..d {
-                    y[k] += aj * m[j * d + k];
+                    y[k] += aj * m[j * d + k].to_f32();
                 }
             }
         }
@@ -591,6 +584,39 @@ mod tests {
                 assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "d={d}: {g} vs {w}");
             }
         }
+    }
+
+    /// Half-precision rows (a f16 or bf16 KV cache) are read exactly: the same bits as
+    /// the f32 kernels on the widened values, and close to the scalar loop.
+    #[test]
+    fn row_kernels_read_half_rows_exactly() {
+        fn run<T: Elem>(conv: impl Fn(f32) -> T) {
+            for d in [16usize, 20, 64] {
+                let rows = 29;
+                let m: Vec<T> = data(rows * d, 11).into_iter().map(&conv).collect();
+                let wide: Vec<f32> = m.iter().map(|v| v.to_f32()).collect();
+                let x = data(d, 12);
+                let (mut a, mut b, mut c) = (vec![0f32; rows], vec![0f32; rows], vec![0f32; rows]);
+                dot_rows(&x, &m, d, &mut a);
+                dot_rows(&x, &wide, d, &mut b);
+                dot_rows_scalar(&x, &m, d, &mut c);
+                for ((g, w), s) in a.iter().zip(&b).zip(&c) {
+                    assert_eq!(g.to_bits(), w.to_bits(), "d={d}");
+                    assert!((g - s).abs() <= 1e-5 * (1.0 + s.abs()), "d={d}: {g} vs {s}");
+                }
+                let p = data(rows, 13);
+                let (mut y1, mut y2, mut y3) = (data(d, 14), data(d, 14), data(d, 14));
+                axpy_rows(&mut y1, &p, &m);
+                axpy_rows(&mut y2, &p, &wide);
+                axpy_rows_scalar(&mut y3, &p, &m);
+                for ((g, w), s) in y1.iter().zip(&y2).zip(&y3) {
+                    assert_eq!(g.to_bits(), w.to_bits(), "d={d}");
+                    assert!((g - s).abs() <= 1e-5 * (1.0 + s.abs()), "d={d}: {g} vs {s}");
+                }
+            }
+        }
+        run(f16::from_f32);
+        run(bf16::from_f32);
     }
 
     /// Four rows at a time give the same bits as one row at a time.

@@ -169,6 +169,13 @@ pub struct LoadOptions {
     pub rope_style: Option<RopeStyle>,
     /// Cap the context length (saves the RoPE tables of 128k-context models).
     pub max_seq_len: Option<usize>,
+    /// The dtype the KV cache stores past positions in: `F32` (default: exact, the
+    /// reference's numbers), or `F16`/`BF16` (half the cache memory and half the
+    /// attention reads of a long or batched decode, as llama.cpp's default f16 cache).
+    /// Attention computes in f32 either way, and a forward pass always uses its own
+    /// positions' keys and values unrounded, so a prefill from position 0 is the same in
+    /// every cache dtype; only later steps see past positions rounded.
+    pub kv_cache: DType,
     /// Device.
     pub device: Device,
 }
@@ -180,6 +187,7 @@ impl Default for LoadOptions {
             weights: WeightFormat::Dense,
             rope_style: None,
             max_seq_len: None,
+            kv_cache: DType::F32,
             device: Device::Cpu,
         }
     }
@@ -213,13 +221,12 @@ struct Layer {
 fn decode_attention(
     c: &LlamaConfig,
     (cos_t, sin_t): (&[f32], &[f32]),
-    (kc, vc): (&Option<Tensor>, &Option<Tensor>),
+    (kc, vc, kv): (&Option<Tensor>, &Option<Tensor>, DType),
     v: &mut [f32],
     b: usize,
     pos: usize,
     pads: Option<&[usize]>,
 ) -> Result<(Vec<f32>, Option<Tensor>, Option<Tensor>)> {
-    use rayon::prelude::*;
     let (nh, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
     let half = hd / 2;
     let w = (nh + 2 * kvh) * hd;
@@ -271,47 +278,104 @@ fn decode_attention(
     let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), &dev)?;
     let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), &dev)?;
     let (mut kb, mut vb) = (kc.clone(), vc.clone());
-    append_kv(&mut kb, &k_new, pos, c.max_seq_len)?;
-    append_kv(&mut vb, &v_new, pos, c.max_seq_len)?;
+    append_kv(&mut kb, &k_new, pos, c.max_seq_len, kv)?;
+    append_kv(&mut vb, &v_new, pos, c.max_seq_len, kv)?;
     let (Some(kt), Some(vt)) = (&kb, &vb) else {
         return Err(Error::Invalid("KV cache buffer missing".into()));
     };
     let cap = kt.dim(2)?;
-    let total = pos + 1;
-    let rep = nh / kvh;
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut y = vec![0f32; b * nh * hd];
     {
+        use candle_core::{CpuStorage as C, Storage as S};
         let (ks, kl) = kt.storage_and_layout();
         let (vs, vl) = vt.storage_and_layout();
-        let (kbuf, vbuf) = match (&*ks, &*vs) {
-            (
-                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(k)),
-                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)),
-            ) => (&k[kl.start_offset()..], &v[vl.start_offset()..]),
-            _ => return Err(Error::Invalid("KV cache is not f32 on the CPU".into())),
+        let (ko, vo) = (kl.start_offset(), vl.start_offset());
+        let at = Attend {
+            c,
+            qkv: v,
+            b,
+            pos,
+            cap,
+            pads,
         };
-        if kbuf.len() < b * kvh * cap * hd || vbuf.len() < b * kvh * cap * hd {
+        match (&*ks, &*vs) {
+            (S::Cpu(C::F32(k)), S::Cpu(C::F32(v))) => at.run(&k[ko..], &v[vo..], &mut y)?,
+            (S::Cpu(C::F16(k)), S::Cpu(C::F16(v))) => at.run(&k[ko..], &v[vo..], &mut y)?,
+            (S::Cpu(C::BF16(k)), S::Cpu(C::BF16(v))) => at.run(&k[ko..], &v[vo..], &mut y)?,
+            _ => return Err(Error::Invalid("KV cache is not on the CPU".into())),
+        }
+    }
+    Ok((y, kb, vb))
+}
+
+/// The scores, softmax and weighted sum of one decode step, over a KV cache of element
+/// type `T` (see [`decode_attention`]).
+struct Attend<'a> {
+    c: &'a LlamaConfig,
+    /// `[b, (n_heads + 2 n_kv_heads)·hd]`, after RoPE.
+    qkv: &'a [f32],
+    b: usize,
+    pos: usize,
+    /// The cache buffers' capacity (positions per row and head).
+    cap: usize,
+    pads: Option<&'a [usize]>,
+}
+
+impl Attend<'_> {
+    /// `y [b, n_heads·hd]`. Positions before `pos` come from the cache buffers
+    /// `[b, kvh, cap, hd]`; position `pos` from `qkv`, unrounded (its K and V are already
+    /// in the cache too, possibly rounded, for the next steps).
+    fn run<T: crate::kernels::simd::Elem>(
+        &self,
+        kbuf: &[T],
+        vbuf: &[T],
+        y: &mut [f32],
+    ) -> Result<()> {
+        use crate::kernels::simd::{axpy_rows, dot_rows, softmax_exp};
+        use rayon::prelude::*;
+        let c = self.c;
+        let (nh, kvh, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let (b, pos, cap) = (self.b, self.pos, self.cap);
+        let w = (nh + 2 * kvh) * hd;
+        let total = pos + 1;
+        let rep = nh / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if kbuf.len() < b * kvh * cap * hd || vbuf.len() < b * kvh * cap * hd || cap < total {
             return Err(Error::Invalid("KV cache buffer too small".into()));
         }
+        if self.qkv.len() < b * w || y.len() < b * nh * hd {
+            return Err(Error::Invalid("decode attention: buffer sizes".into()));
+        }
+        let qkv = self.qkv;
         // One task per (row, KV head): its `rep` query heads read the same K and V rows
         // one after another, while they are still in cache. Short caches are not worth a
         // thread hop.
         let min = if total < 64 { kvh } else { 1 };
         y.par_chunks_mut(rep * hd)
+            .take(b * kvh)
             .with_min_len(min)
             .enumerate()
             .for_each(|(idx, outs)| {
                 let (bi, g) = (idx / kvh, idx % kvh);
-                let pad = pads.and_then(|p| p.get(bi).copied()).unwrap_or(0).min(pos);
+                let pad = self
+                    .pads
+                    .and_then(|p| p.get(bi).copied())
+                    .unwrap_or(0)
+                    .min(pos);
                 let base = (bi * kvh + g) * cap * hd;
-                let kh = &kbuf[base + pad * hd..base + total * hd];
-                let vh = &vbuf[base + pad * hd..base + total * hd];
-                let mut scores = vec![0f32; total - pad];
+                // The past positions pad..pos, as cached.
+                let kh = &kbuf[base + pad * hd..base + pos * hd];
+                let vh = &vbuf[base + pad * hd..base + pos * hd];
+                let row = &qkv[bi * w..(bi + 1) * w];
+                let k_cur = &row[(nh + g) * hd..(nh + g + 1) * hd];
+                let v_cur = &row[(nh + kvh + g) * hd..(nh + kvh + g + 1) * hd];
+                let n = pos - pad;
+                let mut scores = vec![0f32; n + 1];
                 for (r, out) in outs.chunks_exact_mut(hd).enumerate() {
                     let h = g * rep + r;
-                    let q = &v[bi * w + h * hd..bi * w + (h + 1) * hd];
-                    crate::kernels::simd::dot_rows(q, kh, hd, &mut scores);
+                    let q = &row[h * hd..(h + 1) * hd];
+                    dot_rows(q, kh, hd, &mut scores[..n]);
+                    dot_rows(q, k_cur, hd, &mut scores[n..]);
                     let mut max = f32::NEG_INFINITY;
                     for s in &mut scores {
                         *s *= scale;
@@ -319,15 +383,16 @@ fn decode_attention(
                     }
                     // Weights below e^-80 (relative to the largest) are dropped (see
                     // `SOFTMAX_CUTOFF`).
-                    let sum = crate::kernels::simd::softmax_exp(&mut scores, max);
+                    let sum = softmax_exp(&mut scores, max);
                     for s in &mut scores {
                         *s /= sum;
                     }
-                    crate::kernels::simd::axpy_rows(out, &scores, vh);
+                    axpy_rows(out, &scores[..n], vh);
+                    axpy_rows(out, &scores[n..], v_cur);
                 }
             });
+        Ok(())
     }
-    Ok((y, kb, vb))
 }
 
 /// RMSNorm of each `w.len()`-wide row of `x` (candle's formula: `x / sqrt(mean(x²) + eps) · w`).
@@ -343,16 +408,23 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-/// Write `new [b, h, t, hd]` at positions `start..start + t` of the cache buffer (growing
-/// it by doubling, or starting a fresh one at `start = 0`); returns the view of the
-/// filled part `[b, h, start + t, hd]`.
+/// Write `new [b, h, t, hd]` (f32) at positions `start..start + t` of the cache buffer
+/// (stored as `kv`; growing it by doubling, or starting a fresh one at `start = 0`).
 fn append_kv(
     buf: &mut Option<Tensor>,
     new: &Tensor,
     start: usize,
     max_len: usize,
-) -> Result<Tensor> {
+    kv: DType,
+) -> Result<()> {
     let (b, h, t, hd) = new.dims4()?;
+    let stored;
+    let new = if new.dtype() == kv {
+        new
+    } else {
+        stored = new.to_dtype(kv)?;
+        &stored
+    };
     let total = start + t;
     let cap = match buf {
         Some(x) if start > 0 => x.dim(2)?,
@@ -367,11 +439,31 @@ fn append_kv(
         *buf = Some(fresh);
     }
     match buf {
-        Some(x) => {
-            x.slice_set(&new.contiguous()?, 2, start)?;
-            Ok(x.narrow(2, 0, total)?)
-        }
+        Some(x) => Ok(x.slice_set(&new.contiguous()?, 2, start)?),
         None => Err(Error::Invalid("KV cache buffer missing".into())),
+    }
+}
+
+/// [`append_kv`] for a forward pass of several positions: also returns every position
+/// `[b, h, start + t, hd]` in f32, the cached past as stored and `new` unrounded.
+fn append_kv_all(
+    buf: &mut Option<Tensor>,
+    new: &Tensor,
+    start: usize,
+    max_len: usize,
+    kv: DType,
+) -> Result<Tensor> {
+    append_kv(buf, new, start, max_len, kv)?;
+    let x = buf
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("KV cache buffer missing".into()))?;
+    if kv == new.dtype() {
+        Ok(x.narrow(2, 0, start + new.dim(2)?)?)
+    } else if start == 0 {
+        Ok(new.clone())
+    } else {
+        let past = x.narrow(2, 0, start)?.to_dtype(new.dtype())?;
+        Ok(Tensor::cat(&[&past, new], 2)?)
     }
 }
 
@@ -390,6 +482,8 @@ pub struct Llama {
     cos_v: Vec<f32>,
     sin_v: Vec<f32>,
     cache_len: usize,
+    /// What the KV cache stores (see [`LoadOptions::kv_cache`]).
+    kv_dtype: DType,
     device: Device,
     /// Where the model came from (for messages).
     source: String,
@@ -749,6 +843,14 @@ impl Llama {
                 )))
             }
         };
+        let kv_dtype = match opts.kv_cache {
+            DType::F32 | DType::F16 | DType::BF16 => opts.kv_cache,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "KV cache dtype {other:?} not supported (use f32, f16 or bf16)"
+                )))
+            }
+        };
         let quant = opts.weights == WeightFormat::Quantized;
         if quant && !opts.device.is_cpu() {
             return Err(Error::Invalid(
@@ -859,6 +961,7 @@ impl Llama {
             norm,
             lm_head,
             cache_len: 0,
+            kv_dtype,
             device,
             source,
         })
@@ -947,7 +1050,7 @@ impl Llama {
             let (y, kb, vb) = decode_attention(
                 &self.cfg,
                 (&self.cos_v, &self.sin_v),
-                (&layer.k_cache, &layer.v_cache),
+                (&layer.k_cache, &layer.v_cache, self.kv_dtype),
                 &mut qkv,
                 b,
                 pos,
@@ -1079,7 +1182,11 @@ impl Llama {
             },
         };
         if t == 1 && self.device.is_cpu() {
-            return self.decode_step(&ids.to_vec1::<u32>()?, start_pos, pads, hooks, &ctx);
+            let ids = ids.to_vec1::<u32>()?;
+            // The whole step runs on a pool worker: its ~150 parallel sections then fork
+            // from inside the pool instead of each waking the pool from outside and
+            // parking this thread.
+            return rayon::scope(|_| self.decode_step(&ids, start_pos, pads, hooks, &ctx));
         }
         let hooked = !hooks.is_empty();
         let mut hk = |p: HookPoint, x: Tensor| -> Result<Tensor> {
@@ -1149,8 +1256,8 @@ impl Llama {
                     let max = c.max_seq_len;
                     let mut kb = layer.k_cache.clone();
                     let mut vb = layer.v_cache.clone();
-                    let k = append_kv(&mut kb, &k, start_pos, max)?;
-                    let v = append_kv(&mut vb, &v, start_pos, max)?;
+                    let k = append_kv_all(&mut kb, &k, start_pos, max, self.kv_dtype)?;
+                    let v = append_kv_all(&mut vb, &v, start_pos, max, self.kv_dtype)?;
                     // Grouped-query attention without repeating K/V: the `rep` query heads
                     // sharing a K/V head are stacked along the row axis.
                     let q = q.reshape((b, c.n_kv_heads, rep * t, hd))?;

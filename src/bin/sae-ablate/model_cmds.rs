@@ -37,14 +37,35 @@ pub struct LoadArgs {
     /// blocks as stored, other tensors as Q8_0, 8-bit activations: the fastest decode).
     #[arg(long, default_value = "dense")]
     weights: String,
+    /// What the KV cache stores past positions in: f32 (default, exact), f16 or bf16
+    /// (half the cache memory and attention reads; llama.cpp's default is f16).
+    #[arg(long, default_value = "f32")]
+    kv_cache: String,
 }
 
 impl LoadArgs {
     fn describe(&self) -> String {
-        match self.weights.as_str() {
+        let w = match self.weights.as_str() {
             "quantized" => "quantized".into(),
             _ => self.dtype.clone(),
+        };
+        if self.kv_cache == "f32" {
+            w
+        } else {
+            format!("{w}, {} KV cache", self.kv_cache)
         }
+    }
+}
+
+/// `f32`, `f16` or `bf16` → the dtype; `what` names the flag in the error.
+fn parse_dtype(s: &str, what: &str) -> Result<candle_core::DType> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "f16" => Ok(candle_core::DType::F16),
+        "bf16" => Ok(candle_core::DType::BF16),
+        other => Err(Error::Invalid(format!(
+            "bad {what} `{other}`: f32, f16 or bf16"
+        ))),
     }
 }
 
@@ -190,19 +211,10 @@ fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
             )))
         }
     };
-    let dtype = match a.dtype.as_str() {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        other => {
-            return Err(Error::Invalid(format!(
-                "bad --dtype `{other}`: f32, f16 or bf16"
-            )))
-        }
-    };
     Ok(LoadOptions {
-        dtype,
+        dtype: parse_dtype(&a.dtype, "--dtype")?,
         weights,
+        kv_cache: parse_dtype(&a.kv_cache, "--kv-cache")?,
         ..Default::default()
     })
 }
