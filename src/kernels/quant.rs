@@ -408,34 +408,29 @@ impl QMatrix {
             return Ok(y);
         }
         // A few tasks per thread (the machine is shared: equal halves would wait on the
-        // slower core). Each task fills `[n, its rows]` in a local buffer; the rows are
-        // then copied into place.
+        // slower core). Each task owns a range of output columns in every row of `y`,
+        // written in place.
         let tasks = 4 * rayon::current_num_threads();
         let per = groups.div_ceil(tasks).max(4);
-        let parts: Vec<(usize, Vec<f32>)> = (0..groups.div_ceil(per))
-            .into_par_iter()
-            .map(|ti| {
-                let g0 = ti * per;
-                let ng = per.min(groups - g0);
-                let mut local = vec![0f32; n * ng * GROUP];
-                self.groups_times(&a, g0, ng, &mut local, isa);
-                (g0, local)
-            })
+        let width = per * GROUP;
+        let mut parts: Vec<(usize, Vec<&mut [f32]>)> = (0..groups.div_ceil(per))
+            .map(|t| (t * per, Vec::with_capacity(n)))
             .collect();
-        for (g0, local) in parts {
-            let r0 = g0 * GROUP;
-            let w = local.len() / n;
-            let keep = w.min(rows - r0);
-            for (i, src) in local.chunks_exact(w).enumerate() {
-                y[i * rows + r0..i * rows + r0 + keep].copy_from_slice(&src[..keep]);
+        for row in y.chunks_mut(rows) {
+            for (part, cols) in parts.iter_mut().zip(row.chunks_mut(width)) {
+                part.1.push(cols);
             }
         }
+        parts.into_par_iter().for_each(|(g0, mut cols)| {
+            let ng = per.min(groups - g0);
+            self.groups_times(&a, g0, ng, &mut cols, isa);
+        });
         Ok(y)
     }
 
-    /// Groups `g0..g0 + ng` times every activation row into `out [n, ng · 8]`.
-    fn groups_times(&self, a: &QActs, g0: usize, ng: usize, out: &mut [f32], isa: Isa) {
-        let w = ng * GROUP;
+    /// Groups `g0..g0 + ng` times every activation row: `out[i]` holds row i's outputs
+    /// for weight rows `8·g0..` (the last group may be cut short at `rows`).
+    fn groups_times(&self, a: &QActs, g0: usize, ng: usize, out: &mut [&mut [f32]], isa: Isa) {
         let tile = if isa == Isa::Avx512Vnni { 8 } else { 4 };
         let mut tmp = [[0f32; GROUP]; 8];
         for g in g0..g0 + ng {
@@ -444,8 +439,13 @@ impl QMatrix {
                 let t = (a.n - i0).min(tile);
                 self.group_tile(g, a, i0, &mut tmp[..t], isa);
                 for (k, v) in tmp[..t].iter().enumerate() {
-                    let o = (i0 + k) * w + (g - g0) * GROUP;
-                    out[o..o + GROUP].copy_from_slice(v);
+                    let o = (g - g0) * GROUP;
+                    if let Some(dst) = out.get_mut(i0 + k) {
+                        let keep = dst.len().saturating_sub(o).min(GROUP);
+                        if let (Some(d), Some(s)) = (dst.get_mut(o..o + keep), v.get(..keep)) {
+                            d.copy_from_slice(s);
+                        }
+                    }
                 }
                 i0 += t;
             }

@@ -161,6 +161,29 @@ pub fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
 /// assists, and their share of the sum is below 1e-34.
 pub const SOFTMAX_CUTOFF: f32 = -80.0;
 
+/// Scalar reference: `s[i] *= scale`; returns the largest product (NaNs ignored, `-∞` for
+/// an empty slice).
+pub fn scale_max_scalar(s: &mut [f32], scale: f32) -> f32 {
+    let mut max = f32::NEG_INFINITY;
+    for v in s {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    max
+}
+
+/// `s[i] *= scale`; returns the largest product (NaNs ignored, `-∞` for an empty slice):
+/// the first pass of an attention softmax. The same products and maximum as
+/// [`scale_max_scalar`].
+pub fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports avx2, fma and f16c (checked above).
+        return unsafe { avx2::scale_max(s, scale) };
+    }
+    scale_max_scalar(s, scale)
+}
+
 /// Scalar reference: `s[i] = exp(s[i] − max)` (0 at or below [`SOFTMAX_CUTOFF`]); returns
 /// the sum.
 pub fn softmax_exp_scalar(s: &mut [f32], max: f32) -> f32 {
@@ -385,6 +408,33 @@ pub(crate) mod avx2 {
                 }
             }
         }
+    }
+
+    /// SAFETY: caller guarantees avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32 {
+        let n = s.len();
+        let p = s.as_mut_ptr();
+        let sc = _mm256_set1_ps(scale);
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), sc);
+            _mm256_storeu_ps(p.add(i), v);
+            // maxps returns its second operand when either is NaN: a NaN product leaves
+            // the running maximum as it is, as `f32::max` does.
+            m = _mm256_max_ps(v, m);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        while i < n {
+            *p.add(i) *= scale;
+            max = max.max(*p.add(i));
+            i += 1;
+        }
+        max
     }
 
     /// SAFETY: caller guarantees avx2, fma and f16c.
@@ -617,6 +667,29 @@ mod tests {
         }
         run(f16::from_f32);
         run(bf16::from_f32);
+    }
+
+    /// The vector scale-and-max gives the scalar loop's products and maximum, NaNs and
+    /// empty slices included.
+    #[test]
+    fn scale_max_matches_scalar() {
+        for n in [0usize, 1, 7, 8, 9, 33, 300] {
+            let mut a = data(n, 31);
+            if n > 5 {
+                a[5] = f32::NAN;
+            }
+            let mut b = a.clone();
+            let (ma, mb) = (scale_max(&mut a, 0.125), scale_max_scalar(&mut b, 0.125));
+            assert_eq!(ma.to_bits(), mb.to_bits(), "n={n}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+            }
+            let want = (0..n)
+                .filter(|&i| !(n > 5 && i == 5))
+                .map(|i| data(n, 31)[i] * 0.125)
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(ma, want, "n={n}");
+        }
     }
 
     /// Four rows at a time give the same bits as one row at a time.
