@@ -420,10 +420,14 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     for (oc, xc) in out.chunks_mut(8 * d).zip(x.chunks(8 * d)) {
         let mut ss = [0f32; 8];
         let rows: Vec<&[f32]> = xc.chunks_exact(d).collect();
-        for i in 0..d {
-            for (s, r) in ss.iter_mut().zip(&rows) {
-                let v = r[i];
-                *s += v * v;
+        if let [r] = rows.as_slice() {
+            ss[0] = r.iter().map(|v| v * v).sum();
+        } else {
+            for i in 0..d {
+                for (s, r) in ss.iter_mut().zip(&rows) {
+                    let v = r[i];
+                    *s += v * v;
+                }
             }
         }
         for ((o, r), s) in oc.chunks_exact_mut(d).zip(&rows).zip(ss) {
