@@ -857,22 +857,29 @@ fn forked_prefix_cache_continues_like_full_sequences() {
     }
 }
 
-/// An f16 or bf16 KV cache rounds only what it stores: a forward from position 0 is
-/// bitwise the f32 model's, and continuing from the cache (one position at a time, and
-/// several at once) stays close to the full f32 forward, with the same greedy tokens.
-/// Reference: the same sequence run from position 0 with the f32 cache.
+/// Continuing from the KV cache (one position at a time, and several at once) stays
+/// close to the full forward of the whole sequence from position 0, with the same greedy
+/// tokens: within 1e-3 for the f32 cache; an f16 or bf16 cache rounds only what it
+/// stores, so its forward from position 0 is bitwise the f32 model's.
 #[test]
-fn half_kv_cache_rounds_only_the_cached_past() {
+fn kv_cache_continuations_match_full_forward() {
     let tok = tokenizer();
-    let ids = tok.encode(&AUSTEN[..400]).unwrap();
-    let (n, p) = (ids.len().min(64), 24);
+    // Past 64 positions, so the single-prompt decode step also takes its per-query-head
+    // attention split.
+    let ids = tok.encode(&AUSTEN[..600]).unwrap();
+    let (n, p) = (ids.len().min(100), 24);
+    assert!(n > 80, "{n} tokens");
     let ids = &ids[..n];
     let full = {
         let mut m = model();
         m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap()
     };
     let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().flatten_all().unwrap();
-    for (kv, tol) in [(DType::F16, 0.05f32), (DType::BF16, 0.4)] {
+    for (kv, tol) in [
+        (DType::F32, 1e-3f32),
+        (DType::F16, 0.05),
+        (DType::BF16, 0.4),
+    ] {
         let opts = LoadOptions {
             kv_cache: kv,
             max_seq_len: Some(256),
@@ -899,7 +906,9 @@ fn half_kv_cache_rounds_only_the_cached_past() {
         for (what, got) in [("steps", &steps), ("chunk", &chunk)] {
             let d = max_diff(got, &want);
             println!("{kv:?} cache, {what}: max |Δ logit| = {d}");
-            assert!(d > 0.0, "{kv:?} {what}: the cache was not rounded");
+            if kv != DType::F32 {
+                assert!(d > 0.0, "{kv:?} {what}: the cache was not rounded");
+            }
             assert!(d < tol, "{kv:?} {what}: logits differ by {d}");
             assert_eq!(
                 argmax(got).to_vec1::<u32>().unwrap(),

@@ -366,46 +366,57 @@ impl Attend<'_> {
             return Err(Error::Invalid("decode attention: buffer sizes".into()));
         }
         let qkv = self.qkv;
-        // One task per (row, KV head): its `rep` query heads read the same K and V rows
-        // one after another, while they are still in cache. Short caches are not worth a
-        // thread hop.
-        let min = if total < 64 { kvh } else { 1 };
-        y.par_chunks_mut(rep * hd)
-            .take(b * kvh)
-            .with_min_len(min)
-            .enumerate()
-            .for_each(|(idx, outs)| {
-                let (bi, g) = (idx / kvh, idx % kvh);
-                let pad = self
-                    .pads
-                    .and_then(|p| p.get(bi).copied())
-                    .unwrap_or(0)
-                    .min(pos);
-                let base = (bi * kvh + g) * cap * hd;
-                // The past positions pad..pos, as cached.
-                let kh = &kbuf[base + pad * hd..base + pos * hd];
-                let vh = &vbuf[base + pad * hd..base + pos * hd];
-                let row = &qkv[bi * w..(bi + 1) * w];
-                let k_cur = &row[(nh + g) * hd..(nh + g + 1) * hd];
-                let v_cur = &row[(nh + kvh + g) * hd..(nh + kvh + g + 1) * hd];
-                let n = pos - pad;
-                let mut scores = vec![0f32; n + 1];
-                for (r, out) in outs.chunks_exact_mut(hd).enumerate() {
-                    let h = g * rep + r;
-                    let q = &row[h * hd..(h + 1) * hd];
-                    dot_rows(q, kh, hd, &mut scores[..n]);
-                    dot_rows(q, k_cur, hd, &mut scores[n..]);
-                    let max = scale_max(&mut scores, scale);
-                    // Weights below e^-80 (relative to the largest) are dropped (see
-                    // `SOFTMAX_CUTOFF`).
-                    let sum = softmax_exp(&mut scores, max);
-                    for s in &mut scores {
-                        *s /= sum;
-                    }
-                    axpy_rows(out, &scores[..n], vh);
-                    axpy_rows(out, &scores[n..], v_cur);
+        // Output heads `h0..h0 + outs.len() / hd` of batch row `bi`, all in one KV group:
+        // they read the same K and V rows one after another, while those are in cache.
+        let heads = |bi: usize, h0: usize, outs: &mut [f32]| {
+            let g = h0 / rep;
+            let pad = self
+                .pads
+                .and_then(|p| p.get(bi).copied())
+                .unwrap_or(0)
+                .min(pos);
+            let base = (bi * kvh + g) * cap * hd;
+            // The past positions pad..pos, as cached.
+            let kh = &kbuf[base + pad * hd..base + pos * hd];
+            let vh = &vbuf[base + pad * hd..base + pos * hd];
+            let row = &qkv[bi * w..(bi + 1) * w];
+            let k_cur = &row[(nh + g) * hd..(nh + g + 1) * hd];
+            let v_cur = &row[(nh + kvh + g) * hd..(nh + kvh + g + 1) * hd];
+            let n = pos - pad;
+            let mut scores = vec![0f32; n + 1];
+            for (r, out) in outs.chunks_exact_mut(hd).enumerate() {
+                let h = h0 + r;
+                let q = &row[h * hd..(h + 1) * hd];
+                dot_rows(q, kh, hd, &mut scores[..n]);
+                dot_rows(q, k_cur, hd, &mut scores[n..]);
+                let max = scale_max(&mut scores, scale);
+                // Weights below e^-80 (relative to the largest) are dropped (see
+                // `SOFTMAX_CUTOFF`).
+                let sum = softmax_exp(&mut scores, max);
+                for s in &mut scores {
+                    *s /= sum;
                 }
-            });
+                axpy_rows(out, &scores[..n], vh);
+                axpy_rows(out, &scores[n..], v_cur);
+            }
+        };
+        // One task per (row, KV head); when that gives too few tasks to keep every
+        // thread busy (one prompt: 3 KV heads on 2 threads), one per query head. Each
+        // head's arithmetic is the same either way. Short caches are not worth a hop.
+        let threads = rayon::current_num_threads();
+        if total < 64 || b * kvh >= 2 * threads {
+            let min = if total < 64 { kvh } else { 1 };
+            y.par_chunks_mut(rep * hd)
+                .take(b * kvh)
+                .with_min_len(min)
+                .enumerate()
+                .for_each(|(idx, outs)| heads(idx / kvh, (idx % kvh) * rep, outs));
+        } else {
+            y.par_chunks_mut(hd)
+                .take(b * nh)
+                .enumerate()
+                .for_each(|(idx, out)| heads(idx / nh, idx % nh, out));
+        }
         Ok(())
     }
 }
