@@ -202,13 +202,24 @@ mod tests {
     use crate::kernels::simd::test_data as data;
 
     /// The streaming path against plain f64 sums, for every dtype and row count, with
-    /// an input width that is not a multiple of 8.
+    /// input widths that are not a multiple of 8, below and above one column pass.
     #[test]
     fn small_linear_matches_f64_reference() {
-        let (out, inp) = (70, 43);
+        for (out, inp) in [(70, 43), (37, 1100)] {
+            small_linear_case(out, inp);
+        }
+    }
+
+    fn small_linear_case(out: usize, inp: usize) {
         let wf = data(out * inp, 7);
+        // Rows 0 and 1 of each dtype's 2-row product: the 8-row product must repeat them
+        // bit for bit (the same FMA chain per output whatever the batch).
+        let mut two: Vec<Vec<Vec<f32>>> = Vec::new();
         for n in [1usize, 2, 3, 8] {
-            let xf = data(n * inp, 3);
+            let mut xf = data(n * inp, 3);
+            if let Some(first) = two.first().map(|_| data(2 * inp, 3)) {
+                xf[..2 * inp].copy_from_slice(&first);
+            }
             let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
             for dt in [DType::F32, DType::F16, DType::BF16] {
                 let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu)
@@ -226,12 +237,27 @@ mod tests {
                     .unwrap()
                     .to_vec2::<f32>()
                     .unwrap();
+                match n {
+                    2 => two.push(y.clone()),
+                    8 => {
+                        let k = [DType::F32, DType::F16, DType::BF16]
+                            .iter()
+                            .position(|&d| d == dt)
+                            .unwrap();
+                        for i in 0..2 {
+                            let (a, b) = (&y[i], &two[k][i]);
+                            assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()));
+                        }
+                    }
+                    _ => {}
+                }
                 for i in 0..n {
                     for o in 0..out {
                         let want: f64 = (0..inp)
                             .map(|k| xf[i * inp + k] as f64 * wr[o * inp + k] as f64)
                             .sum();
-                        assert!((y[i][o] as f64 - want).abs() < 1e-4, "{dt:?} n={n} {i},{o}");
+                        let tol = 1e-4 * (1.0 + want.abs());
+                        assert!((y[i][o] as f64 - want).abs() < tol, "{dt:?} n={n} {i},{o}");
                     }
                 }
             }
