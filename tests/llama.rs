@@ -533,6 +533,29 @@ fn cli_logits_and_generate() {
     ]);
     assert_eq!(code, Some(0));
     assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()));
+    // An f16 KV cache keeps the greedy continuation; a dtype it cannot hold is an error
+    // naming the flag.
+    let with_kv = |kv: &'static str| {
+        run(&[
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--kv-cache",
+            kv,
+        ])
+    };
+    let (code, out16, err) = with_kv("f16");
+    assert_eq!(code, Some(0), "{err}");
+    let v16: serde_json::Value = serde_json::from_str(out16.trim()).unwrap();
+    assert_eq!(v16["ids"], v["ids"], "{v16}");
+    let (code, _, err) = with_kv("f8");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--kv-cache") && err.contains("f8"), "{err}");
 
     // A random SAE at blocks.5.hook_resid_post, saved in SAELens format.
     let d_sae = 256;
