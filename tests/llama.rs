@@ -503,16 +503,14 @@ fn cli_logits_and_generate() {
         .unwrap();
     assert!(max_diff(&logits, &want) < 1e-4);
 
-    let (code, out, err) = run(&[
-        "generate",
-        "--model",
-        g,
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "4",
-        "--json",
-    ]);
+    // `generate` of four tokens, plus `extra` flags.
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", g, "--prompt", prompt];
+        args.extend(["--max-new-tokens", "4"]);
+        args.extend(extra);
+        run(&args)
+    };
+    let (code, out, err) = gen(&["--json"]);
     assert_eq!(code, Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert!(v["text"].as_str().unwrap().starts_with(" Paris"), "{v}");
@@ -522,38 +520,16 @@ fn cli_logits_and_generate() {
     );
     assert_eq!(v["ids"].as_array().unwrap().len(), 4);
     // Plain text output streams the same continuation.
-    let (code, out, _) = run(&[
-        "generate",
-        "--model",
-        g,
-        "--prompt",
-        prompt,
-        "--max-new-tokens",
-        "4",
-    ]);
+    let (code, out, _) = gen(&[]);
     assert_eq!(code, Some(0));
     assert_eq!(out, format!("{}\n", v["text"].as_str().unwrap()));
     // An f16 KV cache keeps the greedy continuation; a dtype it cannot hold is an error
     // naming the flag.
-    let with_kv = |kv: &'static str| {
-        run(&[
-            "generate",
-            "--model",
-            g,
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            "4",
-            "--json",
-            "--kv-cache",
-            kv,
-        ])
-    };
-    let (code, out16, err) = with_kv("f16");
+    let (code, out16, err) = gen(&["--json", "--kv-cache", "f16"]);
     assert_eq!(code, Some(0), "{err}");
     let v16: serde_json::Value = serde_json::from_str(out16.trim()).unwrap();
     assert_eq!(v16["ids"], v["ids"], "{v16}");
-    let (code, _, err) = with_kv("f8");
+    let (code, _, err) = gen(&["--kv-cache", "f8"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--kv-cache") && err.contains("f8"), "{err}");
 
