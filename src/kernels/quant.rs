@@ -440,11 +440,9 @@ impl QMatrix {
                 self.group_tile(g, a, i0, &mut tmp[..t], isa);
                 for (k, v) in tmp[..t].iter().enumerate() {
                     let o = (g - g0) * GROUP;
-                    if let Some(dst) = out.get_mut(i0 + k) {
-                        let keep = dst.len().saturating_sub(o).min(GROUP);
-                        if let (Some(d), Some(s)) = (dst.get_mut(o..o + keep), v.get(..keep)) {
-                            d.copy_from_slice(s);
-                        }
+                    if let Some(dst) = out.get_mut(i0 + k).and_then(|d| d.get_mut(o..)) {
+                        let keep = dst.len().min(GROUP);
+                        dst[..keep].copy_from_slice(&v[..keep]);
                     }
                 }
                 i0 += t;

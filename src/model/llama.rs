@@ -274,28 +274,9 @@ fn decode_attention(
             .flat_map(|row| row[off..off + kvh * hd].iter().copied())
             .collect()
     };
-    // The new K and V rows, already in the cache's dtype (half's slice conversion uses
-    // F16C where the CPU has it; candle's `to_dtype` converts one value at a time).
-    let cached = |vals: Vec<f32>| -> Result<Tensor> {
-        use half::slice::HalfFloatSliceExt;
-        let shape = (b, kvh, 1, hd);
-        let dev = Device::Cpu;
-        Ok(match kv {
-            DType::F16 => {
-                let mut h = vec![half::f16::ZERO; vals.len()];
-                h.convert_from_f32_slice(&vals);
-                Tensor::from_vec(h, shape, &dev)?
-            }
-            DType::BF16 => {
-                let mut h = vec![half::bf16::ZERO; vals.len()];
-                h.convert_from_f32_slice(&vals);
-                Tensor::from_vec(h, shape, &dev)?
-            }
-            _ => Tensor::from_vec(vals, shape, &dev)?,
-        })
-    };
-    let k_new = cached(gather(nh * hd))?;
-    let v_new = cached(gather((nh + kvh) * hd))?;
+    let dev = Device::Cpu;
+    let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), &dev)?;
+    let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), &dev)?;
     let (mut kb, mut vb) = (kc.clone(), vc.clone());
     append_kv(&mut kb, &k_new, pos, c.max_seq_len, kv)?;
     append_kv(&mut vb, &v_new, pos, c.max_seq_len, kv)?;
@@ -430,18 +411,24 @@ fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     // waiting on one another's latency.
     for (oc, xc) in out.chunks_mut(8 * d).zip(x.chunks(8 * d)) {
         let mut ss = [0f32; 8];
-        let rows: Vec<&[f32]> = xc.chunks_exact(d).collect();
-        if let [r] = rows.as_slice() {
+        let mut slots: [&[f32]; 8] = [&[]; 8];
+        let mut nr = 0;
+        for (slot, r) in slots.iter_mut().zip(xc.chunks_exact(d)) {
+            *slot = r;
+            nr += 1;
+        }
+        let rows = &slots[..nr];
+        if let [r] = rows {
             ss[0] = r.iter().map(|v| v * v).sum();
         } else {
             for i in 0..d {
-                for (s, r) in ss.iter_mut().zip(&rows) {
+                for (s, r) in ss.iter_mut().zip(rows) {
                     let v = r[i];
                     *s += v * v;
                 }
             }
         }
-        for ((o, r), s) in oc.chunks_exact_mut(d).zip(&rows).zip(ss) {
+        for ((o, r), s) in oc.chunks_exact_mut(d).zip(rows).zip(ss) {
             let m = (s / d as f32 + eps).sqrt();
             for ((o, &v), &g) in o.iter_mut().zip(*r).zip(w) {
                 *o = v / m * g;
@@ -465,7 +452,7 @@ fn append_kv(
     let new = if new.dtype() == kv {
         new
     } else {
-        stored = new.to_dtype(kv)?;
+        stored = to_cache_dtype(new, kv)?;
         &stored
     };
     let total = start + t;
@@ -485,6 +472,30 @@ fn append_kv(
         Some(x) => Ok(x.slice_set(&new.contiguous()?, 2, start)?),
         None => Err(Error::Invalid("KV cache buffer missing".into())),
     }
+}
+
+/// `x` in the cache's dtype. An f32 tensor on the CPU goes through half's slice
+/// conversion (F16C where the CPU has it; candle's `to_dtype` converts one value at a
+/// time, which showed in every decode step); both round to nearest even.
+fn to_cache_dtype(x: &Tensor, kv: DType) -> Result<Tensor> {
+    use half::slice::HalfFloatSliceExt;
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(x.to_dtype(kv)?);
+    }
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(match kv {
+        DType::F16 => {
+            let mut h = vec![half::f16::ZERO; v.len()];
+            h.convert_from_f32_slice(&v);
+            Tensor::from_vec(h, x.shape(), x.device())?
+        }
+        DType::BF16 => {
+            let mut h = vec![half::bf16::ZERO; v.len()];
+            h.convert_from_f32_slice(&v);
+            Tensor::from_vec(h, x.shape(), x.device())?
+        }
+        _ => x.to_dtype(kv)?,
+    })
 }
 
 /// [`append_kv`] for a forward pass of several positions: also returns every position
