@@ -33,8 +33,10 @@ fn quant(c: &mut Criterion) {
                 g.throughput(Throughput::Elements((rows * cols * n) as u64));
                 for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {
                     let id = BenchmarkId::new(format!("{ty:?}/{isa:?}"), n);
+                    // Timed from a pool worker, as the decode step calls it: from the
+                    // outside, each call would also pay for waking the pool (~30 µs).
                     g.bench_with_input(id, &n, |b, &n| {
-                        b.iter(|| m.matmul_on(&x, n, isa).expect("matmul"))
+                        rayon::scope(|_| b.iter(|| m.matmul_on(&x, n, isa).expect("matmul")))
                     });
                 }
             }
