@@ -35,6 +35,11 @@ impl Weight {
         match self {
             Weight::Quant(q) => q.matmul(x, n),
             Weight::Dense(w) => {
+                if n <= SMALL_ROWS && w.is_contiguous() && w.device().is_cpu() {
+                    if let Some(y) = small_vec(x, n, w) {
+                        return Ok(y);
+                    }
+                }
                 let xt = Tensor::from_slice(x, (n, x.len() / n.max(1)), w.device())?;
                 Ok(linear(&xt, self)?.flatten_all()?.to_vec1::<f32>()?)
             }
@@ -78,66 +83,85 @@ pub(crate) fn linear(x: &Tensor, w: &Weight) -> Result<Tensor> {
 }
 
 fn small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (out, inp) = w.dims2()?;
     let n = x.dim(0)?;
-    if x.dim(1)? != inp {
-        return Ok(None); // let candle report the shape error
-    }
     let xv = x
         .to_dtype(DType::F32)?
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let (st, layout) = w.storage_and_layout();
-    let off = layout.start_offset();
-    let len = out * inp;
-    let y = match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => v.get(off..off + len).map(|w| run(w, &xv, n, inp, out)),
-        Storage::Cpu(CpuStorage::F16(v)) => v.get(off..off + len).map(|w| run(w, &xv, n, inp, out)),
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            v.get(off..off + len).map(|w| run(w, &xv, n, inp, out))
-        }
-        _ => None,
-    };
-    drop(st);
-    match y {
-        Some(y) => Ok(Some(Tensor::from_vec(y, (n, out), x.device())?)),
+    match small_vec(&xv, n, w) {
+        Some(y) => Ok(Some(Tensor::from_vec(y, (n, w.dim(0)?), x.device())?)),
         None => Ok(None),
     }
 }
 
+/// The streaming path on plain slices: `x [n, in]` row-major f32 times the contiguous CPU
+/// matrix `w [out, in]` (f32, f16 or bf16) transposed; `None` when the shapes or the
+/// storage do not fit it (the caller then takes candle's path, which reports errors).
+fn small_vec(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
+    let (out, inp) = w.dims2().ok()?;
+    if n == 0 || Some(x.len()) != n.checked_mul(inp) {
+        return None;
+    }
+    let (st, layout) = w.storage_and_layout();
+    let off = layout.start_offset();
+    let len = out * inp;
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
+        Storage::Cpu(CpuStorage::F16(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
+        Storage::Cpu(CpuStorage::BF16(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
+        _ => None,
+    }
+}
+
 fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
-    // yt [out, n]: each task owns BLOCK output rows.
-    let mut yt = vec![0f32; out * n];
-    yt.par_chunks_mut(BLOCK * n)
-        .enumerate()
-        .for_each(|(bi, chunk)| {
-            let o0 = bi * BLOCK;
-            if n == 1 {
-                for (r, y) in chunk.iter_mut().enumerate() {
-                    let o = o0 + r;
-                    *y = dot(x, &w[o * inp..(o + 1) * inp]);
-                }
-            } else {
-                let rows = chunk.len() / n;
-                dot_tile(
-                    x,
-                    &w[o0 * inp..(o0 + rows) * inp],
-                    inp,
-                    chunk,
-                    Body::detect(),
-                );
+    let mut y = vec![0f32; n * out];
+    if n == 1 {
+        y.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, ys)| {
+            for (r, y) in ys.iter_mut().enumerate() {
+                let o = bi * BLOCK + r;
+                *y = dot(x, &w[o * inp..(o + 1) * inp]);
             }
         });
-    if n == 1 {
-        return yt;
+        return y;
     }
-    let mut y = vec![0f32; n * out];
-    for o in 0..out {
-        for i in 0..n {
-            y[i * out + o] = yt[o * n + i];
+    // Each task owns BLOCK output columns of every row of `y`: it computes them as a
+    // [BLOCK, n] tile and copies the tile into place (no serial transpose afterwards).
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..out.div_ceil(BLOCK))
+        .map(|_| Vec::with_capacity(n))
+        .collect();
+    for row in y.chunks_mut(out) {
+        for (part, cols) in parts.iter_mut().zip(row.chunks_mut(BLOCK)) {
+            part.push(cols);
         }
     }
+    parts
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(bi, mut cols)| {
+            let o0 = bi * BLOCK;
+            let rows = cols.first().map_or(0, |c| c.len());
+            let mut stack = [0f32; BLOCK * SMALL_ROWS];
+            let mut heap = Vec::new();
+            let tile: &mut [f32] = if rows * n <= stack.len() {
+                &mut stack[..rows * n]
+            } else {
+                heap.resize(rows * n, 0f32);
+                &mut heap
+            };
+            dot_tile(
+                x,
+                &w[o0 * inp..(o0 + rows) * inp],
+                inp,
+                tile,
+                Body::detect(),
+            );
+            for (i, c) in cols.iter_mut().enumerate() {
+                for (r, v) in c.iter_mut().enumerate() {
+                    *v = tile[r * n + i];
+                }
+            }
+        });
     y
 }
 
