@@ -441,8 +441,12 @@ impl QMatrix {
                 for (k, v) in tmp[..t].iter().enumerate() {
                     let o = (g - g0) * GROUP;
                     if let Some(dst) = out.get_mut(i0 + k).and_then(|d| d.get_mut(o..)) {
-                        let keep = dst.len().min(GROUP);
-                        dst[..keep].copy_from_slice(&v[..keep]);
+                        // A whole group as one fixed-size copy (a register move, not a
+                        // `memmove` call); the matrix's last group may be cut short.
+                        match dst.first_chunk_mut::<GROUP>() {
+                            Some(d8) => *d8 = *v,
+                            None => dst.copy_from_slice(&v[..dst.len()]),
+                        }
                     }
                 }
                 i0 += t;
