@@ -12,6 +12,25 @@
 //!
 //! The reference splice ([`crate::edit::reference`]) is the oracle in the tests.
 
+/// Runs `$go!(N)` with `N` the compile-time form of the row count `$n` (1..=8; larger
+/// counts run as 8, which the callers never pass): the SIMD kernels keep one accumulator
+/// per row in registers only when the count is a constant.
+macro_rules! with_rows {
+    ($n:expr, $go:ident) => {
+        match $n {
+            1 => $go!(1),
+            2 => $go!(2),
+            3 => $go!(3),
+            4 => $go!(4),
+            5 => $go!(5),
+            6 => $go!(6),
+            7 => $go!(7),
+            _ => $go!(8),
+        }
+    };
+}
+pub(crate) use with_rows;
+
 pub mod cpu;
 pub mod encode;
 pub mod quant;

@@ -630,16 +630,8 @@ mod avx2 {
                 }
             };
         }
-        match out.len() {
-            0 => {}
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
+        if !out.is_empty() {
+            crate::kernels::with_rows!(out.len(), go);
         }
     }
 

@@ -35,7 +35,7 @@ impl Weight {
         match self {
             Weight::Quant(q) => q.matmul(x, n),
             Weight::Dense(w) => {
-                if n <= SMALL_ROWS && w.is_contiguous() && w.device().is_cpu() {
+                if w.is_contiguous() && w.device().is_cpu() {
                     if let Some(y) = small_vec(x, n, w) {
                         return Ok(y);
                     }
@@ -100,7 +100,7 @@ fn small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// storage do not fit it (the caller then takes candle's path, which reports errors).
 fn small_vec(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
     let (out, inp) = w.dims2().ok()?;
-    if n == 0 || Some(x.len()) != n.checked_mul(inp) {
+    if n == 0 || n > SMALL_ROWS || Some(x.len()) != n.checked_mul(inp) {
         return None;
     }
     let (st, layout) = w.storage_and_layout();
@@ -141,14 +141,9 @@ fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32
         .for_each(|(bi, mut cols)| {
             let o0 = bi * BLOCK;
             let rows = cols.first().map_or(0, |c| c.len());
-            let mut stack = [0f32; BLOCK * SMALL_ROWS];
-            let mut heap = Vec::new();
-            let tile: &mut [f32] = if rows * n <= stack.len() {
-                &mut stack[..rows * n]
-            } else {
-                heap.resize(rows * n, 0f32);
-                &mut heap
-            };
+            // rows ≤ BLOCK and n ≤ SMALL_ROWS (`small_vec` checks it).
+            let mut buf = [0f32; BLOCK * SMALL_ROWS];
+            let tile = &mut buf[..rows * n];
             dot_tile(
                 x,
                 &w[o0 * inp..(o0 + rows) * inp],
@@ -293,16 +288,7 @@ mod avx2 {
                 }
             }};
         }
-        match n {
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
-        }
+        crate::kernels::with_rows!(n, go);
     }
 
     /// R weight rows (at `w`, `inp` apart) × N rows of `x` into `ys[r·N + i]`: each
