@@ -6,6 +6,7 @@
 //! candle's `gemm`. Block-quantized weights: [`QMatrix::matmul`] for any row count.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::quant::QMatrix;
@@ -109,14 +110,16 @@ fn small_vec(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
     match &*st {
         Storage::Cpu(CpuStorage::F32(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
         Storage::Cpu(CpuStorage::F16(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
-        Storage::Cpu(CpuStorage::BF16(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            v.get(off..off + len).map(|w| run_bf16(w, x, n, inp, out))
+        }
         _ => None,
     }
 }
 
 fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
-    let mut y = vec![0f32; n * out];
     if n == 1 {
+        let mut y = vec![0f32; out];
         y.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, ys)| {
             for (r, y) in ys.iter_mut().enumerate() {
                 let o = bi * BLOCK + r;
@@ -125,8 +128,71 @@ fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32
         });
         return y;
     }
-    // Each task owns BLOCK output columns of every row of `y`: it computes them as a
-    // [BLOCK, n] tile and copies the tile into place (no serial transpose afterwards).
+    let body = Body::detect();
+    tiled(w, n, inp, out, |rows, tile| {
+        dot_tile(x, rows, inp, tile, body)
+    })
+}
+
+/// bf16 weights multiply bf16 activations: `x` is rounded to bf16 (to nearest even) once
+/// per product, each product of two bf16 values is exact in f32, and the sums are f32,
+/// as in a bf16 PyTorch model or candle's bf16 `gemm` (the prefill path, which also
+/// rounds `x`). On CPUs with AVX512-BF16 the products run as `vdpbf16ps` ([`dot_tile_bf16`]:
+/// twice the products per instruction of an f32 FMA and no widening, which is what makes
+/// an 8-row decode step cheap); elsewhere the rounded `x` goes through [`run`], the same
+/// products summed in another order.
+fn run_bf16(w: &[bf16], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
+    let xb = to_bf16(x);
+    if !has_dpbf16() {
+        let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        return run(w, &xr, n, inp, out);
+    }
+    tiled(w, n, inp, out, |rows, tile| {
+        dot_tile_bf16(&xb, rows, inp, tile)
+    })
+}
+
+/// `x` rounded to bf16 (to nearest even; NaN stays NaN).
+fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    #[cfg(target_arch = "x86_64")]
+    if has_dpbf16() {
+        let mut out = vec![bf16::ZERO; x.len()];
+        // SAFETY: avx512f/vl/bw/bf16 checked; both slices are x.len() long.
+        unsafe { avx512bf16::convert(x, &mut out) };
+        return out;
+    }
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// Whether this CPU has AVX512-BF16 (with the F, VL and BW parts the kernel uses).
+fn has_dpbf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `y [n, out]` (zeroed, then filled) from parallel tasks of [`BLOCK`] weight rows:
+/// `tile(rows, t)` fills `t[r·n + i] = x_i · w_r` for the task's weight rows; each task
+/// copies its tile straight into its columns of every row of `y` (no serial transpose).
+fn tiled<T: Elem>(
+    w: &[T],
+    n: usize,
+    inp: usize,
+    out: usize,
+    tile: impl Fn(&[T], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0f32; n * out];
     let mut parts: Vec<Vec<&mut [f32]>> = (0..out.div_ceil(BLOCK))
         .map(|_| Vec::with_capacity(n))
         .collect();
@@ -143,21 +209,36 @@ fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32
             let rows = cols.first().map_or(0, |c| c.len());
             // rows ≤ BLOCK and n ≤ SMALL_ROWS (`small_vec` checks it).
             let mut buf = [0f32; BLOCK * SMALL_ROWS];
-            let tile = &mut buf[..rows * n];
-            dot_tile(
-                x,
-                &w[o0 * inp..(o0 + rows) * inp],
-                inp,
-                tile,
-                Body::detect(),
-            );
+            let t = &mut buf[..rows * n];
+            tile(&w[o0 * inp..(o0 + rows) * inp], t);
             for (i, c) in cols.iter_mut().enumerate() {
                 for (r, v) in c.iter_mut().enumerate() {
-                    *v = tile[r * n + i];
+                    *v = t[r * n + i];
                 }
             }
         });
     y
+}
+
+/// `ys[o·n + i] = x_i · w_o` with `x` already bf16 (`n = ys.len() / rows ≤ 8` rows of
+/// `inp`). With 2 to 8 rows, one `vdpbf16ps` chain per output over 16-wide chunks of k
+/// (each lane adds its odd then its even product; a short last chunk is zero-filled),
+/// then the lanes' sum as in [`dot_tile`]: the same bits whatever the row count. One row
+/// spreads its chunks over four chains (as [`dot`] does for f32 weights), which a lone
+/// row needs to hide the instruction's latency. Falls back to widening both sides and
+/// the f32 tile on CPUs without AVX512-BF16.
+fn dot_tile_bf16(x: &[bf16], w: &[bf16], inp: usize, ys: &mut [f32]) {
+    let rows = w.len() / inp.max(1);
+    let n = ys.len() / rows.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if has_dpbf16() && (1..=8).contains(&n) && x.len() >= n * inp && ys.len() == rows * n {
+        // SAFETY: avx512f/vl/bw/bf16 checked; x holds n rows of inp, w `rows` rows of
+        // inp, ys rows·n outputs (checked above).
+        unsafe { avx512bf16::tiles(x, w, inp, n, ys) };
+        return;
+    }
+    let xr: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    dot_tile(&xr, w, inp, ys, Body::detect());
 }
 
 /// The SIMD body of [`dot_tile`].
@@ -337,6 +418,151 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use crate::kernels::simd::avx2::hsum;
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// How far ahead of the dot products the weights are prefetched, in bytes (as the
+    /// f32 tile's).
+    const PREFETCH: usize = 4096;
+
+    /// `out[i] = bf16(x[i])`, to nearest even (`vcvtne2ps2bf16`, 16 at a time).
+    /// SAFETY: avx512f, avx512vl, avx512bw, avx512bf16.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert(x: &[f32], out: &mut [bf16]) {
+        let mut xs = x.chunks_exact(16);
+        let mut os = out.chunks_exact_mut(16);
+        for (xc, oc) in (&mut xs).zip(&mut os) {
+            let (lo, hi) = (
+                _mm256_loadu_ps(xc.as_ptr()),
+                _mm256_loadu_ps(xc.as_ptr().add(8)),
+            );
+            // The second operand fills the low half.
+            let v: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
+            _mm256_storeu_si256(oc.as_mut_ptr() as *mut __m256i, v);
+        }
+        for (o, &v) in os.into_remainder().iter_mut().zip(xs.remainder()) {
+            *o = bf16::from_f32(v);
+        }
+    }
+
+    /// All weight rows times the n rows of `x`: one row at a time with four accumulators
+    /// ([`dot4`]) for a single row of `x`, else two weight rows at a time ([`tile`]; an
+    /// odd last row alone).
+    /// SAFETY: avx512f/vl/bw/bf16 (and avx2 for the final sums); `1 <= n <= 8`;
+    /// `x.len() >= n·inp`; `w` holds `ys.len() / n` rows of `inp`.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16,avx2,fma")]
+    pub(super) unsafe fn tiles(x: &[bf16], w: &[bf16], inp: usize, n: usize, ys: &mut [f32]) {
+        let (xp, wp, yp) = (x.as_ptr(), w.as_ptr(), ys.as_mut_ptr());
+        if n == 1 {
+            for o in 0..ys.len() {
+                *yp.add(o) = dot4(xp, wp.add(o * inp), inp);
+            }
+            return;
+        }
+        macro_rules! go {
+            ($n:literal) => {{
+                let rows = ys.len() / $n;
+                let mut o = 0;
+                while o + 2 <= rows {
+                    tile::<2, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
+                    o += 2;
+                }
+                if o < rows {
+                    tile::<1, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
+                }
+            }};
+        }
+        crate::kernels::with_rows!(n, go);
+    }
+
+    /// 16 bf16 values from `p`: `count` of them (≤ 16) read, the rest zero.
+    /// SAFETY: avx512bw + avx512vl; `p .. p + count` readable.
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16, count: usize) -> __m256bh {
+        let v = if count >= 16 {
+            _mm256_loadu_si256(p as *const __m256i)
+        } else {
+            _mm256_maskz_loadu_epi16(((1u32 << count) - 1) as __mmask16, p as *const i16)
+        };
+        std::mem::transmute::<__m256i, __m256bh>(v)
+    }
+
+    /// `x · w` for one row: four accumulators, each taking every fourth 16-wide chunk
+    /// while four remain, the rest (the last chunk zero-filled) into the first; then
+    /// `(a0 + a1) + (a2 + a3)` and the lane sum. A single weight stream, which the
+    /// hardware prefetcher follows best, and enough independent chains to hide the
+    /// `vdpbf16ps` latency.
+    /// SAFETY: as [`tiles`], for `x .. x + inp` and `w .. w + inp`.
+    #[inline(always)]
+    unsafe fn dot4(x: *const bf16, w: *const bf16, inp: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut k = 0;
+        while k + 64 <= inp {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let o = k + 16 * j;
+                *a = _mm256_dpbf16_ps(*a, load16(w.add(o), 16), load16(x.add(o), 16));
+            }
+            k += 64;
+        }
+        while k < inp {
+            let count = (inp - k).min(16);
+            acc[0] = _mm256_dpbf16_ps(acc[0], load16(w.add(k), count), load16(x.add(k), count));
+            k += 16;
+        }
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    }
+
+    /// R weight rows (at `w`, `inp` apart) × N rows of `x` (at `x`, `inp` apart) into
+    /// `ys[r·N + i]`, one accumulator per output over 16-wide chunks (the last one
+    /// zero-filled), then the lane sum. The R rows are adjacent in memory, so the
+    /// prefetch runs one cursor through them at the rate they are consumed (per-row
+    /// cursors, two interleaved streams, halved the streaming rate in a
+    /// microbenchmark).
+    /// SAFETY: as [`tiles`], for the weight rows `w .. w + R·inp` and outputs
+    /// `ys .. ys + R·N`.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const N: usize>(
+        x: *const bf16,
+        w: *const bf16,
+        inp: usize,
+        ys: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut k = 0;
+        while k < inp {
+            let count = (inp - k).min(16);
+            if k % 32 == 0 {
+                // R cache lines per 32 values of each row; a hint only: an address past
+                // the matrix is never dereferenced.
+                let p = (w as *const i8).wrapping_add(R * k * 2 + PREFETCH);
+                for r in 0..R {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * r));
+                }
+            }
+            let wv: [__m256bh; R] = std::array::from_fn(|r| load16(w.add(r * inp + k), count));
+            for i in 0..N {
+                let xv = load16(x.add(i * inp + k), count);
+                for r in 0..R {
+                    acc[r][i] = _mm256_dpbf16_ps(acc[r][i], wv[r], xv);
+                }
+            }
+            k += 16;
+        }
+        for r in 0..R {
+            for i in 0..N {
+                *ys.add(r * N + i) = hsum(acc[r][i]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,6 +612,111 @@ mod tests {
         }
     }
 
+    /// The `vdpbf16ps` chain as Intel documents it, in scalar f32: each of the 8 lanes
+    /// adds, per 16-wide chunk at `k`, the product of its odd element `k + 2l + 1` and then
+    /// of its even one `k + 2l` (products of two bf16 values are exact in f32; elements
+    /// past the row count as 0).
+    fn dpbf16_chunk(acc: &mut [f32; 8], x: &[bf16], w: &[bf16], k: usize) {
+        let p = |j: usize| match (x.get(j), w.get(j)) {
+            (Some(a), Some(b)) => a.to_f32() * b.to_f32(),
+            _ => 0.0,
+        };
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += p(k + 2 * l + 1);
+            *a += p(k + 2 * l);
+        }
+    }
+
+    /// `hsum`'s order: lanes i + (i + 4), then (0 + 2) + (1 + 3).
+    fn lane_sum(v: [f32; 8]) -> f32 {
+        let s: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
+        (s[0] + s[2]) + (s[1] + s[3])
+    }
+
+    /// One output as the bf16 kernel documents it: one chain for 2 to 8 rows of `x`;
+    /// four for a single row (chunk c of the first `inp / 64 · 4` into chain c mod 4, the
+    /// rest into chain 0, then `(a0 + a1) + (a2 + a3)`).
+    fn dpbf16_reference(x: &[bf16], w: &[bf16], one_row: bool) -> f32 {
+        let inp = x.len();
+        let mut acc = [[0f32; 8]; 4];
+        let full = if one_row { inp / 64 * 4 } else { 0 };
+        for c in 0..inp.div_ceil(16) {
+            let chain = if c < full { c % 4 } else { 0 };
+            dpbf16_chunk(&mut acc[chain], x, w, 16 * c);
+        }
+        lane_sum(std::array::from_fn(|l| {
+            (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])
+        }))
+    }
+
+    /// bf16 weights: the products equal the documented instruction's chain bit for bit
+    /// on CPUs with AVX512-BF16, widths below and above one 64-wide step and not a
+    /// multiple of 16, every row count; everywhere, the f64 sum of the bf16-rounded
+    /// inputs within rounding.
+    #[test]
+    fn bf16_products_follow_the_documented_instruction() {
+        let exact = has_dpbf16();
+        println!("AVX512-BF16 on this CPU: {exact} (bit-exact comparison {exact})");
+        for (rows, inp) in [(5usize, 43usize), (4, 200), (3, 1100), (2, 16)] {
+            let w: Vec<bf16> = data(rows * inp, 21)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            for n in 1..=8 {
+                let xf = data(n * inp, 22 + n as u32);
+                let x = to_bf16(&xf);
+                let mut ys = vec![0f32; rows * n];
+                dot_tile_bf16(&x, &w, inp, &mut ys);
+                for o in 0..rows {
+                    let wo = &w[o * inp..(o + 1) * inp];
+                    for i in 0..n {
+                        let xi = &x[i * inp..(i + 1) * inp];
+                        let got = ys[o * n + i];
+                        let want: f64 = xi
+                            .iter()
+                            .zip(wo)
+                            .map(|(a, b)| a.to_f64() * b.to_f64())
+                            .sum();
+                        let tol = 1e-4 * (1.0 + want.abs());
+                        assert!(
+                            (got as f64 - want).abs() < tol,
+                            "{rows}x{inp} n={n} ({o},{i})"
+                        );
+                        if exact {
+                            let r = dpbf16_reference(xi, wo, n == 1);
+                            assert_eq!(
+                                got.to_bits(),
+                                r.to_bits(),
+                                "{rows}x{inp} n={n} ({o},{i}): {got} vs {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rounding of `x` to bf16 is half's (to nearest, ties to even) bit for bit,
+    /// ties included, also past the last 16-wide chunk.
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        let mut x: Vec<f32> = data(37, 5);
+        // Exact ties between two bf16 values: the lower 16 bits are 0x8000.
+        for (i, hi) in [0x3f80u32, 0x3f81, 0xbf80, 0xbf81, 0x4000, 0x4001]
+            .iter()
+            .enumerate()
+        {
+            x[i * 5] = f32::from_bits((hi << 16) | 0x8000);
+        }
+        let got = to_bf16(&x);
+        for (g, v) in got.iter().zip(&x) {
+            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "{v}");
+        }
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even (1.0) wins; 1 + 3·2^-8 rounds up.
+        let t = to_bf16(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]);
+        assert_eq!((t[0].to_f32(), t[1].to_f32()), (1.0, 1.0 + 4.0 / 256.0));
+    }
+
     fn small_linear_case(out: usize, inp: usize) {
         let wf = data(out * inp, 7);
         // Rows 0 and 1 of each dtype's 2-row product: the 8-row product must repeat them
@@ -427,10 +758,15 @@ mod tests {
                     }
                     _ => {}
                 }
+                // bf16 weights multiply x rounded to bf16.
+                let xr: Vec<f32> = match dt {
+                    DType::BF16 => xf.iter().map(|&v| bf16::from_f32(v).to_f32()).collect(),
+                    _ => xf.clone(),
+                };
                 for i in 0..n {
                     for o in 0..out {
                         let want: f64 = (0..inp)
-                            .map(|k| xf[i * inp + k] as f64 * wr[o * inp + k] as f64)
+                            .map(|k| xr[i * inp + k] as f64 * wr[o * inp + k] as f64)
                             .sum();
                         let tol = 1e-4 * (1.0 + want.abs());
                         assert!((y[i][o] as f64 - want).abs() < tol, "{dt:?} n={n} {i},{o}");
