@@ -1,9 +1,9 @@
 //! `y = x Wᵀ` for the model's projections.
 //!
 //! Dense weights: few rows (decode steps, short prompts) go through a row-parallel loop
-//! that streams each weight row once for all rows of `x`, with the crate's AVX2/F16C dot
-//! products, reading f32, f16 or bf16 weights in place; many rows (prefill) through
-//! candle's `gemm`. Block-quantized weights: [`QMatrix::matmul`] for any row count.
+//! that streams each weight row once for all rows of `x`, reading f32, f16 or bf16
+//! weights in place (AVX2/F16C FMAs; bf16 weights as `vdpbf16ps` on `x` rounded to bf16
+//! where the CPU has AVX512-BF16); many rows (prefill) through candle's `gemm`. Block-quantized weights: [`QMatrix::matmul`] for any row count.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
