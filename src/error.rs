@@ -55,6 +55,18 @@ pub enum Error {
     /// The SAE configuration is invalid or inconsistent.
     #[error("invalid SAE config: {0}")]
     Config(String),
+    /// A model's configuration (GGUF metadata or `config.json`) is invalid: the message
+    /// names the key at fault.
+    #[error("invalid model config: {0}")]
+    ModelConfig(String),
+    /// A model architecture this crate does not run.
+    #[error("unsupported model architecture `{arch}` (supported: {supported})")]
+    UnsupportedModel {
+        /// The architecture as the file names it.
+        arch: String,
+        /// The architectures this crate runs.
+        supported: String,
+    },
     /// An architecture string this crate does not know.
     #[error("unknown SAE architecture `{0}` (known: standard, jumprelu, topk, gated)")]
     UnknownArchitecture(String),

@@ -29,18 +29,34 @@ use crate::{Error, Result};
 /// A place in the forward pass where activations can be read or replaced.
 ///
 /// Names follow TransformerLens: `blocks.{i}.hook_resid_post` is the output of
-/// decoder layer `i` (0-indexed), which is HF `hidden_states[i + 1]`.
+/// decoder layer `i` (0-indexed), which is HF `hidden_states[i + 1]`. Activations are
+/// `[batch, seq, width]`: `d_model` wide, except `attn.hook_z` (`n_heads · head_dim`).
+/// In post-norm blocks (Gemma 2/3) `hook_attn_out` and `hook_mlp_out` are the outputs
+/// after the post-norms, the values added to the residual stream, as in TransformerLens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum HookPoint {
     /// `hook_embed`: token embeddings (the residual stream entering layer 0).
     Embed,
     /// `blocks.{i}.hook_resid_pre`: residual stream entering layer `i`.
     ResidPre(usize),
-    /// `blocks.{i}.hook_attn_out`: output of layer `i`'s attention (after `o_proj`).
+    /// `blocks.{i}.attn.hook_z`: the attention's per-head outputs concatenated,
+    /// `[batch, seq, n_heads · head_dim]`, the input of `o_proj` (what attention-output
+    /// SAEs such as Gemma Scope's `att` releases read).
+    AttnZ(usize),
+    /// `blocks.{i}.hook_attn_out`: output of layer `i`'s attention (after `o_proj`, and
+    /// after the post-attention norm where the block has one).
     AttnOut(usize),
     /// `blocks.{i}.hook_resid_mid`: residual stream after the attention add.
     ResidMid(usize),
-    /// `blocks.{i}.hook_mlp_out`: output of layer `i`'s MLP.
+    /// `blocks.{i}.hook_mlp_in`: the residual stream as the MLP's norm reads it (a
+    /// replacement here changes the MLP's input only, not the residual stream).
+    MlpIn(usize),
+    /// `blocks.{i}.ln2.hook_normalized`: the MLP's normalised input (what transcoders
+    /// read).
+    Ln2Normalized(usize),
+    /// `blocks.{i}.hook_mlp_out`: output of layer `i`'s MLP (after the post-feed-forward
+    /// norm where the block has one).
     MlpOut(usize),
     /// `blocks.{i}.hook_resid_post`: residual stream leaving layer `i`.
     ResidPost(usize),
@@ -54,8 +70,11 @@ impl HookPoint {
         match *self {
             HookPoint::Embed | HookPoint::LnFinal => None,
             HookPoint::ResidPre(i)
+            | HookPoint::AttnZ(i)
             | HookPoint::AttnOut(i)
             | HookPoint::ResidMid(i)
+            | HookPoint::MlpIn(i)
+            | HookPoint::Ln2Normalized(i)
             | HookPoint::MlpOut(i)
             | HookPoint::ResidPost(i) => Some(i),
         }
@@ -67,8 +86,11 @@ impl HookPoint {
         for i in 0..n_layers {
             v.extend([
                 HookPoint::ResidPre(i),
+                HookPoint::AttnZ(i),
                 HookPoint::AttnOut(i),
                 HookPoint::ResidMid(i),
+                HookPoint::MlpIn(i),
+                HookPoint::Ln2Normalized(i),
                 HookPoint::MlpOut(i),
                 HookPoint::ResidPost(i),
             ]);
@@ -96,7 +118,10 @@ impl std::fmt::Display for HookPoint {
         match *self {
             HookPoint::Embed => f.write_str("hook_embed"),
             HookPoint::ResidPre(i) => write!(f, "blocks.{i}.hook_resid_pre"),
+            HookPoint::AttnZ(i) => write!(f, "blocks.{i}.attn.hook_z"),
             HookPoint::AttnOut(i) => write!(f, "blocks.{i}.hook_attn_out"),
+            HookPoint::MlpIn(i) => write!(f, "blocks.{i}.hook_mlp_in"),
+            HookPoint::Ln2Normalized(i) => write!(f, "blocks.{i}.ln2.hook_normalized"),
             HookPoint::ResidMid(i) => write!(f, "blocks.{i}.hook_resid_mid"),
             HookPoint::MlpOut(i) => write!(f, "blocks.{i}.hook_mlp_out"),
             HookPoint::ResidPost(i) => write!(f, "blocks.{i}.hook_resid_post"),
@@ -111,7 +136,8 @@ impl std::str::FromStr for HookPoint {
         let bad = || {
             Error::Invalid(format!(
                 "unknown hook point `{s}` (expected hook_embed, blocks.{{i}}.hook_resid_pre, \
-                 blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_resid_mid, blocks.{{i}}.hook_mlp_out, \
+                 blocks.{{i}}.attn.hook_z, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_resid_mid, \
+                 blocks.{{i}}.hook_mlp_in, blocks.{{i}}.ln2.hook_normalized, blocks.{{i}}.hook_mlp_out, \
                  blocks.{{i}}.hook_resid_post or ln_final.hook_normalized)"
             ))
         };
@@ -128,7 +154,10 @@ impl std::str::FromStr for HookPoint {
         let i: usize = idx.parse().map_err(|_| bad())?;
         Ok(match name {
             "hook_resid_pre" => HookPoint::ResidPre(i),
+            "attn.hook_z" => HookPoint::AttnZ(i),
             "hook_attn_out" => HookPoint::AttnOut(i),
+            "hook_mlp_in" => HookPoint::MlpIn(i),
+            "ln2.hook_normalized" => HookPoint::Ln2Normalized(i),
             "hook_resid_mid" => HookPoint::ResidMid(i),
             "hook_mlp_out" => HookPoint::MlpOut(i),
             "hook_resid_post" => HookPoint::ResidPost(i),

@@ -7,7 +7,7 @@
 //!   Gemma Scope, Llama Scope and dictionary_learning releases.
 //! * [`edit`]: latent sets, per-latent edits, splice modes, and the reference splice.
 //! * [`hooks`]: TransformerLens hook points, capture, steering and SAE splices.
-//! * [`model`]: hookable Llama models (GGUF, HF safetensors), tokenizers, generation.
+//! * [`model`]: hookable decoders of the Llama, Mistral, Qwen 2/3 and Gemma 2/3 families (GGUF, HF safetensors), tokenizers, generation.
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
 //! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
 //! * [`harvest`]: activations of a model over a corpus, streamed to cached safetensors shards.

@@ -7,7 +7,7 @@ mod smollm;
 
 use candle_core::{DType, Device, Tensor, D};
 use sae_ablate::hooks::Hooks;
-use sae_ablate::model::{generate, HookedModel, Llama, LoadOptions, RopeStyle, SamplingParams};
+use sae_ablate::model::{generate, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams};
 use smollm::{gguf_path, model, tokenizer, AUSTEN};
 
 fn ids_tensor(ids: &[u32]) -> Tensor {
@@ -159,7 +159,7 @@ fn logits_match_candle_quantized_llama() {
     assert!(d < 1e-3, "KV-cache step differs from full forward by {d}");
 }
 
-fn mean_nll(m: &mut Llama, ids: &[u32]) -> f32 {
+fn mean_nll(m: &mut Model, ids: &[u32]) -> f32 {
     let logits = m
         .forward(&ids_tensor(ids), 0, &mut Hooks::new())
         .unwrap()
@@ -200,7 +200,7 @@ fn austen_nll_and_rope_convention() {
         max_seq_len: Some(512),
         ..Default::default()
     };
-    let mut wrong = Llama::from_gguf(gguf_path(), &opts).unwrap();
+    let mut wrong = Model::from_gguf(gguf_path(), &opts).unwrap();
     let bad = mean_nll(&mut wrong, ids);
     println!("the same with rotate-half RoPE: {bad:.4}");
     assert!(
@@ -215,14 +215,14 @@ fn bad_inputs_are_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     // Missing file: names the path.
     let missing = dir.join("nope.gguf");
-    let e = Llama::from_gguf(&missing, &LoadOptions::default())
+    let e = Model::from_gguf(&missing, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("nope.gguf"), "{e}");
     // Not a GGUF.
     let junk = dir.join("junk.gguf");
     std::fs::write(&junk, b"this is not a gguf file at all, just text").unwrap();
-    let e = Llama::from_gguf(&junk, &LoadOptions::default())
+    let e = Model::from_gguf(&junk, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("junk.gguf") && e.contains("gguf"), "{e}");
@@ -230,13 +230,13 @@ fn bad_inputs_are_errors() {
     let bytes = std::fs::read(gguf_path()).unwrap();
     let cut = dir.join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
-    let e = Llama::from_gguf(&cut, &LoadOptions::default())
+    let e = Model::from_gguf(&cut, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("cut.gguf"), "{e}");
     let cut2 = dir.join("cut2.gguf");
     std::fs::write(&cut2, &bytes[..4096]).unwrap();
-    let e = Llama::from_gguf(&cut2, &LoadOptions::default())
+    let e = Model::from_gguf(&cut2, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("cut2.gguf"), "{e}");
@@ -248,7 +248,7 @@ fn bad_inputs_are_errors() {
         r#"{"model_type": "gpt_neox", "hidden_size": 8}"#,
     )
     .unwrap();
-    let e = Llama::load(&hf, &LoadOptions::default())
+    let e = Model::from_hf_dir(&hf, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("gpt_neox") && e.contains("config.json"), "{e}");
@@ -260,13 +260,13 @@ fn bad_inputs_are_errors() {
             "vocab_size": 10, "max_position_embeddings": 32}"#,
     )
     .unwrap();
-    let e = Llama::load(&hf, &LoadOptions::default())
+    let e = Model::from_hf_dir(&hf, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("safetensors"), "{e}");
     let shard = hf.join("model.safetensors");
     std::fs::write(&shard, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
-    let e = Llama::load(&hf, &LoadOptions::default())
+    let e = Model::from_hf_dir(&hf, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("model.safetensors"), "{e}");
@@ -280,7 +280,7 @@ fn bad_inputs_are_errors() {
         Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&ts, &shard).unwrap();
-    let e = Llama::load(&hf, &LoadOptions::default())
+    let e = Model::from_hf_dir(&hf, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("model.layers.0.input_layernorm.weight"), "{e}");
@@ -290,7 +290,7 @@ fn bad_inputs_are_errors() {
         Tensor::zeros((10, 7), DType::F32, &Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&ts, &shard).unwrap();
-    let e = Llama::load(&hf, &LoadOptions::default())
+    let e = Model::from_hf_dir(&hf, &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -416,14 +416,14 @@ fn hf_safetensors_matches_gguf() {
             "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": true}"#,
     )
     .unwrap();
-    let mut hf = Llama::from_hf_dir(&dir, &LoadOptions::default()).unwrap();
+    let mut hf = Model::from_hf_dir(&dir, &LoadOptions::default()).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(hf.config().rope_style, RopeStyle::Half);
     assert_eq!(hf.n_layers(), 2);
 
     let ids = tokenizer().encode(AUSTEN).unwrap();
     let x = ids_tensor(&ids[..64]);
-    let capture = |m: &mut Llama| {
+    let capture = |m: &mut Model| {
         let c = ActivationCache::new();
         let mut h = sae_ablate::hooks::Hooks::new().with(HookPoint::ResidPost(1), c.clone());
         m.forward(&x, 0, &mut h).unwrap();
@@ -884,7 +884,7 @@ fn kv_cache_continuations_match_full_forward() {
             max_seq_len: Some(256),
             ..Default::default()
         };
-        let mut m = Llama::from_gguf(gguf_path(), &opts).unwrap();
+        let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let same = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
         assert_eq!(max_diff(&same, &full), 0.0, "{kv:?}: prefill from 0");
         // One position at a time from the first token on (the fused decode step, with an
@@ -919,7 +919,7 @@ fn kv_cache_continuations_match_full_forward() {
         kv_cache: DType::U8,
         ..Default::default()
     };
-    let e = Llama::from_gguf(gguf_path(), &opts)
+    let e = Model::from_gguf(gguf_path(), &opts)
         .unwrap_err()
         .to_string();
     assert!(e.contains("KV cache dtype") && e.contains("U8"), "{e}");
@@ -945,7 +945,7 @@ fn half_precision_weights_track_f32() {
             max_seq_len: Some(256),
             ..Default::default()
         };
-        let mut m = Llama::from_gguf(gguf_path(), &opts).unwrap();
+        let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let nll = mean_nll(&mut m, ids);
         let full = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
         let d32 = max_diff(&full, &full32);

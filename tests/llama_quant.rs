@@ -11,16 +11,16 @@ mod smollm;
 use candle_core::{Device, Tensor};
 use sae_ablate::hooks::{HookContext, HookPoint, Hooks};
 use sae_ablate::model::{
-    generate, generate_batch, HookedModel, Llama, LoadOptions, SamplingParams, WeightFormat,
+    generate, generate_batch, HookedModel, LoadOptions, Model, SamplingParams, WeightFormat,
 };
 use smollm::{gguf_path, model, tokenizer};
 
-fn quantized() -> Llama {
+fn quantized() -> Model {
     let opts = LoadOptions {
         weights: WeightFormat::Quantized,
         ..Default::default()
     };
-    Llama::from_gguf(gguf_path(), &opts).unwrap()
+    Model::from_gguf(gguf_path(), &opts).unwrap()
 }
 
 fn ids_tensor(ids: &[u32]) -> Tensor {

@@ -116,12 +116,12 @@ fn npy(data: &[u8]) {
 }
 
 /// GGUF model files: header, metadata, tensor table and tensor data, through
-/// `Llama::from_gguf` (what `model::load` and the CLI call).
+/// `Model::from_gguf` (what `model::load` and the CLI call).
 fn gguf(data: &[u8]) {
-    use sae_ablate::model::{Llama, LoadOptions};
+    use sae_ablate::model::{LoadOptions, Model};
     let d = Scratch::new("gguf");
     let path = d.put("model.gguf", Some(data));
-    match Llama::from_gguf(&path, &LoadOptions::default()) {
+    match Model::from_gguf(&path, &LoadOptions::default()) {
         Ok(m) => {
             let c = m.config();
             assert!(c.d_model > 0 && c.vocab_size > 0);

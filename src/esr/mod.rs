@@ -373,7 +373,7 @@ pub struct EsrResults {
 
 struct Ctx<'a> {
     cfg: &'a EsrConfig,
-    model: model::Llama,
+    model: model::Model,
     tok: Tokenizer,
     prompts: Vec<&'static str>,
     prompt_ids: Vec<Vec<u32>>,

@@ -1,16 +1,40 @@
 //! Hookable transformer language models.
 //!
-//! * [`HookedModel`]: the interface every architecture implements: a forward pass
-//!   that calls [`Hooks`] at TransformerLens hook points and returns logits for
-//!   every position.
-//! * [`llama`]: the Llama family (SmolLM2, Llama 3.x), from GGUF or HF safetensors.
+//! * [`HookedModel`]: the interface every model implements: a forward pass that calls
+//!   [`Hooks`] at TransformerLens hook points and returns logits for every position.
+//! * [`load`] / [`Model`]: one decoder for every supported family — Llama 1/2/3.x
+//!   (SmolLM2), Mistral, Qwen 2/2.5, Qwen 3, Gemma 2, Gemma 3 — from GGUF or an HF
+//!   directory; [`ModelConfig`] says what the family's block looks like.
+//! * [`layers`]: the decoder's pieces (norms, attention, MLP, KV cache, block), public so
+//!   that other models can be built from them and hooked.
 //! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
 //! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
+//!
+//! # Adding a family
+//! A family is one file under `src/model/families/` (see `gemma.rs` or `qwen.rs`):
+//! 1. `hf(&HfConfig) -> ModelConfig`: start from `HfConfig::base` with the defaults of its
+//!    HF config class (`HfDefaults`), then set the block options it needs
+//!    ([`ModelConfig`]: norms, post-norms, activation, biases, q/k norms, embedding scale,
+//!    soft-caps, attention scale, sliding layers, RoPE bases); read both the
+//!    transformers 4.x and 5.x keys; unknown values are errors, never defaults.
+//! 2. `gguf(&Meta) -> ModelConfig`: from `Meta::base`, its `{arch}.…` keys plus what
+//!    llama.cpp fixes per architecture (layer patterns, scales), and its RoPE convention.
+//! 3. Register it in `families/mod.rs` (`hf_config`, `gguf_config`, `Family`,
+//!    `supported_list`); add tensor names to `Names` only if they differ.
+//! 4. Test: a tiny random checkpoint made by transformers
+//!    (`scripts/make_model_fixtures.py`), logits within 1e-3, windows shorter than the
+//!    test prompt; hostile configs fail with the key named.
+//! If the block needs an option that [`ModelConfig`] lacks, add the option to the
+//! config and to `layers::Block` once, not a copy of the block.
 
+pub mod config;
+pub mod decoder;
+mod families;
 pub mod generate;
 mod gguf;
+pub mod layers;
 mod linear;
-pub mod llama;
+mod source;
 pub mod tokenizer;
 
 use candle_core::{Device, Tensor};
@@ -18,19 +42,22 @@ use candle_core::{Device, Tensor};
 use crate::hooks::{HookPoint, Hooks};
 use crate::Result;
 
+pub use config::{Activation, Family, LayerKind, ModelConfig, RopeScaling, RopeStyle};
+pub use decoder::{LoadOptions, Model, WeightFormat};
 pub use generate::{generate, generate_batch, Generation, SamplingParams};
-pub use llama::{Llama, LlamaConfig, LoadOptions, RopeStyle, WeightFormat};
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
-/// Load a model and its tokenizer: a GGUF file (tokenizer from its metadata) or an HF
-/// directory (`config.json`, `*.safetensors`, `tokenizer.json`).
-pub fn load(path: impl AsRef<std::path::Path>, opts: &LoadOptions) -> Result<(Llama, Tokenizer)> {
+/// Load a model of any supported family and its tokenizer: a GGUF file (family from
+/// `general.architecture`, tokenizer from its metadata) or an HF directory (family from
+/// `config.json`'s `model_type`; `*.safetensors`; `tokenizer.json`). An unsupported
+/// architecture is an error naming it and the supported ones.
+pub fn load(path: impl AsRef<std::path::Path>, opts: &LoadOptions) -> Result<(Model, Tokenizer)> {
     let path = path.as_ref();
     if path.is_dir() {
-        Ok((Llama::from_hf_dir(path, opts)?, Tokenizer::from_hf(path)?))
+        Ok((Model::from_hf_dir(path, opts)?, Tokenizer::from_hf(path)?))
     } else {
         Ok((
-            Llama::from_gguf(path, opts)?,
+            Model::from_gguf(path, opts)?,
             Tokenizer::from_gguf_file(path)?,
         ))
     }

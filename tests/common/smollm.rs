@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use sae_ablate::model::{Llama, LoadOptions, Tokenizer};
+use sae_ablate::model::{LoadOptions, Model, Tokenizer};
 
 pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -22,10 +22,10 @@ pub fn gguf_path() -> PathBuf {
 }
 
 /// The f32 model, loaded once per test binary.
-pub fn model() -> MutexGuard<'static, Llama> {
-    static M: OnceLock<Mutex<Llama>> = OnceLock::new();
+pub fn model() -> MutexGuard<'static, Model> {
+    static M: OnceLock<Mutex<Model>> = OnceLock::new();
     M.get_or_init(|| {
-        Mutex::new(Llama::from_gguf(gguf_path(), &LoadOptions::default()).expect("load SmolLM2"))
+        Mutex::new(Model::from_gguf(gguf_path(), &LoadOptions::default()).expect("load SmolLM2"))
     })
     .lock()
     .unwrap_or_else(|e| e.into_inner())

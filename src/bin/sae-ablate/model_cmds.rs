@@ -367,7 +367,7 @@ pub struct BenchModelArgs {
 /// batches: `(harvest, plain)`. The plain passes run before and after the harvest and
 /// their mean is taken, so a drift in the machine's load affects both sides alike.
 fn harvest_vs_forward(
-    m: &mut model::Llama,
+    m: &mut model::Model,
     tok: &model::Tokenizer,
     model_path: &std::path::Path,
     corpus: &std::path::Path,

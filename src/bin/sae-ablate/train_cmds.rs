@@ -142,7 +142,7 @@ pub struct EvalArgs {
     json: bool,
 }
 
-fn load_model(path: &Path) -> Result<(model::Llama, model::Tokenizer)> {
+fn load_model(path: &Path) -> Result<(model::Model, model::Tokenizer)> {
     model::load(path, &LoadOptions::default())
 }
 
