@@ -31,6 +31,8 @@ PACKAGES=(
   numpy==2.4.6
   gguf==0.19.0
   sentencepiece==0.2.3
+  accelerate==1.16.0
+  protobuf==7.36.2
 )
 PACKAGES4=(
   transformers==4.57.6

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -658,8 +659,204 @@ def cmd_verify_tf4(args):
 # ----------------------------------------------------------------------------- gemma3-270m
 
 
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_TEXTS = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife.",
+    "The capital of France is",
+    "In 1813, 3 of the 12 houses cost £4,500.75 each; call 555-0199 before 09:30.",
+    "Multiple   spaces    here,  a\ttab, and   trailing  ",
+    "Line one\nLine two\n\nLine four\n",
+    "Café naïve résumé — 日本語のテキスト 😀👍🏽 ünïcödé",
+    "<start_of_turn>user\nHello<end_of_turn>\n",
+    " leading space",
+]
+GEMMA_PROMPT = "The capital of France is"
+GEMMA_GREEDY = 16
+GEMMA_TOPK = 20
+
+
+def gguf_metadata(path: Path) -> dict:
+    """All metadata keys of the GGUF except the large tokenizer arrays (their lengths instead)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    meta = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        if isinstance(v, list) and len(v) > 64:
+            meta[k] = f"<array of {len(v)}>"
+        elif isinstance(v, float):
+            meta[k] = float(np.float32(v))
+        else:
+            meta[k] = v
+    tt = {}
+    for v in r.fields["tokenizer.ggml.token_type"].contents():
+        tt[str(v)] = tt.get(str(v), 0) + 1
+    meta["(tokenizer.ggml.token_type counts)"] = dict(sorted(tt.items()))
+    types = {}
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    meta["(tensor types)"] = dict(sorted(types.items()))
+    meta["(tensor count)"] = len(r.tensors)
+    return meta
+
+
+def sentencepiece_from_gguf(path: Path):
+    """A SentencePiece BPE model rebuilt from the GGUF's tokenizer.ggml.{tokens,scores,token_type}
+    (the arrays llama.cpp's converter copied out of Gemma's tokenizer.model): a second tokenizer
+    implementation to cross-check transformers' ids."""
+    import sentencepiece as spm
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    f = GGUFReader(str(path)).fields
+    piece_type = pb.ModelProto.SentencePiece.Type
+    tmap = {1: piece_type.NORMAL, 2: piece_type.UNKNOWN, 3: piece_type.CONTROL, 4: piece_type.USER_DEFINED,
+            5: piece_type.UNUSED, 6: piece_type.BYTE}
+    m = pb.ModelProto()
+    for t, sc, ty in zip(f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.scores"].contents(),
+                         f["tokenizer.ggml.token_type"].contents()):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, sc, tmap[ty]
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 3, 2, 1, 0
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = False  # tokenizer.ggml.add_space_prefix = false
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    return spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+
+
 def cmd_gemma3_270m(args):
-    raise SystemExit("gemma3-270m: not implemented yet")
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    gguf_path = GGUF_DIR / GGUF_NAME
+    if not gguf_path.exists():
+        raise SystemExit(f"{gguf_path} is missing: run scripts/fetch-assets.sh gemma3 first")
+    h = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    assert h.hexdigest() == GEMMA_SHA256, f"{gguf_path}: sha256 {h.hexdigest()} != {GEMMA_SHA256}"
+
+    print("== gemma3-270m: tokenizer", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+    sp = sentencepiece_from_gguf(gguf_path)
+    texts = []
+    for t in GEMMA_TEXTS:
+        ids = tok(t).input_ids
+        plain = tok(t, add_special_tokens=False).input_ids
+        assert tok.decode(plain) == t, f"decode(encode({t!r})) = {tok.decode(plain)!r}"
+        entry = dict(text=t, ids=ids, ids_no_special=plain, tokens_no_special=tok.convert_ids_to_tokens(plain))
+        sp_ids = sp.encode(t)
+        entry["sentencepiece_agrees"] = sp_ids == plain
+        if sp_ids != plain:
+            entry["ids_sentencepiece"] = sp_ids
+        texts.append(entry)
+
+    print("== gemma3-270m: model (dequantizing to float32)", file=sys.stderr)
+    model = AutoModelForCausalLM.from_pretrained(
+        GGUF_DIR, gguf_file=GGUF_NAME, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+
+    prompt_ids = tok(GEMMA_PROMPT, return_tensors="pt").input_ids
+    assert prompt_ids[0, 0].item() == tok.bos_token_id
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids, output_hidden_states=True, use_cache=False)
+    logits = out.logits[0].float()  # [pos, vocab]
+    last = logits[-1]
+    top = last.topk(GEMMA_TOPK)
+    slice_ids = sorted(set(range(64)) | set(range(0, cfg.vocab_size, 4096)))
+    hs = torch.stack([h[0].float() for h in out.hidden_states])  # [L+1, pos, d]
+
+    print("== gemma3-270m: greedy", file=sys.stderr)
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=GEMMA_GREEDY,
+            do_sample=False, num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=tok.pad_token_id,
+        )[0, prompt_ids.shape[1]:].tolist()
+        seq, plain = prompt_ids.clone(), []
+        for _ in range(GEMMA_GREEDY):
+            nxt = int(model(input_ids=seq, use_cache=False).logits[0, -1].argmax())
+            plain.append(nxt)
+            seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
+    assert gen == plain, f"greedy with cache {gen} != without {plain}"
+
+    meta = gguf_metadata(gguf_path)
+    ref = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "gguf": importlib.metadata.version("gguf"),
+        "sentencepiece": importlib.metadata.version("sentencepiece"),
+        "source": f"assets/gemma-3-270m/{GGUF_NAME} (sha256 {GEMMA_SHA256})",
+        "notes": [
+            "Token ids: transformers' tokenizer built from the GGUF's tokenizer.ggml.* arrays "
+            "(AutoTokenizer.from_pretrained(dir, gguf_file=...)). ids = tokenizer(text).input_ids (its default: "
+            "BOS 2 prepended, no EOS); ids_no_special = tokenizer(text, add_special_tokens=False).input_ids. Special "
+            "tokens written in the text (<start_of_turn> 105, <end_of_turn> 106) are matched as single tokens in "
+            "both. decode(ids_no_special) == text for every text.",
+            "Cross-check: a SentencePiece BPE model rebuilt from the same GGUF arrays (sentencepiece library, "
+            "byte fallback, no dummy prefix) gives the same ids_no_special (sentencepiece_agrees) except where the "
+            "text has runs of spaces or a tab (the GGUF's USER_DEFINED whitespace pieces hold raw spaces; "
+            "transformers matches them on the raw text, SentencePiece only after turning spaces into U+2581, so "
+            "it never uses them) or special tokens written as text (CONTROL pieces are plain text to "
+            "SentencePiece); ids_sentencepiece is then given. transformers is the reference.",
+            "Logits and hidden states: transformers Gemma3ForCausalLM loaded from the GGUF "
+            "(AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)), every tensor dequantized to float32 by the "
+            "gguf package (norm weights: the GGUF stores 1 + w, transformers subtracts 1), eager attention, float32 "
+            "matmuls. Not the quantized matmuls of llama.cpp.",
+            "Config transformers derived (the GGUF does not store the layer pattern, the local RoPE base or "
+            "query_pre_attn_scalar; these are Gemma3TextConfig defaults): see config.",
+            "prompt.* is for prompt.text with BOS; positions are prompt token positions. logits_slice[p][k] is the "
+            "logit of token slice_ids[k] at position p. hidden_states_* follow HF output_hidden_states: entry 0 "
+            "the scaled embedding, entry i+1 the residual after layer i, and the last entry has the final norm "
+            "applied.",
+            "greedy: generate() with the KV cache, identical to recomputing the full sequence each step; EOS does "
+            "not stop it.",
+        ],
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "sliding_window", "query_pre_attn_scalar",
+                "rope_parameters", "layer_types", "final_logit_softcapping", "attn_logit_softcapping",
+                "hidden_activation", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+                "max_position_embeddings",
+            )
+        },
+        "gguf_metadata": meta,
+        "texts": texts,
+        "prompt": {
+            "text": GEMMA_PROMPT,
+            "ids": prompt_ids[0].tolist(),
+            "last_top20": [[int(i), r6(float(v))] for v, i in zip(top.values, top.indices)],
+            "last_mean": r6(float(last.double().mean())),
+            "last_std": r6(float(last.double().std(unbiased=False))),
+            "last_argmax_text": tok.decode([int(top.indices[0])]),
+            "slice_ids": slice_ids,
+            "logits_slice": r6(logits[:, slice_ids]),
+            "hidden_states_norm": r6(hs.norm(dim=-1)),
+            "hidden_states_first8": r6(hs[:, :, :8]),
+            "greedy_ids": gen,
+            "greedy_text": tok.decode(gen),
+        },
+    }
+    GEMMA_OUT.mkdir(parents=True, exist_ok=True)
+    dump_json(GEMMA_OUT / "reference.json", ref)
+    print(f"prompt ids {prompt_ids[0].tolist()}; top-5 {[(int(i), tok.decode([int(i)]), round(float(v), 3)) for v, i in zip(top.values[:5], top.indices[:5])]}")
+    print(f"mean {float(last.mean()):.4f} std {float(last.std()):.4f}; greedy {gen} = {tok.decode(gen)!r}")
+    for t in texts:
+        print(f"{t['text']!r}: {t['ids']}")
+    print(f"{GEMMA_OUT / 'reference.json'}: {(GEMMA_OUT / 'reference.json').stat().st_size / 1e3:.1f} kB")
 
 
 # ----------------------------------------------------------------------------- main
