@@ -55,6 +55,8 @@ make_venv() {
   "$PY" -m venv "$dir"
   if [ -n "${LINK_SITE:-}" ]; then
     # Reuse torch & co. from the main environment; packages installed here take precedence.
+    # (pip then reports that the main environment's `kernels` wants a newer huggingface_hub:
+    # harmless, transformers 4.x does not use it here.)
     local sp
     sp="$("$dir/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
     printf '%s\n' "$LINK_SITE" >"$sp/zz-fixtures-venv.pth"

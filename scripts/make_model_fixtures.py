@@ -445,17 +445,6 @@ def cases():
     ]
 
 
-def summarise_names(names):
-    out = []
-    for n in names:
-        parts = n.split(".")
-        parts = ["N" if p.isdigit() else p for p in parts]
-        k = ".".join(parts)
-        if k not in out:
-            out.append(k)
-    return out
-
-
 def make_case(case, summary):
     name = case["name"]
     out_dir = MODELS / name
@@ -543,10 +532,6 @@ def make_case(case, summary):
             variant_diff(out_dir, cls, ids, logits, case["rope_check"])
         )
         assert checks["max_abs_logit_change_with_local_rope_base_1e6"] > 1e-3, f"{name}: local rope base has no effect"
-    if name == "qwen2":
-        # Full causal attention despite sliding_window in the 4.x config: checked after the rewrite below.
-        pass
-
     tf4_fn = case.get("tf4")
     if tf4_fn is not None:
         (out_dir / "config.tf5.json").write_text(json.dumps(tf5_cfg, indent=2) + "\n")
@@ -766,7 +751,6 @@ def cmd_gemma3_270m(args):
         GGUF_DIR, gguf_file=GGUF_NAME, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     cfg = model.config
-    n_layers = cfg.num_hidden_layers
 
     prompt_ids = tok(GEMMA_PROMPT, return_tensors="pt").input_ids
     assert prompt_ids[0, 0].item() == tok.bos_token_id
