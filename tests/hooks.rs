@@ -66,13 +66,26 @@ fn random_sae(d_sae: usize) -> Sae {
 fn hook_point_names_round_trip() {
     let m = model();
     let points = m.hook_points();
-    assert_eq!(points.len(), 2 + 5 * m.n_layers());
+    assert_eq!(points.len(), 2 + 8 * m.n_layers());
     for p in &points {
         let s = p.to_string();
         assert_eq!(&s.parse::<HookPoint>().unwrap(), p);
     }
     assert_eq!(points[0].to_string(), "hook_embed");
-    assert_eq!(points[1].to_string(), "blocks.0.hook_resid_pre");
+    let names: Vec<String> = points[1..9].iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "blocks.0.hook_resid_pre",
+            "blocks.0.attn.hook_z",
+            "blocks.0.hook_attn_out",
+            "blocks.0.hook_resid_mid",
+            "blocks.0.hook_mlp_in",
+            "blocks.0.ln2.hook_normalized",
+            "blocks.0.hook_mlp_out",
+            "blocks.0.hook_resid_post",
+        ]
+    );
     assert_eq!(
         points.last().unwrap().to_string(),
         "ln_final.hook_normalized"
