@@ -471,3 +471,67 @@ fn bad_replacements_are_errors() {
     assert!("7..3".parse::<Positions>().is_err());
     assert!("later".parse::<Positions>().is_err());
 }
+
+/// `attn.hook_z`, `hook_mlp_in` and `ln2.hook_normalized` sit where TransformerLens puts
+/// them, in the prefill path (tensors) and the decode step (rows): zeroing `hook_z`
+/// zeroes the attention output (no o_proj bias in Llama) and leaves the residual
+/// unchanged; zeroing `hook_mlp_in` zeroes the MLP's normalised input but not the
+/// residual stream it was copied from.
+#[test]
+fn z_and_mlp_input_hooks_are_placed_as_in_transformer_lens() {
+    let mut m = model();
+    let ids = prompt();
+    let zero = |_: &HookPoint, a: &Tensor, _: &HookContext| Ok(Some(a.zeros_like()?));
+    for decode in [false, true] {
+        let run = |m: &mut sae_ablate::model::Model, hooks: &mut Hooks| {
+            if decode {
+                let n = ids.len();
+                m.forward(&ids_tensor(&ids[..n - 1]), 0, &mut Hooks::new())
+                    .unwrap();
+                m.forward(&ids_tensor(&ids[n - 1..]), n - 1, hooks).unwrap()
+            } else {
+                m.forward(&ids_tensor(&ids), 0, hooks).unwrap()
+            }
+        };
+        let cache = ActivationCache::new();
+        let mut hooks = Hooks::new();
+        hooks.add(HookPoint::AttnZ(3), zero);
+        for p in [
+            HookPoint::ResidPre(3),
+            HookPoint::AttnZ(3),
+            HookPoint::AttnOut(3),
+            HookPoint::ResidMid(3),
+        ] {
+            hooks.add(p, cache.clone());
+        }
+        run(&mut m, &mut hooks);
+        let get = |p| cache.get(&p).unwrap().unwrap();
+        let z = get(HookPoint::AttnZ(3));
+        assert_eq!(z.dim(2).unwrap(), 9 * 64, "decode {decode}");
+        assert_eq!(max_diff(&z, &z.zeros_like().unwrap()), 0.0);
+        let a = get(HookPoint::AttnOut(3));
+        assert_eq!(max_diff(&a, &a.zeros_like().unwrap()), 0.0, "decode {decode}");
+        assert_eq!(
+            max_diff(&get(HookPoint::ResidMid(3)), &get(HookPoint::ResidPre(3))),
+            0.0
+        );
+
+        let cache = ActivationCache::new();
+        let mut hooks = Hooks::new();
+        hooks.add(HookPoint::ResidMid(5), cache.clone());
+        hooks.add(HookPoint::MlpIn(5), zero);
+        hooks.add(HookPoint::MlpIn(5), cache.clone());
+        hooks.add(HookPoint::Ln2Normalized(5), cache.clone());
+        hooks.add(HookPoint::MlpOut(5), cache.clone());
+        hooks.add(HookPoint::ResidPost(5), cache.clone());
+        run(&mut m, &mut hooks);
+        let get = |p| cache.get(&p).unwrap().unwrap();
+        let mid = get(HookPoint::ResidMid(5));
+        assert!(max_diff(&mid, &mid.zeros_like().unwrap()) > 0.1);
+        let ln2 = get(HookPoint::Ln2Normalized(5));
+        assert_eq!(max_diff(&ln2, &ln2.zeros_like().unwrap()), 0.0);
+        // resid_post = resid_mid (untouched) + mlp_out.
+        let sum = (&mid + &get(HookPoint::MlpOut(5))).unwrap();
+        assert!(max_diff(&get(HookPoint::ResidPost(5)), &sum) < 1e-5);
+    }
+}
