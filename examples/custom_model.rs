@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use sae_ablate::edit::{Edits, SpliceMode};
-use sae_ablate::hooks::{ActivationCache, HookContext, HookPoint, Hooks, Phase, Positions, SaeSplice};
+use sae_ablate::hooks::{
+    ActivationCache, HookContext, HookPoint, Hooks, Phase, Positions, SaeSplice,
+};
 use sae_ablate::model::layers::{
     causal_mask, Attention, AttentionSpec, Block, KvCache, Linear, Mlp, RmsNorm, Rope,
 };
@@ -100,7 +102,10 @@ impl HookedModel for TinyLm {
             )));
         }
         if start_pos + t > CTX {
-            return Err(Error::Invalid(format!("{} positions exceed {CTX}", start_pos + t)));
+            return Err(Error::Invalid(format!(
+                "{} positions exceed {CTX}",
+                start_pos + t
+            )));
         }
         if start_pos == 0 {
             self.reset();
@@ -122,7 +127,10 @@ impl HookedModel for TinyLm {
         }
         self.cached = start_pos + t;
         let h = hooks.run(HookPoint::LnFinal, self.norm.forward(&x)?, &ctx)?;
-        Ok(self.head.forward(&h.reshape((b * t, D))?)?.reshape((b, t, VOCAB))?)
+        Ok(self
+            .head
+            .forward(&h.reshape((b * t, D))?)?
+            .reshape((b, t, VOCAB))?)
     }
     fn d_model(&self) -> usize {
         D
@@ -182,13 +190,20 @@ pub fn main() -> Result<()> {
     let z = cache
         .get(&HookPoint::AttnZ(1))?
         .ok_or_else(|| Error::Invalid("nothing cached".into()))?;
-    println!("blocks.0.hook_resid_post {:?}, blocks.1.attn.hook_z {:?}", resid.dims(), z.dims());
+    println!(
+        "blocks.0.hook_resid_post {:?}, blocks.1.attn.hook_z {:?}",
+        resid.dims(),
+        z.dims()
+    );
 
     // An error-preserving splice with no edits returns the activation: logits unchanged.
     let sae = random_sae(&dev)?;
     let none = Edits::new(SpliceMode::ErrorPreserving);
     let mut hooks = Hooks::new();
-    hooks.add(HookPoint::ResidPost(0), SaeSplice::new(&sae, &none, Positions::All)?);
+    hooks.add(
+        HookPoint::ResidPost(0),
+        SaeSplice::new(&sae, &none, Positions::All)?,
+    );
     let same = m.forward(&tokens, 0, &mut hooks)?;
     let d0 = max_abs(&same, &clean)?;
     println!("splice without edits: logits move by {d0:.2e}");
@@ -205,7 +220,10 @@ pub fn main() -> Result<()> {
         .collect();
     let ablate = Edits::new(SpliceMode::ErrorPreserving).zero(&active)?;
     let mut hooks = Hooks::new();
-    hooks.add(HookPoint::ResidPost(0), SaeSplice::new(&sae, &ablate, Positions::All)?);
+    hooks.add(
+        HookPoint::ResidPost(0),
+        SaeSplice::new(&sae, &ablate, Positions::All)?,
+    );
     let edited = m.forward(&tokens, 0, &mut hooks)?;
     let d1 = max_abs(&edited, &clean)?;
     println!(

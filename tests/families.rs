@@ -26,7 +26,11 @@ fn fixture(name: &str) -> (PathBuf, Reference) {
     let text = std::fs::read_to_string(dir.join("reference.json"))
         .unwrap_or_else(|e| panic!("fixture {}: {e}", dir.display()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let de = |k: &str| v.get(k).unwrap_or_else(|| panic!("{name}: no `{k}`")).clone();
+    let de = |k: &str| {
+        v.get(k)
+            .unwrap_or_else(|| panic!("{name}: no `{k}`"))
+            .clone()
+    };
     let r = Reference {
         ids: serde_json::from_value(de("input_ids")).unwrap(),
         logits: serde_json::from_value(de("logits")).unwrap(),
@@ -53,8 +57,8 @@ fn ids_tensor(ids: &[Vec<u32>]) -> Tensor {
 /// one-token-at-a-time decoding from position 0, and the greedy continuation.
 fn check(name: &str) {
     let (dir, r) = fixture(name);
-    let mut m = Model::from_hf_dir(&dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut m =
+        Model::from_hf_dir(&dir, &LoadOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let n_layers = m.n_layers();
     let (b, t) = (r.ids.len(), r.ids[0].len());
     assert_eq!(r.hidden.len(), n_layers + 1, "{name}");
@@ -82,16 +86,28 @@ fn check(name: &str) {
         let want: Vec<f32> = r.hidden[k].iter().flatten().flatten().copied().collect();
         let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
         let d = max_diff(&got, &want);
-        assert!(d < tol * scale, "{name}: {p} differs by {d} (scale {scale})");
+        assert!(
+            d < tol * scale,
+            "{name}: {p} differs by {d} (scale {scale})"
+        );
     }
 
     // The decode step (plain rows) after a prefill of t - 1 positions, both rows.
     let prefix: Vec<Vec<u32>> = r.ids.iter().map(|s| s[..t - 1].to_vec()).collect();
     let last: Vec<Vec<u32>> = r.ids.iter().map(|s| vec![s[t - 1]]).collect();
-    m.forward(&ids_tensor(&prefix), 0, &mut Hooks::new()).unwrap();
-    let step = m.forward(&ids_tensor(&last), t - 1, &mut Hooks::new()).unwrap();
+    m.forward(&ids_tensor(&prefix), 0, &mut Hooks::new())
+        .unwrap();
+    let step = m
+        .forward(&ids_tensor(&last), t - 1, &mut Hooks::new())
+        .unwrap();
     for bi in 0..b {
-        let got = step.get(bi).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = step
+            .get(bi)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let d = max_diff(&got, &r.logits[bi][t - 1]);
         assert!(d < tol, "{name}: decode step row {bi} differs by {d}");
     }
@@ -104,7 +120,10 @@ fn check(name: &str) {
             .unwrap();
         let got = l.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let d = max_diff(&got, &r.logits[0][pos]);
-        assert!(d < tol, "{name}: step-by-step position {pos} differs by {d}");
+        assert!(
+            d < tol,
+            "{name}: step-by-step position {pos} differs by {d}"
+        );
     }
 
     // Greedy continuation of sequence 0.
@@ -118,7 +137,10 @@ fn check(name: &str) {
         let next = v
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+            )
             .0 as u32;
         out.push(next);
         ids.push(next);

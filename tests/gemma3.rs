@@ -34,8 +34,8 @@ fn model() -> MutexGuard<'static, Model> {
 }
 
 fn reference() -> serde_json::Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/gemma3-270m/reference.json");
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3-270m/reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -50,7 +50,10 @@ fn row(t: &Tensor) -> Vec<f32> {
 fn argmax(v: &[f32]) -> u32 {
     v.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |a, (i, &x)| if x > a.1 { (i, x) } else { a })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |a, (i, &x)| if x > a.1 { (i, x) } else { a },
+        )
         .0 as u32
 }
 
@@ -60,7 +63,15 @@ fn config_from_gguf_metadata() {
     let c = m.config();
     assert_eq!(m.family(), Family::Gemma3);
     assert_eq!(
-        (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size),
+        (
+            c.d_model,
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            c.d_ff,
+            c.vocab_size
+        ),
         (640, 18, 4, 1, 256, 2048, 262_144)
     );
     assert_eq!(c.sliding_window, Some(512));
@@ -90,7 +101,10 @@ fn logits_match_transformers() {
     for i in 0..18 {
         hooks.add(HookPoint::ResidPost(i), cache.clone());
     }
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = m.forward(&x, 0, &mut hooks).unwrap();
     let slice: Vec<u32> = serde_json::from_value(p["slice_ids"].clone()).unwrap();
     let want: Vec<Vec<f32>> = serde_json::from_value(p["logits_slice"].clone()).unwrap();
@@ -105,14 +119,24 @@ fn logits_match_transformers() {
     let last = row(&logits.get(0).unwrap().get(ids.len() - 1).unwrap());
     let top: Vec<(u32, f32)> = serde_json::from_value(p["last_top20"].clone()).unwrap();
     for (id, v) in &top {
-        assert!((last[*id as usize] - v).abs() < 2e-3, "id {id}: {} vs {v}", last[*id as usize]);
+        assert!(
+            (last[*id as usize] - v).abs() < 2e-3,
+            "id {id}: {} vs {v}",
+            last[*id as usize]
+        );
     }
     assert_eq!(argmax(&last), top[0].0);
     let n = last.len() as f64;
     let mean = last.iter().map(|&v| v as f64).sum::<f64>() / n;
     let std = (last.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-    assert!((mean - p["last_mean"].as_f64().unwrap()).abs() < 1e-3, "mean {mean}");
-    assert!((std - p["last_std"].as_f64().unwrap()).abs() < 1e-3, "std {std}");
+    assert!(
+        (mean - p["last_mean"].as_f64().unwrap()).abs() < 1e-3,
+        "mean {mean}"
+    );
+    assert!(
+        (std - p["last_std"].as_f64().unwrap()).abs() < 1e-3,
+        "std {std}"
+    );
     // hidden_states[i + 1] = output of block i (the last one is normed by HF).
     let first8: Vec<Vec<Vec<f32>>> =
         serde_json::from_value(p["hidden_states_first8"].clone()).unwrap();
@@ -122,7 +146,10 @@ fn logits_match_transformers() {
             let got = row(&h.get(0).unwrap().get(pos).unwrap().narrow(0, 0, 8).unwrap());
             let scale = w.iter().fold(1f32, |a, v| a.max(v.abs()));
             for (g, v) in got.iter().zip(w) {
-                assert!((g - v).abs() < 1e-3 * scale, "block {i} pos {pos}: {g} vs {v}");
+                assert!(
+                    (g - v).abs() < 1e-3 * scale,
+                    "block {i} pos {pos}: {g} vs {v}"
+                );
             }
         }
     }
@@ -136,7 +163,10 @@ fn greedy_continuation_matches_transformers() {
     let want: Vec<u32> = serde_json::from_value(r["prompt"]["greedy_ids"].clone()).unwrap();
     let mut ids = prompt_ids(&r);
     let mut m = model();
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut l = row(&m.forward_last(&x, 0, &mut Hooks::new()).unwrap());
     let mut got = Vec::new();
     for _ in 0..want.len() {
@@ -144,7 +174,9 @@ fn greedy_continuation_matches_transformers() {
         got.push(next);
         ids.push(next);
         let x = Tensor::new(&[[next]], &Device::Cpu).unwrap();
-        l = row(&m.forward_last(&x, ids.len() - 1, &mut Hooks::new()).unwrap());
+        l = row(&m
+            .forward_last(&x, ids.len() - 1, &mut Hooks::new())
+            .unwrap());
     }
     assert_eq!(got, want);
 }
@@ -162,7 +194,10 @@ fn quantized_weights_track_dense() {
     };
     let mut q = Model::from_gguf(gguf_path(), &opts).unwrap();
     assert_eq!(q.weight_format(), WeightFormat::Quantized);
-    let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let lq = q.forward(&x, 0, &mut Hooks::new()).unwrap();
     let ld = model().forward(&x, 0, &mut Hooks::new()).unwrap();
     let lp = |l: &Tensor| candle_nn::ops::log_softmax(&l.squeeze(0).unwrap(), 1).unwrap();
@@ -178,7 +213,10 @@ fn quantized_weights_track_dense() {
         assert!(*k < 0.02, "position {pos}: KL {k}");
     }
     let last = ids.len() - 1;
-    assert_eq!(argmax(&row(&lq.get(0).unwrap().get(last).unwrap())), argmax(&row(&ld.get(0).unwrap().get(last).unwrap())));
+    assert_eq!(
+        argmax(&row(&lq.get(0).unwrap().get(last).unwrap())),
+        argmax(&row(&ld.get(0).unwrap().get(last).unwrap()))
+    );
 }
 
 /// A JumpReLU SAE made for `blocks.8.hook_resid_post` (d_in 640): the error-preserving
@@ -193,7 +231,10 @@ fn sae_splice_on_a_gemma3_hook_point() {
     let mut m = model();
     let r = reference();
     let ids = prompt_ids(&r);
-    let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let x = Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let cache = ActivationCache::new();
     let mut hooks = Hooks::new();
     hooks.add(point, cache.clone());
@@ -230,8 +271,17 @@ fn sae_splice_on_a_gemma3_hook_point() {
     )
     .unwrap();
     let f = sae.encode(&a).unwrap();
-    let active = f.gt(0f64).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
-    assert!(active.to_scalar::<f32>().unwrap() > 10.0, "latents must fire");
+    let active = f
+        .gt(0f64)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(
+        active.to_scalar::<f32>().unwrap() > 10.0,
+        "latents must fire"
+    );
 
     // No edits: the same logits.
     let none = Edits::new(SpliceMode::ErrorPreserving);
@@ -243,7 +293,9 @@ fn sae_splice_on_a_gemma3_hook_point() {
 
     // Zero-ablate latents 0..64: fused splice = reference splice fed in by a hook.
     let ids64: Vec<u32> = (0..64).collect();
-    let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids64).unwrap();
+    let edits = Edits::new(SpliceMode::ErrorPreserving)
+        .zero(&ids64)
+        .unwrap();
     let mut hooks = Hooks::new();
     hooks.add(point, SaeSplice::new(&sae, &edits, Positions::All).unwrap());
     let spliced = m.forward(&x, 0, &mut hooks).unwrap();
@@ -257,18 +309,39 @@ fn sae_splice_on_a_gemma3_hook_point() {
         },
     );
     let want = m.forward(&x, 0, &mut hooks).unwrap();
-    let dd = (&spliced - &want).unwrap().abs().unwrap().max_all().unwrap();
+    let dd = (&spliced - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(dd.to_scalar::<f32>().unwrap() < 1e-2, "{dd}");
-    let moved = (&spliced - &clean).unwrap().abs().unwrap().max_all().unwrap();
-    assert!(moved.to_scalar::<f32>().unwrap() > 0.1, "the edit must move the logits");
+    let moved = (&spliced - &clean)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 0.1,
+        "the edit must move the logits"
+    );
 
     // The decode step (plain rows) with the splice live equals the full forward.
     let n = ids.len();
     let mut hooks = Hooks::new();
     hooks.add(point, SaeSplice::new(&sae, &edits, Positions::All).unwrap());
-    m.forward(&x.narrow(1, 0, n - 1).unwrap(), 0, &mut hooks).unwrap();
-    let step = m.forward(&x.narrow(1, n - 1, 1).unwrap(), n - 1, &mut hooks).unwrap();
+    m.forward(&x.narrow(1, 0, n - 1).unwrap(), 0, &mut hooks)
+        .unwrap();
+    let step = m
+        .forward(&x.narrow(1, n - 1, 1).unwrap(), n - 1, &mut hooks)
+        .unwrap();
     let full_last = spliced.narrow(1, n - 1, 1).unwrap();
-    let ds = (&step - &full_last).unwrap().abs().unwrap().max_all().unwrap();
+    let ds = (&step - &full_last)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(ds.to_scalar::<f32>().unwrap() < 1e-2, "{ds}");
 }

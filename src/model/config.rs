@@ -280,9 +280,8 @@ impl ModelConfig {
     /// `usize`, heads that divide, finite floats, one layer kind per layer. Errors name
     /// the key the value came from.
     pub(crate) fn validate(&self, src: KeySource<'_>) -> Result<()> {
-        let bad = |field: &str, why: String| {
-            Error::ModelConfig(format!("{}: {why}", src.key(field)))
-        };
+        let bad =
+            |field: &str, why: String| Error::ModelConfig(format!("{}: {why}", src.key(field)));
         let sizes = [
             ("d_model", self.d_model, limits::D_MODEL),
             ("n_layers", self.n_layers, limits::LAYERS),
@@ -351,7 +350,10 @@ impl ModelConfig {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {
                 if !(factor.is_finite() && factor > 0.0) {
-                    return Err(bad("rope_scaling", format!("factor {factor} must be positive")));
+                    return Err(bad(
+                        "rope_scaling",
+                        format!("factor {factor} must be positive"),
+                    ));
                 }
             }
             RopeScaling::Llama3 {
@@ -467,7 +469,10 @@ mod tests {
         let mut c = tiny();
         c.n_heads = 3;
         c.n_kv_heads = 2;
-        let e = c.validate(KeySource::Gguf("llama")).unwrap_err().to_string();
+        let e = c
+            .validate(KeySource::Gguf("llama"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("llama.attention.head_count_kv"), "{e}");
         let mut c = tiny();
         c.head_dim = usize::MAX / 2;
@@ -527,7 +532,8 @@ mod tests {
         let g = c.inv_freq(LayerKind::Global);
         let l = c.inv_freq(LayerKind::Sliding);
         // d = 4: frequencies θ^0 and θ^-1/2.
-        let close = |a: &[f32], b: [f32; 2]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * y);
+        let close =
+            |a: &[f32], b: [f32; 2]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * y);
         assert!(close(&g, [1.0 / 8.0, 1e-3 / 8.0]), "{g:?}");
         assert!(close(&l, [1.0, 1e-2]), "{l:?}");
     }

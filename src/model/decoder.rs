@@ -15,8 +15,8 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{LayerKind, ModelConfig};
 use super::families::{self, Names, Role};
 use super::layers::{
-    causal_mask, Attention, AttentionSpec, Block, Emitter, KvCache, Linear, Mlp, Rope, RowActs,
-    RmsNorm, Step, TensorActs,
+    causal_mask, Attention, AttentionSpec, Block, Emitter, KvCache, Linear, Mlp, RmsNorm, Rope,
+    RowActs, Step, TensorActs,
 };
 use super::linear::Weight;
 use super::source::{GgufSource, StSource, WeightSource};
@@ -205,8 +205,14 @@ impl Model {
             path: path.to_path_buf(),
             device: opts.device.clone(),
         };
-        Self::build(cfg, &mut src, &Names::gguf(), opts, path.display().to_string())
-            .map_err(|e| e.in_file(path))
+        Self::build(
+            cfg,
+            &mut src,
+            &Names::gguf(),
+            opts,
+            path.display().to_string(),
+        )
+        .map_err(|e| e.in_file(path))
     }
 
     /// Load an HF checkpoint directory: `config.json` and one or more `*.safetensors`
@@ -587,7 +593,10 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         for (i, block) in self.blocks.iter_mut().enumerate() {
             let w = self.cfg.window(i);
-            let mask = masks.iter().find(|(mw, _)| *mw == w).and_then(|(_, m)| m.as_ref());
+            let mask = masks
+                .iter()
+                .find(|(mw, _)| *mw == w)
+                .and_then(|(_, m)| m.as_ref());
             let step = Step {
                 b,
                 t,

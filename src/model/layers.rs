@@ -454,7 +454,10 @@ impl Attention {
             )));
         }
         if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) {
-            return Err(bad(format!("head_dim {} must be even and positive", s.head_dim)));
+            return Err(bad(format!(
+                "head_dim {} must be even and positive",
+                s.head_dim
+            )));
         }
         if s.window == Some(0) {
             return Err(bad("a window of 0 positions".into()));
@@ -1160,15 +1163,24 @@ mod tests {
         assert_eq!(m.dims(), &[2, 1, 1, 3, 5]);
         let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ok = |x: f32| if x == 0.0 { 1 } else { 0 };
-        let rows: Vec<Vec<i32>> = v.chunks(5).map(|r| r.iter().map(|&x| ok(x)).collect()).collect();
+        let rows: Vec<Vec<i32>> = v
+            .chunks(5)
+            .map(|r| r.iter().map(|&x| ok(x)).collect())
+            .collect();
         // Row 0 (no padding): query 2 sees 1, 2; query 3 sees 2, 3; query 4 sees 3, 4.
         assert_eq!(rows[0], vec![0, 1, 1, 0, 0]);
         assert_eq!(rows[1], vec![0, 0, 1, 1, 0]);
         assert_eq!(rows[2], vec![0, 0, 0, 1, 1]);
         // Row 1 (position 0 is padding): the same here, the window already excludes it.
         assert_eq!(rows[3], vec![0, 1, 1, 0, 0]);
-        assert!(causal_mask(1, 5, None, None, &Device::Cpu).unwrap().is_none());
-        assert!(causal_mask(1, 5, Some(8), None, &Device::Cpu).unwrap().is_none());
-        assert!(causal_mask(1, 8, Some(8), None, &Device::Cpu).unwrap().is_some());
+        assert!(causal_mask(1, 5, None, None, &Device::Cpu)
+            .unwrap()
+            .is_none());
+        assert!(causal_mask(1, 5, Some(8), None, &Device::Cpu)
+            .unwrap()
+            .is_none());
+        assert!(causal_mask(1, 8, Some(8), None, &Device::Cpu)
+            .unwrap()
+            .is_some());
     }
 }

@@ -61,8 +61,14 @@ pub(super) fn hf2(v: &HfConfig) -> Result<ModelConfig> {
     c.norm_plus_one = true;
     c.attn_scale = attn_scale(v, c.head_dim);
     // Absent: the class default; `null`: off.
-    c.attn_softcap = v.attn_logit_softcapping.unwrap_or(Some(50.0)).map(|x| x as f32);
-    c.final_softcap = v.final_logit_softcapping.unwrap_or(Some(30.0)).map(|x| x as f32);
+    c.attn_softcap = v
+        .attn_logit_softcapping
+        .unwrap_or(Some(50.0))
+        .map(|x| x as f32);
+    c.final_softcap = v
+        .final_logit_softcapping
+        .unwrap_or(Some(30.0))
+        .map(|x| x as f32);
     c.sliding_window = Some(v.sliding_window.flatten().unwrap_or(4096));
     c.layer_kinds = match v.layer_types(c.n_layers)? {
         Some(k) => k,
@@ -73,7 +79,7 @@ pub(super) fn hf2(v: &HfConfig) -> Result<ModelConfig> {
 
 /// Gemma 2's pattern: even layers slide.
 fn alternate(i: usize) -> LayerKind {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         LayerKind::Sliding
     } else {
         LayerKind::Global
@@ -113,7 +119,7 @@ pub(super) fn hf3(v: &HfConfig) -> Result<ModelConfig> {
 
 /// Gemma 3's pattern: layer `i` is global when `(i + 1) % p == 0`.
 fn six(i: usize, p: usize) -> LayerKind {
-    if (i + 1) % p == 0 {
+    if (i + 1).is_multiple_of(p) {
         LayerKind::Global
     } else {
         LayerKind::Sliding

@@ -108,9 +108,7 @@ impl HfConfig {
             hidden,
             self.num_hidden_layers.unwrap_or(d.layers),
             heads,
-            self.num_key_value_heads
-                .or(d.kv_heads)
-                .unwrap_or(heads),
+            self.num_key_value_heads.or(d.kv_heads).unwrap_or(heads),
             head_dim,
             self.intermediate_size.unwrap_or(d.intermediate),
             self.vocab_size.unwrap_or(d.vocab),
@@ -143,7 +141,10 @@ impl HfConfig {
                 })?,
                 (None, Some(full)) => full,
             };
-            let theta = p.get("rope_theta").and_then(|v| v.as_f64()).or(self.rope_theta);
+            let theta = p
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .or(self.rope_theta);
             return Ok((theta, rope_scaling(p, "rope_parameters")?));
         }
         let scaling = match &self.rope_scaling {
@@ -196,9 +197,7 @@ impl HfConfig {
 }
 
 fn unsupported(key: &str, value: &str) -> Error {
-    Error::ModelConfig(format!(
-        "config.json `{key}` = `{value}` is not supported"
-    ))
+    Error::ModelConfig(format!("config.json `{key}` = `{value}` is not supported"))
 }
 
 /// A `rope_scaling` / `rope_parameters` object.
@@ -209,9 +208,9 @@ fn rope_scaling(s: &serde_json::Value, key: &str) -> Result<RopeScaling> {
         .and_then(|x| x.as_str())
         .unwrap_or("default");
     let g = |k: &str| {
-        s.get(k).and_then(|x| x.as_f64()).ok_or_else(|| {
-            Error::ModelConfig(format!("config.json `{key}` ({ty}) lacks `{k}`"))
-        })
+        s.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| Error::ModelConfig(format!("config.json `{key}` ({ty}) lacks `{k}`")))
     };
     match ty {
         "default" => Ok(RopeScaling::None),
@@ -346,7 +345,9 @@ impl Meta<'_> {
 
     /// `{arch}.{key}` as a string, `None` when absent.
     pub fn str_opt(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| v.to_string().ok()).map(|s| s.as_str())
+        self.get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
     }
 
     /// The sizes every family stores under the same keys; block options stay Llama's.
@@ -356,7 +357,10 @@ impl Meta<'_> {
         let head_dim = match self.usize_opt("attention.key_length")? {
             Some(k) => k,
             None => d.checked_div(heads).ok_or_else(|| {
-                Error::ModelConfig(format!("metadata `{}.attention.head_count` is 0", self.arch))
+                Error::ModelConfig(format!(
+                    "metadata `{}.attention.head_count` is 0",
+                    self.arch
+                ))
             })?,
         };
         let vocab = match self.usize_opt("vocab_size")? {
@@ -410,7 +414,9 @@ impl Meta<'_> {
 /// [`limits::LAYERS`](super::config::limits::LAYERS): a larger `n_layers` fails
 /// validation on its own key first.
 pub(crate) fn kinds(n_layers: usize, f: impl Fn(usize) -> LayerKind) -> Vec<LayerKind> {
-    (0..n_layers.min(super::config::limits::LAYERS + 1)).map(f).collect()
+    (0..n_layers.min(super::config::limits::LAYERS + 1))
+        .map(f)
+        .collect()
 }
 
 /// The config of a GGUF file, by its `general.architecture`.
@@ -553,8 +559,13 @@ mod tests {
 
     #[test]
     fn unknown_architecture_names_the_supported_ones() {
-        let e = hf_config(r#"{"model_type": "phi3"}"#).unwrap_err().to_string();
-        assert!(e.contains("phi3") && e.contains("gemma2") && e.contains("qwen3"), "{e}");
+        let e = hf_config(r#"{"model_type": "phi3"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("phi3") && e.contains("gemma2") && e.contains("qwen3"),
+            "{e}"
+        );
         let e = hf_config("{").unwrap_err().to_string();
         assert!(e.contains("json"), "{e}");
     }
@@ -600,12 +611,22 @@ mod tests {
     fn hf_defaults() {
         let c = hf_config(r#"{"model_type": "llama"}"#).unwrap();
         assert_eq!(
-            (c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size),
+            (
+                c.d_model,
+                c.n_layers,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                c.vocab_size
+            ),
             (4096, 32, 32, 32, 128, 32000)
         );
         assert!(!c.tied_embeddings);
         let c = hf_config(r#"{"model_type": "gemma2"}"#).unwrap();
-        assert_eq!((c.head_dim, c.attn_softcap, c.final_softcap), (256, Some(50.0), Some(30.0)));
+        assert_eq!(
+            (c.head_dim, c.attn_softcap, c.final_softcap),
+            (256, Some(50.0), Some(30.0))
+        );
         assert_eq!(c.layer_kinds[0], LayerKind::Sliding);
         assert_eq!(c.layer_kinds[1], LayerKind::Global);
         assert!(c.tied_embeddings && c.norm_plus_one && c.post_norms && c.embed_scale);
@@ -632,11 +653,26 @@ mod tests {
     #[test]
     fn hostile_sizes_are_errors() {
         for (cfg, key) in [
-            (r#"{"model_type": "llama", "head_dim": 4611686018427387904}"#, "head_dim"),
-            (r#"{"model_type": "llama", "num_attention_heads": 0}"#, "num_attention_heads"),
-            (r#"{"model_type": "qwen2", "num_key_value_heads": 3}"#, "num_key_value_heads"),
-            (r#"{"model_type": "gemma2", "num_hidden_layers": 100000}"#, "num_hidden_layers"),
-            (r#"{"model_type": "llama", "vocab_size": 1099511627776}"#, "vocab_size"),
+            (
+                r#"{"model_type": "llama", "head_dim": 4611686018427387904}"#,
+                "head_dim",
+            ),
+            (
+                r#"{"model_type": "llama", "num_attention_heads": 0}"#,
+                "num_attention_heads",
+            ),
+            (
+                r#"{"model_type": "qwen2", "num_key_value_heads": 3}"#,
+                "num_key_value_heads",
+            ),
+            (
+                r#"{"model_type": "gemma2", "num_hidden_layers": 100000}"#,
+                "num_hidden_layers",
+            ),
+            (
+                r#"{"model_type": "llama", "vocab_size": 1099511627776}"#,
+                "vocab_size",
+            ),
         ] {
             let e = hf_config(cfg).unwrap_err().to_string();
             assert!(e.contains(key), "{cfg}: {e}");
