@@ -110,7 +110,13 @@ pub fn measure_ceilings(dev: &Arc<CudaDevice>) -> Result<GpuCeilings> {
 
 /// Time one op at one batch size on the GPU; returns the best wall time in ms
 /// (synchronized, output allocation included).
-pub fn time_op(dev: &Arc<CudaDevice>, sae: &Sae, op: Op, batch: usize, budget_s: f64) -> Result<f64> {
+pub fn time_op(
+    dev: &Arc<CudaDevice>,
+    sae: &Sae,
+    op: Op,
+    batch: usize,
+    budget_s: f64,
+) -> Result<f64> {
     let x = Tensor::randn(0f32, 1f32, (batch, sae.d_in()), &Device::Cpu)?;
     let x = DeviceTensor::from_tensor(dev, &x)?;
     match op {
@@ -137,10 +143,16 @@ pub fn run(
     ceilings: bool,
     emit: &mut dyn FnMut(serde_json::Value),
 ) -> Result<()> {
-    let ceil = if ceilings { Some(measure_ceilings(dev)?) } else { None };
-    emit(json!({"device": dev.name()?, "arch": dev.arch(), "experimental": true,
+    let ceil = if ceilings {
+        Some(measure_ceilings(dev)?)
+    } else {
+        None
+    };
+    emit(
+        json!({"device": dev.name()?, "arch": dev.arch(), "experimental": true,
         "ceilings": ceil.map(|c| json!({"copy_gbs": c.copy_gbs,
-            "gemm_bf16_tflops": c.gemm_bf16_tflops, "gemm_f32_tflops": c.gemm_f32_tflops}))}));
+            "gemm_bf16_tflops": c.gemm_bf16_tflops, "gemm_f32_tflops": c.gemm_f32_tflops}))}),
+    );
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
     for &batch in batches {
@@ -153,17 +165,20 @@ pub fn run(
             };
             let (pct, what) = match (op, ceil) {
                 (Op::Ablate26 | Op::Steer, _) | (_, None) => (None, "none"),
-                (_, Some(c)) if batch <= 8 => {
-                    (Some(bytes / (ms / 1e3) / 1e9 / c.copy_gbs * 100.0), "copy_bw")
-                }
+                (_, Some(c)) if batch <= 8 => (
+                    Some(bytes / (ms / 1e3) / 1e9 / c.copy_gbs * 100.0),
+                    "copy_bw",
+                ),
                 (_, Some(c)) => (
                     Some(flops / (ms / 1e3) / 1e12 / gemm_tflops(&c) * 100.0),
                     "gemm",
                 ),
             };
-            emit(json!({"device": "cuda", "size": size, "dtype": dtype, "batch": batch,
+            emit(
+                json!({"device": "cuda", "size": size, "dtype": dtype, "batch": batch,
                 "op": op.as_str(), "path": "fused", "ms": ms, "tok_s": batch as f64 / (ms / 1e3),
-                "pct_of_ceiling": pct, "ceiling": what}));
+                "pct_of_ceiling": pct, "ceiling": what}),
+            );
         }
     }
     Ok(())

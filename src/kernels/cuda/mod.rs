@@ -214,7 +214,9 @@ impl CudaDevice {
     }
 
     fn upload<T: cudarc::driver::DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(v).map_err(cuda_err("host to device copy"))
+        self.stream
+            .clone_htod(v)
+            .map_err(cuda_err("host to device copy"))
     }
 
     /// A device copy of `v`, padded to one element so that empty parameter lists still
@@ -276,9 +278,14 @@ impl DeviceTensor {
             DType::F16 => DeviceBuf::F16(dev.upload(&pad16(
                 flat.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
             ))?),
-            DType::BF16 => DeviceBuf::BF16(dev.upload(&pad16(
-                flat.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect(),
-            ))?),
+            DType::BF16 => DeviceBuf::BF16(
+                dev.upload(&pad16(
+                    flat.to_vec1::<bf16>()?
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect(),
+                ))?,
+            ),
             other => {
                 return Err(Error::Invalid(format!(
                     "cuda: tensors must be f32, f16 or bf16, got {other:?}"
@@ -367,9 +374,14 @@ fn upload_weight(dev: &CudaDevice, t: &Tensor) -> Result<WBuf> {
         DType::F16 => WBuf::Half(dev.upload(&pad16(
             flat.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
         ))?),
-        DType::BF16 => WBuf::Half(dev.upload(&pad16(
-            flat.to_vec1::<bf16>()?.iter().map(|v| v.to_bits()).collect(),
-        ))?),
+        DType::BF16 => WBuf::Half(
+            dev.upload(&pad16(
+                flat.to_vec1::<bf16>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            ))?,
+        ),
         other => {
             return Err(Error::Dtype {
                 name: "SAE weight".into(),
@@ -578,7 +590,9 @@ impl CudaEditPlan {
             Some(&d) if d == self.cfg.d_in => {
                 let n = x.len() / d;
                 if n > i32::MAX as usize {
-                    return Err(Error::Invalid(format!("cuda: {n} tokens in one call (max 2^31−1)")));
+                    return Err(Error::Invalid(format!(
+                        "cuda: {n} tokens in one call (max 2^31−1)"
+                    )));
                 }
                 Ok(n)
             }
@@ -640,16 +654,15 @@ impl CudaEditPlan {
     /// epilogue, without the edits: the values of [`Sae::encode`].
     pub fn encode(&self, x: &DeviceTensor) -> Result<DeviceTensor> {
         let n = self.check_input(x)?;
-        let f = match &self.path {
-            PathDev::Full(f) => f.as_ref(),
-            PathDev::Masked(_) => {
-                return Err(Error::Invalid(
+        let f =
+            match &self.path {
+                PathDev::Full(f) => f.as_ref(),
+                PathDev::Masked(_) => return Err(Error::Invalid(
                     "cuda: this plan runs the masked path and holds no full encoder; build one \
                      with reconstruction mode (or a TopK SAE) to encode"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         let conv = self.input_f32(x)?;
         let xf: &CudaSlice<f32> = match (&conv, &x.buf) {
             (Some(c), _) => c,
@@ -752,8 +765,16 @@ impl CudaEditPlan {
         let cap = if topk { self.cfg.k } else { d_sae };
         let rows = (FULL_CHUNK_BYTES / (d_sae * 4)).clamp(1, n);
         let half = !matches!(self.wdt, DType::F32);
-        let mut xs_f = if half { None } else { Some(dev.alloc::<f32>(rows * d)?) };
-        let mut xs_h = if half { Some(dev.alloc::<u16>(rows * d)?) } else { None };
+        let mut xs_f = if half {
+            None
+        } else {
+            Some(dev.alloc::<f32>(rows * d)?)
+        };
+        let mut xs_h = if half {
+            Some(dev.alloc::<u16>(rows * d)?)
+        } else {
+            None
+        };
         let mut denorm = dev.alloc::<f32>(rows * 2)?;
         let mut pre = dev.alloc::<f32>(rows * d_sae)?;
         let mut ids = dev.alloc::<u32>(rows * cap)?;
