@@ -108,26 +108,30 @@ pub fn measure_ceilings(dev: &Arc<CudaDevice>) -> Result<GpuCeilings> {
     })
 }
 
-/// Time one op at one batch size on the GPU; returns the best wall time in ms
-/// (synchronized, output allocation included).
+/// The plan an op runs: a reconstruction plan (full encoder) for `encode`, the op's
+/// edits otherwise.
+pub fn op_plan(dev: &Arc<CudaDevice>, sae: &Sae, op: Op) -> Result<CudaEditPlan> {
+    match op {
+        Op::Encode => CudaEditPlan::new(dev, sae, &Edits::new(SpliceMode::Reconstruction)),
+        _ => CudaEditPlan::new(dev, sae, &op_edits(op, sae.d_sae())?),
+    }
+}
+
+/// Time `plan` (built by [`op_plan`] for `op`) at one batch size; returns the best wall
+/// time in ms (synchronized, output allocation included).
 pub fn time_op(
     dev: &Arc<CudaDevice>,
-    sae: &Sae,
+    plan: &CudaEditPlan,
     op: Op,
+    d_in: usize,
     batch: usize,
     budget_s: f64,
 ) -> Result<f64> {
-    let x = Tensor::randn(0f32, 1f32, (batch, sae.d_in()), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1f32, (batch, d_in), &Device::Cpu)?;
     let x = DeviceTensor::from_tensor(dev, &x)?;
     match op {
-        Op::Encode => {
-            let plan = CudaEditPlan::new(dev, sae, &Edits::new(SpliceMode::Reconstruction))?;
-            best_ms(dev, budget_s, || plan.encode(&x).map(drop))
-        }
-        _ => {
-            let plan = CudaEditPlan::new(dev, sae, &op_edits(op, sae.d_sae())?)?;
-            best_ms(dev, budget_s, || plan.apply(&x).map(drop))
-        }
+        Op::Encode => best_ms(dev, budget_s, || plan.encode(&x).map(drop)),
+        _ => best_ms(dev, budget_s, || plan.apply(&x).map(drop)),
     }
 }
 
@@ -155,9 +159,14 @@ pub fn run(
     );
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
+    // One plan per op (the weights go to the GPU once), reused for every batch size.
+    let plans = ops
+        .iter()
+        .map(|&op| op_plan(dev, sae, op))
+        .collect::<Result<Vec<_>>>()?;
     for &batch in batches {
-        for &op in ops {
-            let ms = time_op(dev, sae, op, batch, budget_s)?;
+        for (&op, plan) in ops.iter().zip(&plans) {
+            let ms = time_op(dev, plan, op, sae.d_in(), batch, budget_s)?;
             let (bytes, flops) = op_work(sae, op, batch);
             let gemm_tflops = |c: &GpuCeilings| match sae.dtype() {
                 DType::F32 => c.gemm_f32_tflops,
