@@ -131,3 +131,16 @@ fn preload_of_a_missing_library_names_the_path() {
         .to_string();
     assert!(err.contains("/nonexistent/libnvrtc.so.12"), "{err}");
 }
+
+#[test]
+fn opening_a_gpu_without_a_driver_is_an_error_not_a_panic() {
+    use sae_ablate::kernels::cuda::{driver_available, CudaDevice};
+    match CudaDevice::new(0) {
+        Ok(dev) => assert!(driver_available() && dev.arch() >= 50),
+        Err(e) if !driver_available() => {
+            assert!(e.to_string().contains("CUDA driver"), "{e}")
+        }
+        // A driver without a usable GPU or cuBLAS: the error says which.
+        Err(e) => assert!(e.to_string().starts_with("cuda:"), "{e}"),
+    }
+}

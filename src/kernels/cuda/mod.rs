@@ -482,12 +482,17 @@ impl CudaEditPlan {
         let ids: Vec<u32> = edits.latent_edits().iter().map(|(i, _)| *i).collect();
         let (a, b): (Vec<f32>, Vec<f32>) =
             edits.latent_edits().iter().map(|(_, e)| e.affine()).unzip();
+        // Row `id` of a 2-D weight for each edited latent, whatever the view's strides
+        // (as the CPU plan gathers them): |S|·d_in values in the stored dtype.
         let rows_of = |t: &Tensor| -> Result<Tensor> {
             if ids.is_empty() {
                 return Ok(Tensor::zeros((1, d_in), t.dtype(), &Device::Cpu)?);
             }
-            let idx = Tensor::new(ids.as_slice(), t.device())?;
-            Ok(t.index_select(&idx, 0)?.to_device(&Device::Cpu)?)
+            let rows = ids
+                .iter()
+                .map(|&id| Ok(t.narrow(0, id as usize, 1)?.contiguous()?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&rows, 0)?.to_device(&Device::Cpu)?)
         };
         let pick = |v: &[f32]| -> Vec<f32> {
             ids.iter()
