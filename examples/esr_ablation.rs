@@ -2,7 +2,8 @@
 //!
 //! ```sh
 //! cargo run --release --example esr_ablation -- [--preset smollm2] [--quick] [--out DIR]
-//! # the paper's setting, on a GPU machine with your copies of the weights:
+//! # the paper's setting with your copies of the weights; the model runs on the CPU
+//! # (~150 GB of memory for 70B in bf16; GPU execution is not available yet):
 //! cargo run --release --example esr_ablation -- --preset llama-3.3-70b-goodfire \
 //!     --model /models/Llama-3.3-70B-Instruct --sae /models/Llama-3.3-70B-Instruct-SAE-l50.pt
 //! ```

@@ -7,3 +7,8 @@ if [ -x scripts/fetch-assets.sh ]; then
   scripts/fetch-assets.sh
 fi
 cargo test --no-fail-fast
+# The experimental CUDA kernels, without a GPU: NVRTC (PyPI wheel, cached) compiles every
+# kernel for sm_80 and sm_90 and ptxas reports their resources. The GPU tests themselves
+# (tests/cuda_gpu.rs) are ignored here; scripts/gpu-check.sh runs them on a GPU.
+scripts/fetch-cuda-tools.sh
+cargo test --features cuda --test cuda_nvrtc --test cuda_gpu

@@ -32,6 +32,8 @@ macro_rules! with_rows {
 pub(crate) use with_rows;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod encode;
 pub mod quant;
 pub mod simd;

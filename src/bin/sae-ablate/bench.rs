@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Skip measuring the machine's ceilings (about 5 s); "% of ceiling" is then omitted.
     #[arg(long)]
     no_ceilings: bool,
+    /// Where the fused kernels run: `cpu`, or `cuda` (experimental: a build with the `cuda`
+    /// feature, an NVIDIA driver, NVRTC and cuBLAS 12; rows are always JSON).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -84,6 +88,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ))
         }
     };
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" => return run_cuda(&args, &sae),
+        other => {
+            return Err(Error::Invalid(format!(
+                "bad --device `{other}` (cpu, cuda)"
+            )))
+        }
+    }
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
     let ceil = if args.no_ceilings {
@@ -173,4 +186,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--device cuda`: the GPU kernels with the GPU's own ceilings, as JSON rows.
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &BenchArgs, sae: &Sae) -> Result<()> {
+    use sae_ablate::kernels::cuda::{bench, CudaDevice};
+    let dev = CudaDevice::new(0)?;
+    if args.compare {
+        println!(
+            "{}",
+            serde_json::json!({"note": "--compare on cuda: this build has no unfused GPU reference \
+                (candle's CUDA backend is not built); rows report the fused kernels and the ceilings"})
+        );
+    }
+    bench::run(
+        &dev,
+        sae,
+        &args.ops,
+        &args.batch,
+        args.budget,
+        !args.no_ceilings,
+        &mut |row| println!("{row}"),
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &BenchArgs, _: &Sae) -> Result<()> {
+    Err(Error::Invalid(
+        "--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+            .into(),
+    ))
 }
