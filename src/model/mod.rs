@@ -11,6 +11,7 @@ pub mod generate;
 mod gguf;
 mod linear;
 pub mod llama;
+mod spm;
 pub mod tokenizer;
 
 use candle_core::{Device, Tensor};
