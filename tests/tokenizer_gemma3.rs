@@ -79,18 +79,17 @@ fn encode_and_decode_match_llama_cpp() {
 fn whole_novel_matches_llama_cpp_and_encodes_fast() {
     let t0 = Instant::now();
     let tok = Tokenizer::from_gguf_file(gguf_path()).unwrap();
-    println!("load the 262k-token vocabulary: {:.3} s", t0.elapsed().as_secs_f64());
+    println!(
+        "load the 262k-token vocabulary: {:.3} s",
+        t0.elapsed().as_secs_f64()
+    );
     let fx = fixture();
     let novel = &fx["novel"];
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("assets/austen")
         .join(novel["file"].as_str().unwrap());
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: run scripts/fetch-assets.sh first",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-assets.sh first", path.display()));
     let sum = format!("{:x}", Sha256::digest(text.as_bytes()));
     assert_eq!(novel["sha256"].as_str(), Some(sum.as_str()));
     let t0 = Instant::now();
@@ -200,7 +199,16 @@ fn template_detected_from_template_text() {
 
 /// A tiny SentencePiece vocabulary as GGUF metadata.
 fn tiny_metadata() -> HashMap<String, Value> {
-    let tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "\u{2581}", "<start_of_turn>"];
+    let tokens = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "a",
+        "b",
+        "ab",
+        "\u{2581}",
+        "<start_of_turn>",
+    ];
     let strs = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
     let mut md = HashMap::new();
     md.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
@@ -291,7 +299,10 @@ fn bad_tokenizer_metadata_names_the_key() {
     let mut md = tiny_metadata();
     md.insert("tokenizer.ggml.model".into(), Value::String("bert".into()));
     let e = load_err(md);
-    assert!(e.contains("tokenizer.ggml.model") && e.contains("bert"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("bert"),
+        "{e}"
+    );
 
     let mut md = tiny_metadata();
     md.remove("tokenizer.ggml.model");
@@ -309,7 +320,10 @@ fn bad_tokenizer_metadata_names_the_key() {
         Value::String("2".into()),
     );
     let e = load_err(md);
-    assert!(e.contains("`tokenizer.ggml.eos_token_id` is a string"), "{e}");
+    assert!(
+        e.contains("`tokenizer.ggml.eos_token_id` is a string"),
+        "{e}"
+    );
 
     let mut md = tiny_metadata();
     md.insert(

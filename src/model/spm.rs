@@ -364,7 +364,9 @@ impl Spm {
         let mut claims: Vec<(usize, usize, u32)> = Vec::new();
         for (len, id, start) in found {
             let span = start..start + len;
-            let free = taken.get(span.clone()).is_some_and(|s| s.iter().all(|t| !t));
+            let free = taken
+                .get(span.clone())
+                .is_some_and(|s| s.iter().all(|t| !t));
             if free {
                 taken[span].iter_mut().for_each(|t| *t = true);
                 claims.push((start, len, id));
@@ -461,7 +463,7 @@ impl Spm {
         }
         for &b in piece.as_bytes() {
             let id = self.byte_ids[b as usize]
-                .or_else(|| self.unk)
+                .or(self.unk)
                 .ok_or_else(|| {
                     Error::format(
                         "tokenizer",
@@ -699,9 +701,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tokenizer.ggml.scores"), "{e}");
-        let e = Spm::new(vec!["a".into(), "a".into()], vec![0.0; 2], vec![1; 2], false)
-            .unwrap_err()
-            .to_string();
+        let e = Spm::new(
+            vec!["a".into(), "a".into()],
+            vec![0.0; 2],
+            vec![1; 2],
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("`a` twice"), "{e}");
         let e = Spm::new(vec!["<0xZZ>".into()], vec![0.0], vec![6], false)
             .unwrap_err()

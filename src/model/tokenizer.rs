@@ -305,7 +305,9 @@ impl Tokenizer {
         let model = meta
             .string(key::MODEL)?
             .ok_or_else(|| meta_err(format!("missing `{}`", key::MODEL)))?;
-        let template = meta.string(key::CHAT_TEMPLATE)?.and_then(ChatTemplate::detect);
+        let template = meta
+            .string(key::CHAT_TEMPLATE)?
+            .and_then(ChatTemplate::detect);
         match model {
             "gpt2" => Self::bpe_from_gguf(ct, &meta, template),
             "llama" => Self::spm_from_gguf(&meta, template),
@@ -573,13 +575,12 @@ fn read_json(p: &Path) -> Result<Option<serde_json::Value>> {
 fn hf_chat_template(config: &serde_json::Value) -> Option<&str> {
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Array(list) => {
-            list.iter()
-                .find(|t| t.get("name").and_then(|x| x.as_str()) == Some("default"))
-                .or_else(|| list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(|t| t.as_str())
-        }
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|x| x.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str()),
         _ => None,
     }
 }

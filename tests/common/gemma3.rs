@@ -35,7 +35,6 @@ pub fn fixture_path() -> PathBuf {
 /// The reference fixture, parsed.
 pub fn fixture() -> serde_json::Value {
     let p = fixture_path();
-    let text = std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
