@@ -462,17 +462,15 @@ impl Spm {
             return Ok(());
         }
         for &b in piece.as_bytes() {
-            let id = self.byte_ids[b as usize]
-                .or(self.unk)
-                .ok_or_else(|| {
-                    Error::format(
-                        "tokenizer",
-                        format!(
-                            "`{piece}` is not in the vocabulary, which has neither the byte \
+            let id = self.byte_ids[b as usize].or(self.unk).ok_or_else(|| {
+                Error::format(
+                    "tokenizer",
+                    format!(
+                        "`{piece}` is not in the vocabulary, which has neither the byte \
                              token <0x{b:02X}> nor an unknown token"
-                        ),
-                    )
-                })?;
+                    ),
+                )
+            })?;
             out.push(id);
         }
         Ok(())

@@ -494,8 +494,10 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// Text of `ids` (special tokens kept unless `skip_special`). An id outside the
-    /// vocabulary is an error naming it.
+    /// Text of `ids` (special tokens kept unless `skip_special`). For a SentencePiece
+    /// vocabulary an id outside the vocabulary is an error naming it; byte-level BPE
+    /// vocabularies skip such ids, as `tokenizers` does (models may have more embedding rows
+    /// than tokens).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         match &self.backend {
             Backend::Hf(t) => t.decode(ids, skip_special).map_err(tok_err),
