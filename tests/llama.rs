@@ -770,7 +770,7 @@ fn tokenizer_json_and_chat_templates() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("tokenizer.json"),
-        tok.inner().to_string(false).unwrap(),
+        tok.inner().unwrap().to_string(false).unwrap(),
     )
     .unwrap();
     std::fs::write(

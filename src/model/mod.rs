@@ -36,6 +36,7 @@ mod gguf;
 pub mod layers;
 mod linear;
 mod source;
+mod spm;
 pub mod tokenizer;
 
 use candle_core::{Device, Tensor};

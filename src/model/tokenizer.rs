@@ -1,45 +1,110 @@
 //! Tokenizers from GGUF metadata or `tokenizer.json`, stop tokens, and chat templates.
 //!
-//! GGUF: candle's `TokenizerFromGguf` builds the byte-level BPE but configures the
-//! GPT-2 pre-tokenizer with a prefix space, so "The capital" would start with
-//! "ĠThe". The model's own tokenizer (HF `tokenizer.json`) has
-//! `add_prefix_space = false`, and SmolLM2 (`tokenizer.ggml.pre = smollm`) also
-//! splits digits one per token; [`Tokenizer::from_gguf`] installs that pre-tokenizer.
+//! Two vocabularies are read from GGUF metadata (`tokenizer.ggml.model`):
+//! * `gpt2`, byte-level BPE (SmolLM2, Llama 3): candle's `TokenizerFromGguf` builds the
+//!   `tokenizers` BPE but configures the GPT-2 pre-tokenizer with a prefix space, so "The
+//!   capital" would start with "ĠThe". The model's own tokenizer (HF `tokenizer.json`) has
+//!   `add_prefix_space = false`, and SmolLM2 (`tokenizer.ggml.pre = smollm`) also splits
+//!   digits one per token; [`Tokenizer::from_gguf`] installs that pre-tokenizer.
+//! * `llama`, SentencePiece (Gemma 3): tokens, scores and token types, encoded as llama.cpp
+//!   encodes them (score-ordered merges, byte fallback, special tokens matched whole; see
+//!   the `spm` module). `tokenizers` has no model that merges by score, so the crate
+//!   implements this one itself.
+//!
+//! The chat template comes from the file's own template text (GGUF `tokenizer.chat_template`,
+//! `tokenizer_config.json`'s `chat_template`), recognised by the markers it writes; a file
+//! without one falls back to the ChatML / Llama-3 special tokens of its vocabulary.
 
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 
+use super::spm::Spm;
 use crate::{Error, Result};
+
+/// GGUF metadata keys of the tokenizer.
+mod key {
+    pub const MODEL: &str = "tokenizer.ggml.model";
+    pub const PRE: &str = "tokenizer.ggml.pre";
+    pub const TOKENS: &str = "tokenizer.ggml.tokens";
+    pub const SCORES: &str = "tokenizer.ggml.scores";
+    pub const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+    pub const BOS: &str = "tokenizer.ggml.bos_token_id";
+    pub const EOS: &str = "tokenizer.ggml.eos_token_id";
+    pub const EOT: &str = "tokenizer.ggml.eot_token_id";
+    pub const UNK: &str = "tokenizer.ggml.unknown_token_id";
+    pub const PAD: &str = "tokenizer.ggml.padding_token_id";
+    pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+    pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+    pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+    pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+}
 
 /// A chat prompt format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChatTemplate {
     /// ChatML (`<|im_start|>role\n…<|im_end|>\n`), used by SmolLM2 and Qwen.
     ChatMl,
     /// Llama-3 instruct (`<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>`).
     Llama3,
+    /// Gemma instruct (`<start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n`).
+    Gemma,
+}
+
+/// The tokenizer behind a [`Tokenizer`].
+#[derive(Clone)]
+enum Backend {
+    /// Byte-level BPE (GGUF `gpt2`, `tokenizer.json`), run by `tokenizers`.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// A SentencePiece vocabulary (GGUF `llama`), run by this crate.
+    Spm(Box<Spm>),
+}
+
+impl Backend {
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::Spm(v) => v.token_to_id(token),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Spm(v) => v.len(),
+        }
+    }
 }
 
 /// A tokenizer with the model's stop tokens and chat template.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
     stop: Vec<u32>,
     bos: Option<u32>,
+    eos: Option<u32>,
     template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
+            .field(
+                "kind",
+                &match self.backend {
+                    Backend::Hf(_) => "bpe",
+                    Backend::Spm(_) => "sentencepiece",
+                },
+            )
+            .field("vocab", &self.backend.vocab_size())
             .field("stop", &self.stop)
+            .field("bos", &self.bos)
             .field("template", &self.template)
             .finish()
     }
@@ -49,8 +114,179 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
     Error::format("tokenizer", e.to_string())
 }
 
+fn meta_err(msg: impl Into<String>) -> Error {
+    Error::format("gguf", msg)
+}
+
+/// The name of a GGUF value's type, for error messages (never the value: arrays are long).
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::U8(_) => "u8",
+        Value::I8(_) => "i8",
+        Value::U16(_) => "u16",
+        Value::I16(_) => "i16",
+        Value::U32(_) => "u32",
+        Value::I32(_) => "i32",
+        Value::U64(_) => "u64",
+        Value::I64(_) => "i64",
+        Value::F32(_) => "f32",
+        Value::F64(_) => "f64",
+        Value::Bool(_) => "bool",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+    }
+}
+
+/// A non-negative integer of any GGUF integer type.
+fn as_index(v: &Value) -> Option<u64> {
+    match *v {
+        Value::U8(x) => Some(x.into()),
+        Value::U16(x) => Some(x.into()),
+        Value::U32(x) => Some(x.into()),
+        Value::U64(x) => Some(x),
+        Value::I8(x) => u64::try_from(x).ok(),
+        Value::I16(x) => u64::try_from(x).ok(),
+        Value::I32(x) => u64::try_from(x).ok(),
+        Value::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+/// Typed reads of GGUF metadata; every error names the key.
+struct Meta<'a>(&'a std::collections::HashMap<String, Value>);
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key)
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(meta_err(format!(
+                "`{key}` is a {}, expected a string",
+                type_name(v)
+            ))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(meta_err(format!(
+                "`{key}` is a {}, expected a bool",
+                type_name(v)
+            ))),
+        }
+    }
+
+    /// A token id, which must be below `n_vocab`.
+    fn id(&self, key: &str, n_vocab: usize) -> Result<Option<u32>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let id = as_index(v).ok_or_else(|| {
+            meta_err(format!(
+                "`{key}` is a {} {}, expected a token id",
+                type_name(v),
+                if matches!(v, Value::Array(_) | Value::String(_)) {
+                    String::new()
+                } else {
+                    format!("({v:?})")
+                }
+            ))
+        })?;
+        match u32::try_from(id) {
+            Ok(id) if (id as usize) < n_vocab => Ok(Some(id)),
+            _ => Err(meta_err(format!(
+                "`{key}` = {id} is not below the vocabulary size {n_vocab}"
+            ))),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<Option<&[Value]>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(v) => Err(meta_err(format!(
+                "`{key}` is a {}, expected an array",
+                type_name(v)
+            ))),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                v => Err(meta_err(format!(
+                    "`{key}[{i}]` is a {}, expected a string",
+                    type_name(v)
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Scores: f32 or i32 entries (llama.cpp accepts both).
+    fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .enumerate()
+            .map(|(i, v)| match *v {
+                Value::F32(x) => Ok(x),
+                Value::I32(x) => Ok(x as f32),
+                ref v => Err(meta_err(format!(
+                    "`{key}[{i}]` is a {}, expected an f32",
+                    type_name(v)
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn ints(&self, key: &str) -> Result<Option<Vec<i32>>> {
+        let Some(a) = self.array(key)? else {
+            return Ok(None);
+        };
+        a.iter()
+            .enumerate()
+            .map(|(i, v)| match *v {
+                Value::I32(x) => Ok(x),
+                ref v => Err(meta_err(format!(
+                    "`{key}[{i}]` is a {}, expected an i32",
+                    type_name(v)
+                ))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+/// Check that an array read for `key` has one entry per token.
+fn same_len<T>(key: &str, v: &[T], n_tokens: usize) -> Result<()> {
+    if v.len() == n_tokens {
+        Ok(())
+    } else {
+        Err(meta_err(format!(
+            "`{key}` has {} entries but `{}` has {n_tokens}",
+            v.len(),
+            key::TOKENS
+        )))
+    }
+}
+
 impl Tokenizer {
-    /// Build the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model = gpt2`).
+    /// Build the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model` `gpt2`
+    /// or `llama`); errors name the file and the metadata key at fault.
     pub fn from_gguf_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let (ct, _) = super::gguf::open(path)?;
@@ -58,14 +294,37 @@ impl Tokenizer {
     }
 
     /// Build the tokenizer from parsed GGUF content.
+    ///
+    /// * `gpt2`: byte-level BPE; a BOS is added when `tokenizer.ggml.add_bos_token` says so
+    ///   (SmolLM2: no).
+    /// * `llama`: SentencePiece; `add_bos_token` defaults to true and `add_space_prefix` to
+    ///   true, `add_eos_token` to false, and the BOS / EOS / unknown ids to 1 / 2 / 0, as in
+    ///   llama.cpp. Gemma 3 sets BOS 2, no space prefix.
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let meta = Meta(&ct.metadata);
+        let model = meta
+            .string(key::MODEL)?
+            .ok_or_else(|| meta_err(format!("missing `{}`", key::MODEL)))?;
+        let template = meta
+            .string(key::CHAT_TEMPLATE)?
+            .and_then(ChatTemplate::detect);
+        match model {
+            "gpt2" => Self::bpe_from_gguf(ct, &meta, template),
+            "llama" => Self::spm_from_gguf(&meta, template),
+            other => Err(meta_err(format!(
+                "`{}` = `{other}` is not supported (supported: gpt2, llama)",
+                key::MODEL
+            ))),
+        }
+    }
+
+    fn bpe_from_gguf(
+        ct: &gguf_file::Content,
+        meta: &Meta,
+        template: Option<ChatTemplate>,
+    ) -> Result<Self> {
         let mut inner = tokenizers::Tokenizer::from_gguf(ct).map_err(tok_err)?;
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(|s| s.as_str())
-            .unwrap_or("gpt2");
+        let pre = meta.string(key::PRE)?.unwrap_or("gpt2");
         // candle leaves the GPT-2 default (prefix space) for every `pre` it does not
         // special-case; HF's byte-level tokenizers for these models add no prefix space.
         if !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3") {
@@ -77,35 +336,56 @@ impl Tokenizer {
             };
             inner.with_pre_tokenizer(Some(pt));
         }
-        let id = |key: &str| {
-            ct.metadata.get(key).and_then(|v| {
-                v.to_u32()
-                    .ok()
-                    .or_else(|| v.to_i32().ok().map(|x| x as u32))
-            })
+        let n = inner.get_vocab_size(true);
+        let mut stop: Vec<u32> = meta.id(key::EOS, n)?.into_iter().collect();
+        stop.extend(meta.id(key::EOT, n)?);
+        let bos = if meta.bool(key::ADD_BOS)?.unwrap_or(false) {
+            meta.id(key::BOS, n)?
+        } else {
+            None
         };
-        let add_bos = ct
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        let mut stop: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
-        if let Some(e) = id("tokenizer.ggml.eot_token_id") {
-            stop.push(e);
-        }
         Ok(Self::finish(
-            inner,
+            Backend::Hf(Box::new(inner)),
             stop,
-            if add_bos {
-                id("tokenizer.ggml.bos_token_id")
-            } else {
-                None
-            },
+            bos,
+            None,
+            template,
+        ))
+    }
+
+    fn spm_from_gguf(meta: &Meta, template: Option<ChatTemplate>) -> Result<Self> {
+        let tokens = meta
+            .strings(key::TOKENS)?
+            .ok_or_else(|| meta_err(format!("missing `{}`", key::TOKENS)))?;
+        let n = tokens.len();
+        let scores = meta.floats(key::SCORES)?.unwrap_or_else(|| vec![0.0; n]);
+        same_len(key::SCORES, &scores, n)?;
+        let types = meta.ints(key::TOKEN_TYPE)?.unwrap_or_else(|| vec![1; n]);
+        same_len(key::TOKEN_TYPE, &types, n)?;
+        let add_space_prefix = meta.bool(key::ADD_SPACE_PREFIX)?.unwrap_or(true);
+        let mut spm = Spm::new(tokens, scores, types, add_space_prefix)?;
+        // llama.cpp's defaults for SentencePiece vocabularies, where in range.
+        let default = |id: u32| ((id as usize) < n).then_some(id);
+        let bos = meta.id(key::BOS, n)?.or(default(1));
+        let eos = meta.id(key::EOS, n)?.or(default(2));
+        spm.set_unknown(meta.id(key::UNK, n)?.or(default(0)));
+        meta.id(key::PAD, n)?;
+        let add_bos = meta.bool(key::ADD_BOS)?.unwrap_or(true);
+        let add_eos = meta.bool(key::ADD_EOS)?.unwrap_or(false);
+        let mut stop: Vec<u32> = eos.into_iter().collect();
+        stop.extend(meta.id(key::EOT, n)?);
+        Ok(Self::finish(
+            Backend::Spm(Box::new(spm)),
+            stop,
+            if add_bos { bos } else { None },
+            if add_eos { eos } else { None },
+            template,
         ))
     }
 
     /// Load `tokenizer.json` from a file or an HF model directory; stop tokens come from
-    /// the directory's `generation_config.json` / `config.json` `eos_token_id` when present.
+    /// the directory's `generation_config.json` / `config.json` `eos_token_id` when present,
+    /// the chat template from its `tokenizer_config.json` `chat_template`.
     pub fn from_hf(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let (file, dir) = if path.is_dir() {
@@ -122,14 +402,12 @@ impl Tokenizer {
         let inner =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(e).in_file(&file))?;
         let mut stop = Vec::new();
+        let mut template = None;
         if let Some(dir) = dir {
             for name in ["generation_config.json", "config.json"] {
-                let p = dir.join(name);
-                let Ok(text) = std::fs::read_to_string(&p) else {
+                let Some(v) = read_json(&dir.join(name))? else {
                     continue;
                 };
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::format("json", e.to_string()).in_file(&p))?;
                 match v.get("eos_token_id") {
                     Some(serde_json::Value::Number(n)) => stop.extend(n.as_u64().map(|x| x as u32)),
                     Some(serde_json::Value::Array(a)) => {
@@ -138,124 +416,255 @@ impl Tokenizer {
                     _ => {}
                 }
             }
+            if let Some(v) = read_json(&dir.join("tokenizer_config.json"))? {
+                template = hf_chat_template(&v).and_then(ChatTemplate::detect);
+            }
         }
         // BOS is added by tokenizer.json's own post-processor where the model wants it.
-        Ok(Self::finish(inner, stop, None))
+        Ok(Self::finish(
+            Backend::Hf(Box::new(inner)),
+            stop,
+            None,
+            None,
+            template,
+        ))
     }
 
-    fn finish(inner: tokenizers::Tokenizer, mut stop: Vec<u32>, bos: Option<u32>) -> Self {
+    fn finish(
+        backend: Backend,
+        mut stop: Vec<u32>,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        template: Option<ChatTemplate>,
+    ) -> Self {
         for t in [
             "<|im_end|>",
             "<|eot_id|>",
             "<|end_of_text|>",
             "<|endoftext|>",
             "</s>",
+            "<end_of_turn>",
         ] {
-            if let Some(id) = inner.token_to_id(t) {
+            if let Some(id) = backend.token_to_id(t) {
                 stop.push(id);
             }
         }
         stop.sort_unstable();
         stop.dedup();
-        let template = if inner.token_to_id("<|im_start|>").is_some() {
-            Some(ChatTemplate::ChatMl)
-        } else if inner.token_to_id("<|start_header_id|>").is_some() {
-            Some(ChatTemplate::Llama3)
-        } else {
-            None
-        };
+        // Without a template text in the file, the ChatML / Llama-3 markers in the
+        // vocabulary decide. Gemma's `<start_of_turn>` is in every Gemma vocabulary,
+        // base models' included, so only a template text selects Gemma.
+        let template = template.or_else(|| {
+            if backend.token_to_id("<|im_start|>").is_some() {
+                Some(ChatTemplate::ChatMl)
+            } else if backend.token_to_id("<|start_header_id|>").is_some() {
+                Some(ChatTemplate::Llama3)
+            } else {
+                None
+            }
+        });
         Tokenizer {
-            inner,
+            backend,
             stop,
             bos,
+            eos,
             template,
         }
     }
 
-    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) map to
-    /// their ids; a BOS is prepended only when the model's tokenizer adds one.
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`,
+    /// `<start_of_turn>`) map to their ids. A BOS is prepended only when the model's
+    /// tokenizer adds one (Gemma: yes, SmolLM2: no), and not twice when the text already
+    /// starts with it; an EOS is appended only when a SentencePiece vocabulary asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(tok_err)?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.backend {
+            Backend::Hf(t) => t.encode(text, true).map_err(tok_err)?.get_ids().to_vec(),
+            Backend::Spm(v) => {
+                let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+                v.encode(text, &mut ids)?;
+                ids
+            }
+        };
         if let Some(b) = self.bos {
             if ids.first() != Some(&b) {
                 ids.insert(0, b);
             }
         }
+        ids.extend(self.eos);
         Ok(ids)
     }
 
-    /// Text of `ids` (special tokens kept unless `skip_special`).
+    /// Text of `ids` (special tokens kept unless `skip_special`). For a SentencePiece
+    /// vocabulary an id outside the vocabulary is an error naming it; byte-level BPE
+    /// vocabularies skip such ids, as `tokenizers` does (models may have more embedding rows
+    /// than tokens).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(tok_err)
+        match &self.backend {
+            Backend::Hf(t) => t.decode(ids, skip_special).map_err(tok_err),
+            Backend::Spm(v) => v.decode(ids, skip_special),
+        }
     }
 
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        self.backend.token_to_id(token)
+    }
+
+    /// The string of a token id as the vocabulary stores it (`▁the`, `<0x0A>`), if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Spm(v) => v.id_to_token(id).map(str::to_string),
+        }
     }
 
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.backend.vocab_size()
     }
 
-    /// Token ids that end generation (EOS, `<|im_end|>`, `<|eot_id|>`, …).
+    /// The BOS id that [`Tokenizer::encode`] prepends, if it prepends one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Token ids that end generation (EOS, `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, …).
     pub fn stop_tokens(&self) -> &[u32] {
         &self.stop
     }
 
-    /// The chat template this vocabulary implies, if any.
+    /// The chat template of the model, if it has one: from the template text in the file,
+    /// else from the ChatML / Llama-3 special tokens of its vocabulary.
     pub fn chat_template(&self) -> Option<ChatTemplate> {
         self.template
     }
 
-    /// The underlying `tokenizers` tokenizer.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
+    /// The underlying `tokenizers` tokenizer of a byte-level BPE vocabulary (GGUF `gpt2`,
+    /// `tokenizer.json`); `None` for a SentencePiece vocabulary, which the crate runs itself.
+    pub fn inner(&self) -> Option<&tokenizers::Tokenizer> {
+        match &self.backend {
+            Backend::Hf(t) => Some(t),
+            Backend::Spm(_) => None,
+        }
     }
 
     /// Format a single user message with the model's chat template, ready for generation.
     pub fn chat_prompt(&self, user: &str) -> Result<String> {
         let t = self.template.ok_or_else(|| {
-            Error::Invalid("this tokenizer has no known chat template (ChatML or Llama-3)".into())
+            Error::Invalid(
+                "this model has no chat template: its file has no template text \
+                 (`tokenizer.chat_template` / `chat_template`) and its vocabulary has no \
+                 ChatML or Llama-3 markers (a base model, such as Gemma 3 270M, has none)"
+                    .into(),
+            )
         })?;
         Ok(t.render(&[("user", user)], true))
     }
 }
 
+/// Parse a JSON file if it exists; a file that exists but does not parse is an error.
+fn read_json(p: &Path) -> Result<Option<serde_json::Value>> {
+    let Ok(text) = std::fs::read_to_string(p) else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format("json", e.to_string()).in_file(p))
+}
+
+/// `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates
+/// (the one named `default`, else the first).
+fn hf_chat_template(config: &serde_json::Value) -> Option<&str> {
+    match config.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|x| x.as_str()) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str()),
+        _ => None,
+    }
+}
+
 impl ChatTemplate {
+    /// The format a chat template text (GGUF `tokenizer.chat_template`, HF
+    /// `chat_template`) writes, recognised by its turn markers: `<|im_start|>` (ChatML),
+    /// `<|start_header_id|>` (Llama-3), `<start_of_turn>` (Gemma). `None` for any other.
+    pub fn detect(template: &str) -> Option<ChatTemplate> {
+        [
+            ("<|im_start|>", ChatTemplate::ChatMl),
+            ("<|start_header_id|>", ChatTemplate::Llama3),
+            ("<start_of_turn>", ChatTemplate::Gemma),
+        ]
+        .into_iter()
+        .find(|(marker, _)| template.contains(marker))
+        .map(|(_, t)| t)
+    }
+
     /// Render `(role, content)` messages; `add_generation_prompt` opens the assistant turn.
     ///
-    /// ChatML follows SmolLM2's template, which inserts its default system prompt when the
-    /// first message is not a system message. Llama-3 leaves `<|begin_of_text|>` to the
-    /// tokenizer (its `tokenizer.json` adds it).
+    /// * ChatML follows SmolLM2's template, which inserts its default system prompt when
+    ///   the first message is not a system message.
+    /// * Llama-3 leaves `<|begin_of_text|>` to the tokenizer (its `tokenizer.json` adds it).
+    /// * Gemma follows Gemma 3's template: the role `assistant` is written `model`, contents
+    ///   are trimmed, and since Gemma has no system role a leading system message becomes
+    ///   a prefix of the first turn, followed by a blank line. `<bos>` is left to the
+    ///   tokenizer ([`Tokenizer::encode`] adds it). The template's check that roles
+    ///   alternate user / model is not repeated here.
     pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
-        let mut s = String::new();
         match self {
-            ChatTemplate::ChatMl => {
-                if messages.first().is_none_or(|m| m.0 != "system") {
-                    s.push_str("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n");
-                }
-                for (role, content) in messages {
-                    s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-                }
-                if add_generation_prompt {
-                    s.push_str("<|im_start|>assistant\n");
-                }
-            }
-            ChatTemplate::Llama3 => {
-                for (role, content) in messages {
-                    s.push_str(&format!(
-                        "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
-                        content.trim()
-                    ));
-                }
-                if add_generation_prompt {
-                    s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-                }
-            }
+            ChatTemplate::ChatMl => render_chatml(messages, add_generation_prompt),
+            ChatTemplate::Llama3 => render_llama3(messages, add_generation_prompt),
+            ChatTemplate::Gemma => render_gemma(messages, add_generation_prompt),
         }
-        s
     }
+}
+
+fn render_chatml(messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+    let mut s = String::new();
+    if messages.first().is_none_or(|m| m.0 != "system") {
+        s.push_str("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n");
+    }
+    for (role, content) in messages {
+        s.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+    }
+    if add_generation_prompt {
+        s.push_str("<|im_start|>assistant\n");
+    }
+    s
+}
+
+fn render_llama3(messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+    let mut s = String::new();
+    for (role, content) in messages {
+        s.push_str(&format!(
+            "<|start_header_id|>{role}<|end_header_id|>\n\n{}<|eot_id|>",
+            content.trim()
+        ));
+    }
+    if add_generation_prompt {
+        s.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+    }
+    s
+}
+
+fn render_gemma(messages: &[(&str, &str)], add_generation_prompt: bool) -> String {
+    let (mut prefix, turns) = match messages.split_first() {
+        Some((("system", system), rest)) => (format!("{system}\n\n"), rest),
+        _ => (String::new(), messages),
+    };
+    let mut s = String::new();
+    for (role, content) in turns {
+        let role = if *role == "assistant" { "model" } else { role };
+        s.push_str(&format!(
+            "<start_of_turn>{role}\n{prefix}{}<end_of_turn>\n",
+            content.trim()
+        ));
+        prefix.clear();
+    }
+    if add_generation_prompt {
+        s.push_str("<start_of_turn>model\n");
+    }
+    s
 }
