@@ -13,16 +13,10 @@ use sae_ablate::hooks::{ActivationCache, HookContext, HookPoint, Hooks, Position
 use sae_ablate::model::{Family, HookedModel, LoadOptions, Model, WeightFormat};
 use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 
-fn gguf_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("assets/gemma-3-270m/gemma-3-270m-q4_k_m.gguf");
-    assert!(
-        p.is_file(),
-        "test asset {} is missing: run scripts/fetch-assets.sh first",
-        p.display()
-    );
-    p
-}
+#[path = "common/gemma3.rs"]
+mod gemma3;
+
+use gemma3::{gguf_path, tokenizer};
 
 fn model() -> MutexGuard<'static, Model> {
     static M: OnceLock<Mutex<Model>> = OnceLock::new();
@@ -344,4 +338,48 @@ fn sae_splice_on_a_gemma3_hook_point() {
         .max_all()
         .unwrap();
     assert!(ds.to_scalar::<f32>().unwrap() < 1e-2, "{ds}");
+}
+
+/// The CLI on Gemma 3: `logits` tokenizes with BOS and matches transformers' ids and
+/// top token; `generate` (greedy) continues as transformers does.
+#[test]
+fn cli_logits_and_generate_on_gemma3() {
+    use std::process::Command;
+    let r = reference();
+    let bin = env!("CARGO_BIN_EXE_sae-ablate");
+    let g = gguf_path();
+    let g = g.to_str().unwrap();
+    let prompt = r["prompt"]["text"].as_str().unwrap();
+    let npy = std::env::temp_dir().join(format!("sae-ablate-gemma3-{}.npy", std::process::id()));
+    let out = Command::new(bin)
+        .args(["logits", "--model", g, "--prompt", prompt, "--json", "--output"])
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["ids"], r["prompt"]["ids"]);
+    assert_eq!(tokenizer().encode(prompt).unwrap(), prompt_ids(&r));
+    let logits = sae_ablate::io::npy::read_npy(&npy, &Device::Cpu).unwrap();
+    let _ = std::fs::remove_file(&npy);
+    assert_eq!(logits.dims(), &[6, 262_144]);
+    let last = row(&logits.get(5).unwrap());
+    assert_eq!(argmax(&last), 506, "transformers' top token ` the`");
+    let out = Command::new(bin)
+        .args(["generate", "--model", g, "--prompt", prompt, "--max-new-tokens", "16"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = r["prompt"]["greedy_text"].as_str().unwrap();
+    assert!(text.contains(want.trim()), "{text:?} vs {want:?}");
+    // A base model has no chat template: `--chat` is a clear error (exit 2).
+    let out = Command::new(bin)
+        .args(["generate", "--model", g, "--prompt", prompt, "--chat"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chat template"), "{err}");
 }

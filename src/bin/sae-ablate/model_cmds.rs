@@ -80,7 +80,7 @@ pub struct LogitsArgs {
     /// The prompt text.
     #[arg(long)]
     prompt: String,
-    /// Wrap the prompt in the model's chat template (ChatML or Llama-3) as a user turn.
+    /// Wrap the prompt in the model's chat template (ChatML, Llama-3 or Gemma) as a user turn.
     #[arg(long)]
     chat: bool,
     /// Output .npy: f32 logits [seq, vocab] for every prompt position.
@@ -108,7 +108,7 @@ pub struct GenerateArgs {
     /// A text file with one prompt per line (empty lines skipped), added after any --prompt.
     #[arg(long)]
     prompts_file: Option<PathBuf>,
-    /// Wrap the prompt in the model's chat template (ChatML or Llama-3) as a user turn.
+    /// Wrap the prompt in the model's chat template (ChatML, Llama-3 or Gemma) as a user turn.
     #[arg(long)]
     chat: bool,
     /// Maximum number of new tokens.
