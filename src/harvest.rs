@@ -386,6 +386,8 @@ struct ShardJob {
     name: String,
     bytes: Vec<u8>,
     rows: usize,
+    /// Row width.
+    d: usize,
 }
 
 impl ActivationStore {
@@ -458,7 +460,6 @@ impl ActivationStore {
             std::fs::remove_file(self.dir.join(MANIFEST))
                 .map_err(|e| Error::io(self.dir.join(MANIFEST), e))?;
         }
-        let d = model.d_model();
         let mut outputs = Vec::new();
         for p in &points {
             let name = p.to_string();
@@ -470,7 +471,7 @@ impl ActivationStore {
             outputs.push(HookEntry {
                 hook: name.clone(),
                 dir: name,
-                d_in: d,
+                d_in: model.hook_width(p),
                 tokens: 0,
                 shards: Vec::new(),
             });
@@ -492,7 +493,7 @@ impl ActivationStore {
         let writer = std::thread::spawn(move || -> Result<Vec<(usize, ShardEntry)>> {
             let mut done = Vec::new();
             for job in rx {
-                let sha = write_shard(&job.path, &job.bytes, st_dt, job.rows, d)?;
+                let sha = write_shard(&job.path, &job.bytes, st_dt, job.rows, job.d)?;
                 done.push((
                     job.hook,
                     ShardEntry {
@@ -505,7 +506,7 @@ impl ActivationStore {
             Ok(done)
         });
         let elem = dt.size_in_bytes();
-        let row_bytes = d * elem;
+        let row_bytes = |o: &HookEntry| o.d_in * elem;
         let budget = cfg.max_tokens.unwrap_or(u64::MAX);
         let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); points.len()];
         let mut counts = vec![0usize; points.len()];
@@ -514,7 +515,7 @@ impl ActivationStore {
         let dev = model.device().clone();
         let dir = self.dir.clone();
         let send = |i: usize, buf: &mut Vec<u8>, c: &mut usize, rows: usize, o: &HookEntry| {
-            let rest = buf.split_off(rows * row_bytes);
+            let rest = buf.split_off(rows * row_bytes(o));
             let bytes = std::mem::replace(buf, rest);
             let name = format!("shard_{:05}.safetensors", *c);
             *c += 1;
@@ -524,6 +525,7 @@ impl ActivationStore {
                 name,
                 bytes,
                 rows,
+                d: o.d_in,
             })
             .map_err(|_| Error::Invalid("the shard writer stopped".into()))
         };
@@ -545,6 +547,7 @@ impl ActivationStore {
                         Error::Invalid(format!("hook point {p} was not reached by the model"))
                     })?;
                     let a = a.narrow(1, ctx.prefix_len, cfg.context_len - ctx.prefix_len)?;
+                    let d = model.hook_width(p);
                     let a = a.reshape(((), d))?.narrow(0, 0, keep)?.to_dtype(dt)?;
                     let (Some(buf), Some(o), Some(c)) =
                         (bufs.get_mut(i), outputs.get(i), counts.get_mut(i))
@@ -565,7 +568,7 @@ impl ActivationStore {
                                 .flat_map(|v| v.to_le_bytes()),
                         ),
                     }
-                    while buf.len() >= cfg.shard_rows * row_bytes {
+                    while buf.len() >= cfg.shard_rows * row_bytes(o) {
                         send(i, buf, c, cfg.shard_rows, o)?;
                     }
                 }
@@ -579,7 +582,7 @@ impl ActivationStore {
             for (i, o) in outputs.iter().enumerate() {
                 if let (Some(buf), Some(c)) = (bufs.get_mut(i), counts.get_mut(i)) {
                     if !buf.is_empty() {
-                        let rows = buf.len() / row_bytes;
+                        let rows = buf.len() / row_bytes(o);
                         send(i, buf, c, rows, o)?;
                     }
                 }

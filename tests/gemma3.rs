@@ -352,11 +352,17 @@ fn cli_logits_and_generate_on_gemma3() {
     let prompt = r["prompt"]["text"].as_str().unwrap();
     let npy = std::env::temp_dir().join(format!("sae-ablate-gemma3-{}.npy", std::process::id()));
     let out = Command::new(bin)
-        .args(["logits", "--model", g, "--prompt", prompt, "--json", "--output"])
+        .args([
+            "logits", "--model", g, "--prompt", prompt, "--json", "--output",
+        ])
         .arg(&npy)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(v["ids"], r["prompt"]["ids"]);
@@ -367,10 +373,22 @@ fn cli_logits_and_generate_on_gemma3() {
     let last = row(&logits.get(5).unwrap());
     assert_eq!(argmax(&last), 506, "transformers' top token ` the`");
     let out = Command::new(bin)
-        .args(["generate", "--model", g, "--prompt", prompt, "--max-new-tokens", "16"])
+        .args([
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "16",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let want = r["prompt"]["greedy_text"].as_str().unwrap();
     assert!(text.contains(want.trim()), "{text:?} vs {want:?}");
@@ -382,4 +400,68 @@ fn cli_logits_and_generate_on_gemma3() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chat template"), "{err}");
+}
+
+/// `sae-ablate harvest` on Gemma 3: the BOS is not saved, and each hook point's shards
+/// have its own width (`attn.hook_z`: 4 heads × 256).
+#[test]
+fn cli_harvest_on_gemma3_keeps_each_hook_width() {
+    use std::process::Command;
+    let bin = env!("CARGO_BIN_EXE_sae-ablate");
+    let out_dir =
+        std::env::temp_dir().join(format!("sae-ablate-gemma3-harvest-{}", std::process::id()));
+    let corpus = out_dir.with_extension("txt");
+    std::fs::write(&corpus, "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ".repeat(40)).unwrap();
+    let out = Command::new(bin)
+        .args(["harvest", "--model"])
+        .arg(gguf_path())
+        .arg("--out")
+        .arg(&out_dir)
+        .arg("--corpus")
+        .arg(&corpus)
+        .args([
+            "--hooks",
+            "blocks.5.hook_resid_post,blocks.5.attn.hook_z",
+            "--max-tokens",
+            "256",
+            "--context-len",
+            "64",
+            "--batch-size",
+            "2",
+            "--holdout-contexts",
+            "2",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["prefix_len"], 1, "the BOS is not an activation row");
+    let widths: Vec<(String, u64, u64)> = m["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["hook"].as_str().unwrap().to_string(),
+                o["d_in"].as_u64().unwrap(),
+                o["tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        widths,
+        vec![
+            ("blocks.5.hook_resid_post".to_string(), 640, 256),
+            ("blocks.5.attn.hook_z".to_string(), 1024, 256)
+        ]
+    );
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let _ = std::fs::remove_file(&corpus);
 }

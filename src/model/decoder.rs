@@ -682,6 +682,12 @@ impl HookedModel for Model {
     fn d_model(&self) -> usize {
         self.cfg.d_model
     }
+    fn hook_width(&self, point: &HookPoint) -> usize {
+        match point {
+            HookPoint::AttnZ(_) => self.cfg.n_heads * self.cfg.head_dim,
+            _ => self.cfg.d_model,
+        }
+    }
     fn n_layers(&self) -> usize {
         self.cfg.n_layers
     }

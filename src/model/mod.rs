@@ -125,6 +125,12 @@ pub trait HookedModel {
             "this model cannot share a cached prefix".into(),
         ))
     }
+    /// The width of the activation at `point` (its last dimension): `d_model`, except
+    /// `attn.hook_z` (`n_heads · head_dim`). The default reports `d_model` everywhere.
+    fn hook_width(&self, point: &HookPoint) -> usize {
+        let _ = point;
+        self.d_model()
+    }
     /// Every hook point of the model, in forward order.
     fn hook_points(&self) -> Vec<HookPoint> {
         HookPoint::all(self.n_layers())
