@@ -27,18 +27,24 @@
 //! ```
 #![deny(missing_docs)]
 
+#[doc(hidden)]
 pub mod bench;
+#[cfg(feature = "corpus")]
 pub mod corpus;
 pub mod edit;
 mod error;
+#[cfg(feature = "esr")]
 pub mod esr;
 pub mod eval;
 pub mod harvest;
 pub mod hooks;
 pub mod io;
+#[doc(hidden)]
 pub mod kernels;
 pub mod model;
-mod progress;
+#[cfg(feature = "plot")]
+mod plot;
+pub mod progress;
 pub mod sae;
 pub mod train;
 

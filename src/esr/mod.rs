@@ -56,6 +56,7 @@ use crate::model::generate::Rng;
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
 };
+use crate::progress::{Reporter, Step};
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 
@@ -149,8 +150,9 @@ pub struct EsrConfig {
     pub model_weights: String,
     /// Cached answers, corpus, activations, SAE and evaluation.
     pub cache_dir: PathBuf,
-    /// Show progress bars.
-    pub progress: bool,
+    /// Where progress goes (nothing by default); not written to `results.json`.
+    #[serde(skip)]
+    pub progress: Reporter,
 }
 
 impl EsrConfig {
@@ -202,7 +204,7 @@ impl EsrConfig {
             model_dtype: "f32".into(),
             model_weights: "quantized".into(),
             cache_dir: PathBuf::from(format!("assets/cache/esr-{name}{tag}")),
-            progress: true,
+            progress: Reporter::none(),
         };
         match name {
             "smollm2" => Ok(base),
@@ -381,8 +383,8 @@ struct Ctx<'a> {
     timings: Timings,
 }
 
-fn bar(cfg: &EsrConfig, len: u64, what: &str) -> indicatif::ProgressBar {
-    crate::progress::bar(len, what, "", cfg.progress)
+fn bar(cfg: &EsrConfig, len: u64, what: &str) -> Step {
+    cfg.progress.step(what, "", len)
 }
 
 impl Ctx<'_> {
@@ -405,7 +407,7 @@ impl Ctx<'_> {
         max_new_tokens: usize,
         seed: u64,
         hooks: &mut Hooks,
-        pb: &indicatif::ProgressBar,
+        pb: &mut Step,
     ) -> Result<Vec<Vec<u32>>> {
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(which.len());
@@ -598,7 +600,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     let t0 = Instant::now();
     let mut steering = Vec::with_capacity(steer_ids.len());
     let max_probes = cfg.bisection_steps + 4;
-    let pb = bar(cfg, (steer_ids.len() * max_probes) as u64, "calibrate");
+    let mut pb = bar(cfg, (steer_ids.len() * max_probes) as u64, "calibrate");
     for &latent in &steer_ids {
         steering.push(calibrate(
             &mut cx,
@@ -607,10 +609,10 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
             &steer_point,
             latent,
             median_norm,
-            &pb,
+            &mut pb,
         )?);
     }
-    pb.finish_and_clear();
+    pb.finish();
     stage(&mut cx.timings, "calibration", t0);
 
     // 7. Trials.
@@ -625,7 +627,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     let which: Vec<usize> = (0..n).collect();
     // Generate every condition first, then judge all answers together: the judge shares
     // each prompt's cached prefix among all attempts scored after that prompt.
-    let pb = bar(
+    let mut pb = bar(
         cfg,
         (steering.len() * conditions.len() * n + n) as u64,
         "trials",
@@ -640,7 +642,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
                 let edits = Edits::new(SpliceMode::ErrorPreserving).zero(set)?;
                 hooks.add(sae_point, SaeSplice::new(&sae, &edits, Positions::All)?);
             }
-            let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &pb)?;
+            let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &mut pb)?;
             for (i, g) in gens.into_iter().enumerate() {
                 let text = cx.text(&g)?;
                 attempts.push(judge::split_attempts(&text));
@@ -688,7 +690,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     for (t, s) in trials.iter_mut().zip(scores) {
         t.scores = s;
     }
-    pb.finish_and_clear();
+    pb.finish();
     stage(&mut cx.timings, "trials", t0);
 
     // 8. Report.
@@ -801,13 +803,13 @@ fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     }
     let n = cx.prompts.len();
     let which: Vec<usize> = (0..n).collect();
-    let pb = bar(cfg, (n * cfg.chat_samples) as u64, "answers");
+    let mut pb = bar(cfg, (n * cfg.chat_samples) as u64, "answers");
     let mut answers = Vec::with_capacity(cfg.chat_samples);
     for s in 0..cfg.chat_samples {
         let seed = cfg.seed.wrapping_add(10_000 * s as u64);
-        answers.push(cx.generate(&which, cfg.max_new_tokens, seed, &mut Hooks::new(), &pb)?);
+        answers.push(cx.generate(&which, cfg.max_new_tokens, seed, &mut Hooks::new(), &mut pb)?);
     }
-    pb.finish_and_clear();
+    pb.finish();
     write_json(
         &path,
         &AnswersCache {
@@ -893,7 +895,7 @@ fn prepare_sae(
                 holdout_contexts: spec.holdout_contexts,
                 dtype: "f16".into(),
                 shard_rows: 65536,
-                progress: cfg.progress,
+                progress: cfg.progress.clone(),
             };
             let h = ActivationStore::new(&acts).harvest(
                 &mut cx.model,
@@ -975,6 +977,7 @@ fn prepare_sae(
         batch_size: cfg.batch_size,
         prefix_len: ctx.prefix_len,
         hook: Some(*point),
+        progress: cfg.progress.clone(),
     };
     let (report, acc) = evaluate(&mut cx.model, &sae, held, &ecfg)?;
     let fire_counts = acc.fire_counts().to_vec();
@@ -1001,7 +1004,7 @@ fn max_pool(
     sae: &Sae,
     point: &HookPoint,
     seqs: &[(Vec<u32>, std::ops::Range<usize>)],
-    pb: &indicatif::ProgressBar,
+    pb: &mut Step,
 ) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
     let dev = cx.model.device().clone();
     let mut pooled = Vec::with_capacity(seqs.len());
@@ -1056,10 +1059,10 @@ fn otd_activations(
     };
     let on: Vec<_> = (0..n).map(|i| seq(i, i)).collect();
     let off: Vec<_> = (0..n).map(|i| seq(i, (i + 1) % n)).collect();
-    let pb = bar(cx.cfg, 2 * n as u64, "otd search");
-    let (on_pool, norms) = max_pool(cx, sae, point, &on, &pb)?;
-    let (off_pool, _) = max_pool(cx, sae, point, &off, &pb)?;
-    pb.finish_and_clear();
+    let mut pb = bar(cx.cfg, 2 * n as u64, "otd search");
+    let (on_pool, norms) = max_pool(cx, sae, point, &on, &mut pb)?;
+    let (off_pool, _) = max_pool(cx, sae, point, &off, &mut pb)?;
+    pb.finish();
     let norms: Vec<f64> = norms.iter().map(|&v| v as f64).collect();
     let med = judge::median(&norms);
     Ok((
@@ -1076,9 +1079,9 @@ fn prompt_activations(cx: &mut Ctx<'_>, sae: &Sae, point: &HookPoint) -> Result<
         .iter()
         .map(|p| (p.clone(), 1..p.len()))
         .collect();
-    let pb = bar(cx.cfg, seqs.len() as u64, "prompts");
-    let (pooled, _) = max_pool(cx, sae, point, &seqs, &pb)?;
-    pb.finish_and_clear();
+    let mut pb = bar(cx.cfg, seqs.len() as u64, "prompts");
+    let (pooled, _) = max_pool(cx, sae, point, &seqs, &mut pb)?;
+    pb.finish();
     Ok(pooled)
 }
 
@@ -1152,11 +1155,11 @@ fn calibrate(
     point: &HookPoint,
     latent: u32,
     median_norm: f32,
-    pb: &indicatif::ProgressBar,
+    pb: &mut Step,
 ) -> Result<SteeringLatent> {
     let cfg = cx.cfg;
     let which: Vec<usize> = (0..cfg.calib_prompts).collect();
-    let hidden = indicatif::ProgressBar::hidden();
+    let mut hidden = Step::hidden();
     let mut probes: Vec<(f32, f64)> = Vec::new();
     let mut probe = |cx: &mut Ctx<'_>, v: f32| -> Result<f64> {
         let mut hooks = steer_hooks(sae, point, latent, v)?;
@@ -1165,7 +1168,7 @@ fn calibrate(
             cfg.calib_tokens,
             cfg.seed ^ 0xCA1B,
             &mut hooks,
-            &hidden,
+            &mut hidden,
         )?;
         let texts: Vec<String> = gens.iter().map(|g| cx.text(g)).collect::<Result<_>>()?;
         let firsts: Vec<String> = texts
