@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::edit::{reference, Edits, SpliceMode};
-use crate::kernels::EditPlan;
+use crate::edit::EditPlan;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 

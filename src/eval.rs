@@ -169,7 +169,7 @@ pub fn evaluate(
         let mut hooks = Hooks::new().with(
             hook,
             move |_: &HookPoint, a: &Tensor, ctx: &HookContext| -> Result<Option<Tensor>> {
-                let r = p.select(ctx);
+                let r = p.select(ctx.start_pos, ctx.seq_len, ctx.prompt_len);
                 if r.is_empty() {
                     return Ok(None);
                 }

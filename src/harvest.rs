@@ -18,9 +18,17 @@
 //! `holdout_contexts` to stay disjoint.
 //!
 //! # Output
-//! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`,
-//! each holding the tensor `activations [n, d_in]` (f16 by default, or f32) as
-//! [`crate::train::ShardSource`] expects. Every file is written to a temporary name and renamed.
+//! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`
+//! activation shards (below; f16 by default, or f32). Every file is written to a temporary
+//! name and renamed.
+//!
+//! # Activation shards
+//! A shard is a safetensors file holding one tensor named [`ACTIVATIONS_TENSOR`]
+//! (`activations`) of shape `[n, d_in]` (row-major, one token per row) and dtype `F16`,
+//! `BF16` or `F32`; other tensors and the `__metadata__` map are ignored. A dataset is any
+//! number of shards with the same `d_in` (each `n` may differ, `n ≥ 1`): every
+//! `*.safetensors` file of a folder, in name order ([`shard_paths`]). Training reads them
+//! with [`crate::train::ShardSource`].
 //!
 //! # Cache
 //! The manifest records the settings (model sha256, hooks, context length, token budget,
@@ -46,6 +54,27 @@ use crate::io::write_atomic;
 use crate::model::{HookedModel, Tokenizer};
 use crate::progress::Reporter;
 use crate::{Error, Result};
+
+/// The tensor every activation shard holds (see "Activation shards" in the module docs).
+pub const ACTIVATIONS_TENSOR: &str = "activations";
+
+/// The activation shards of a folder: every `*.safetensors` file directly in `dir`, in
+/// name order. Errors when there are none.
+pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no *.safetensors activation shards",
+            dir.display()
+        )));
+    }
+    Ok(paths)
+}
 
 /// The name of the manifest file in a harvest directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -356,7 +385,7 @@ fn write_shard(
 ) -> Result<String> {
     let view = safetensors::tensor::TensorView::new(dt, vec![n, d], bytes)
         .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
-    let data = safetensors::tensor::serialize([(crate::train::ACTIVATIONS_TENSOR, view)], None)
+    let data = safetensors::tensor::serialize([(ACTIVATIONS_TENSOR, view)], None)
         .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
     write_atomic(path, |w| w.write_all(&data).map_err(|e| Error::io(path, e)))?;
     Ok(sha256::hex_digest(&data))

@@ -34,6 +34,13 @@
 //! 8. **Report.** Per condition: n, multi-attempt rate, ESR rate, mean first score with
 //!    95% bootstrap intervals; `results.json`, `report.md`, plots, `trials.jsonl`, and the
 //!    SAE in SAELens format under `sae/` (see [`report`]).
+//!
+//! The published off-topic-detector latents of Goodfire's Llama-3.3-70B SAE are
+//! [`OTD_LATENTS_LLAMA33_70B_L50`]; [`latent_preset`] gives them as a checked
+//! [`LatentSet`] by name (`esr26`), to zero-ablate with
+//! [`Edits::zero`](crate::edit::Edits::zero).
+//!
+//! Needs the `esr` feature (on by default).
 
 pub mod judge;
 pub mod prompts;
@@ -47,7 +54,7 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::edit::{Edits, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50};
+use crate::edit::{Edits, LatentSet, SpliceMode};
 use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
@@ -84,6 +91,33 @@ pub struct SaeTrainSpec {
     pub dead_tokens_threshold: u64,
     /// Contexts at the end of the corpus held out from harvesting (evaluation text).
     pub holdout_contexts: usize,
+}
+
+/// The 26 off-topic-detector latents of Goodfire's Llama-3.3-70B-Instruct SAE
+/// (layer 50, 65,536 latents) whose zero-ablation reduces endogenous steering
+/// resistance (McKenzie et al., "Endogenous Steering Resistance", arXiv 2602.06941;
+/// list from the paper's code release, agencyenterprise/endogenous-steering-resistance).
+pub const OTD_LATENTS_LLAMA33_70B_L50: [u32; 26] = [
+    3675, 7517, 9168, 10304, 11977, 15375, 17481, 17516, 24684, 27331, 28540, 33044, 34002, 34765,
+    37536, 40119, 40792, 41038, 45078, 46037, 49897, 54311, 58565, 59483, 61116, 61420,
+];
+
+/// A named latent set of the experiment, checked against an SAE of `d_sae` latents:
+/// `esr26` = [`OTD_LATENTS_LLAMA33_70B_L50`] (a 65,536-latent SAE). The CLI's
+/// `--zero-preset` takes these names.
+///
+/// ```
+/// let otd = sae_ablate::esr::latent_preset("esr26", 65536).unwrap();
+/// assert_eq!(otd.len(), 26);
+/// assert!(sae_ablate::esr::latent_preset("esr26", 4608).is_err());
+/// ```
+pub fn latent_preset(name: &str, d_sae: usize) -> Result<LatentSet> {
+    match name {
+        "esr26" => LatentSet::new(&OTD_LATENTS_LLAMA33_70B_L50, d_sae),
+        other => Err(Error::Invalid(format!(
+            "unknown latent preset `{other}` (known: esr26)"
+        ))),
+    }
 }
 
 /// Every setting of the experiment (all of it is written to `results.json`).
@@ -215,7 +249,7 @@ impl EsrConfig {
                 steer_hook: "blocks.33.hook_resid_post".into(),
                 max_new_tokens: if quick { 64 } else { 512 },
                 calib_tokens: 64,
-                otd_fixed: Some(ESR_OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
+                otd_fixed: Some(OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
                 model_dtype: "bf16".into(),
                 model_weights: "dense".into(),
                 ..base

@@ -24,6 +24,7 @@
 //! 4. Test: a tiny random checkpoint made by transformers
 //!    (`scripts/make_model_fixtures.py`), logits within 1e-3, windows shorter than the
 //!    test prompt; hostile configs fail with the key named.
+//!
 //! If the block needs an option that [`ModelConfig`] lacks, add the option to the
 //! config and to `layers::Block` once, not a copy of the block.
 

@@ -68,7 +68,7 @@ pub use init::{geometric_median, mean};
 pub use metrics::{dead_fraction, fire_counts, fvu, mean_l0, mse, MetricsAccumulator};
 #[cfg(feature = "plot")]
 pub use plot::plot_training_curves;
-pub use source::{ActivationSource, InMemorySource, ShardSource, ACTIVATIONS_TENSOR};
+pub use source::{ActivationSource, InMemorySource, ShardSource};
 
 use crate::io::atomic::write_json;
 use crate::progress::Reporter;

@@ -73,7 +73,7 @@ pub(super) fn hf2(v: &HfConfig) -> Result<ModelConfig> {
 
 /// Gemma 2's pattern: even layers slide.
 fn alternate(i: usize) -> LayerKind {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         LayerKind::Sliding
     } else {
         LayerKind::Global
@@ -113,7 +113,7 @@ pub(super) fn hf3(v: &HfConfig) -> Result<ModelConfig> {
 
 /// Gemma 3's pattern: layer `i` is global when `(i + 1) % p == 0`.
 fn six(i: usize, p: usize) -> LayerKind {
-    if (i + 1) % p == 0 {
+    if (i + 1).is_multiple_of(p) {
         LayerKind::Global
     } else {
         LayerKind::Sliding
