@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::edit::{Edits, SpliceMode};
 use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks, Positions, SaeSplice};
 use crate::model::HookedModel;
-use crate::progress::Reporter;
 #[cfg(feature = "plot")]
 use crate::plot::{write_png, FONT};
+use crate::progress::Reporter;
 use crate::train::MetricsAccumulator;
 use crate::{Error, Result, Sae};
 

@@ -166,7 +166,8 @@ impl Step {
     fn end(&mut self) {
         if !self.finished {
             self.finished = true;
-            self.reporter.send(&ProgressEvent::Finish { step: &self.step });
+            self.reporter
+                .send(&ProgressEvent::Finish { step: &self.step });
         }
     }
 }

@@ -511,7 +511,11 @@ fn z_and_mlp_input_hooks_are_placed_as_in_transformer_lens() {
         assert_eq!(z.dim(2).unwrap(), 9 * 64, "decode {decode}");
         assert_eq!(max_diff(&z, &z.zeros_like().unwrap()), 0.0);
         let a = get(HookPoint::AttnOut(3));
-        assert_eq!(max_diff(&a, &a.zeros_like().unwrap()), 0.0, "decode {decode}");
+        assert_eq!(
+            max_diff(&a, &a.zeros_like().unwrap()),
+            0.0,
+            "decode {decode}"
+        );
         assert_eq!(
             max_diff(&get(HookPoint::ResidMid(3)), &get(HookPoint::ResidPre(3))),
             0.0

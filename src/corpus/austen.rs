@@ -13,7 +13,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 use super::rdata::LazyLoadDb;
 use crate::{Error, Result};
 

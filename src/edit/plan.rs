@@ -19,9 +19,9 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::edit::{Edits, SpliceMode};
 use crate::kernels::encode::{encode_dense, View2};
 use crate::kernels::simd::{axpy, dot, Elem};
-use crate::edit::{Edits, SpliceMode};
 use crate::sae::{Architecture, Normalization, Sae};
 use crate::{Error, Result};
 

@@ -30,7 +30,12 @@ impl Positions {
     /// sub-range of `0..seq_len`, possibly empty). `prompt_len` is the prompt's length
     /// when generating, `None` in a plain forward pass (then every position is prompt);
     /// a hook passes its [`HookContext`](crate::hooks::HookContext)'s fields.
-    pub fn select(&self, start_pos: usize, seq_len: usize, prompt_len: Option<usize>) -> Range<usize> {
+    pub fn select(
+        &self,
+        start_pos: usize,
+        seq_len: usize,
+        prompt_len: Option<usize>,
+    ) -> Range<usize> {
         let abs = start_pos..start_pos.saturating_add(seq_len);
         let want = match self {
             Positions::All => abs.clone(),
@@ -166,4 +171,3 @@ pub(crate) fn on_positions(
     }
     Ok(Some(Tensor::cat(&parts, 1)?))
 }
-

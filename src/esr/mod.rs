@@ -9,9 +9,9 @@
 //!    `chat_samples` times (temperature as in the trials). Sample 0 is the on-topic
 //!    reference for the judge and the OTD search; all samples join the SAE's training text.
 //! 2. **SAE.** Either the user's SAE, or one trained by the crate's own
-//!    [`harvest`](crate::harvest) → [`train`](crate::train) path on the Austen novels plus
+//!    [`harvest`](crate::harvest) → [`train`] path on the Austen novels plus
 //!    the chat transcripts of stage 1. Either way it is evaluated
-//!    ([`evaluate`](crate::eval::evaluate): FVU, L0, dead fraction, CE loss recovered) on
+//!    ([`evaluate`]: FVU, L0, dead fraction, CE loss recovered) on
 //!    held-out text.
 //! 3. **Judge.** [`judge::Judge`] is calibrated on the stage-1 answers (`Δ_ref`), and its
 //!    discrimination is reported: mean score of answers under their own prompt vs under

@@ -1,6 +1,6 @@
 //! The shape of a decoder: sizes, and the options that tell one family's block from
 //! another's. A family file fills a [`ModelConfig`] from GGUF metadata or `config.json`;
-//! [`ModelConfig::validate`] checks it, with checked arithmetic and upper bounds, before
+//! `ModelConfig::validate` checks it, with checked arithmetic and upper bounds, before
 //! anything is sized from it.
 
 use crate::{Error, Result};
@@ -172,7 +172,7 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
-/// Upper bounds of [`ModelConfig::validate`]: far above any released model, low enough
+/// Upper bounds of `ModelConfig::validate`: far above any released model, low enough
 /// that nothing sized from them overflows or allocates absurdly before the weights are
 /// checked against them.
 pub mod limits {

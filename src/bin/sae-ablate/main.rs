@@ -14,8 +14,8 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
-use sae_ablate::io::npy;
 use sae_ablate::edit::EditPlan;
+use sae_ablate::io::npy;
 use sae_ablate::sae::{Architecture, Sae};
 use sae_ablate::Result;
 

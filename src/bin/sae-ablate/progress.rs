@@ -209,15 +209,27 @@ mod tests {
         let text = buf.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
-        assert!(lines[0].starts_with("harvest: 10/100 tokens (10%,"), "{text}");
-        assert!(lines[2].starts_with("harvest: 100/100 tokens (100%,"), "{text}");
-        assert!(lines[3].starts_with("harvest: done, 100 tokens in "), "{text}");
+        assert!(
+            lines[0].starts_with("harvest: 10/100 tokens (10%,"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("harvest: 100/100 tokens (100%,"),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("harvest: done, 100 tokens in "),
+            "{text}"
+        );
     }
 
     #[test]
     fn short_steps_print_nothing() {
         let buf = Buf::default();
-        run(&Lines::new(Box::new(buf.clone()), Duration::from_secs(3600)));
+        run(&Lines::new(
+            Box::new(buf.clone()),
+            Duration::from_secs(3600),
+        ));
         assert_eq!(buf.text(), "");
     }
 
