@@ -178,7 +178,7 @@ fn the_esr_preset() {
     assert_eq!(esr.len(), 26);
     assert_eq!(esr.ids().first(), Some(&3675));
     assert_eq!(esr.ids().last(), Some(&61420));
-    // The list as published with the paper (issue text), copied independently of the crate.
+    // The list as published with the paper's code release, copied independently of the crate.
     let published: [u32; 26] = [
         3675, 7517, 9168, 10304, 11977, 15375, 17481, 17516, 24684, 27331, 28540, 33044, 34002,
         34765, 37536, 40119, 40792, 41038, 45078, 46037, 49897, 54311, 58565, 59483, 61116, 61420,
