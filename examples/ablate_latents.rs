@@ -70,7 +70,7 @@ fn run(a: Args) -> Result<()> {
     let (mut m, tok) = model::load(&a.model, &LoadOptions::default())?;
     let sae = Sae::load(&a.sae, &Device::Cpu)?;
     let set = match &a.preset {
-        Some(p) => LatentSet::preset(p, sae.d_sae())?,
+        Some(p) => sae_ablate::esr::latent_preset(p, sae.d_sae())?,
         None => LatentSet::new(&a.latents, sae.d_sae())?,
     };
     if set.is_empty() {

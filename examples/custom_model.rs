@@ -39,8 +39,24 @@ struct TinyLm {
     cached: usize,
 }
 
+/// Reproducible weights: a fixed-seed xorshift generator, uniform in [-√3, √3)·std
+/// (unit variance before scaling).
 fn randn(shape: (usize, usize), std: f64, dev: &Device) -> Result<Tensor> {
-    Ok((Tensor::randn(0f32, 1.0, shape, dev)? * std)?)
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x2602_0694_1000_0001);
+    let n = shape.0 * shape.1;
+    let mut s = STATE.load(Ordering::Relaxed);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f64 / (1u64 << 24) as f64; // [0, 1)
+            ((u * 2.0 - 1.0) * 3f64.sqrt() * std) as f32
+        })
+        .collect();
+    STATE.store(s, Ordering::Relaxed);
+    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 impl TinyLm {
@@ -174,7 +190,6 @@ fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 pub fn main() -> Result<()> {
     let dev = Device::Cpu;
-    dev.set_seed(2602)?;
     let mut m = TinyLm::new(&dev)?;
     let tokens = Tensor::new(&[[3u32, 14, 15, 9, 26, 5, 35, 8]], &dev)?;
 

@@ -11,6 +11,9 @@
 //! Writes `results.json`, `report.md`, `trials.jsonl`, PNG plots and `sae/` to DIR
 //! (default `results/esr/`). Assets come from `scripts/fetch-assets.sh`.
 
+#[path = "../src/bin/sae-ablate/progress.rs"]
+mod progress;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -83,7 +86,7 @@ fn main() -> ExitCode {
         if let Some(d) = &a.cache_dir {
             cfg.cache_dir = d.clone();
         }
-        cfg.progress = !a.quiet;
+        cfg.progress = progress::reporter(a.quiet);
         let command: Vec<String> = std::env::args().collect();
         let command = format!(
             "cargo run --release --example esr_ablation -- {}",

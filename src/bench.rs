@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::edit::EditPlan;
 use crate::edit::{reference, Edits, SpliceMode};
-use crate::kernels::EditPlan;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 

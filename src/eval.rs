@@ -17,16 +17,20 @@
 //! reconstruction metrics and are neither spliced nor ablated, matching what the SAE was
 //! trained on.
 
+#[cfg(feature = "plot")]
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
+#[cfg(feature = "plot")]
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::edit::{Edits, SpliceMode};
 use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks, Positions, SaeSplice};
 use crate::model::HookedModel;
-use crate::train::plot::{write_png, FONT};
+#[cfg(feature = "plot")]
+use crate::plot::{write_png, FONT};
+use crate::progress::Reporter;
 use crate::train::MetricsAccumulator;
 use crate::{Error, Result, Sae};
 
@@ -66,15 +70,18 @@ pub struct EvalConfig {
     pub prefix_len: usize,
     /// Hook point (default: the SAE's `hook_name`).
     pub hook: Option<HookPoint>,
+    /// Where progress goes (nothing by default).
+    pub progress: Reporter,
 }
 
 impl Default for EvalConfig {
-    /// Batches of 8 contexts, one BOS position, the SAE's own hook.
+    /// Batches of 8 contexts, one BOS position, the SAE's own hook, no progress reports.
     fn default() -> Self {
         EvalConfig {
             batch_size: 8,
             prefix_len: 1,
             hook: None,
+            progress: Reporter::none(),
         }
     }
 }
@@ -131,7 +138,7 @@ pub fn evaluate(
     let mut acc = MetricsAccumulator::new(d, sae.d_sae());
     let (mut clean, mut spliced, mut zero, mut n_ce) = (0f64, 0f64, 0f64, 0u64);
     let splice_edits = Edits::new(SpliceMode::Reconstruction);
-    let pb = crate::progress::bar(contexts.len() as u64, "eval", "contexts", true);
+    let mut pb = cfg.progress.step("eval", "contexts", contexts.len() as u64);
     for batch in contexts.chunks(cfg.batch_size) {
         pb.inc(batch.len() as u64);
         let flat: Vec<u32> = batch.iter().flatten().copied().collect();
@@ -162,7 +169,7 @@ pub fn evaluate(
         let mut hooks = Hooks::new().with(
             hook,
             move |_: &HookPoint, a: &Tensor, ctx: &HookContext| -> Result<Option<Tensor>> {
-                let r = p.select(ctx);
+                let r = p.select(ctx.start_pos, ctx.seq_len, ctx.prompt_len);
                 if r.is_empty() {
                     return Ok(None);
                 }
@@ -195,10 +202,11 @@ pub fn evaluate(
         tokens: acc.tokens(),
         ce_positions: n_ce,
     };
-    pb.finish_and_clear();
+    pb.finish();
     Ok((report, acc))
 }
 
+#[cfg(feature = "plot")]
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("latent density plot: {e}"))
 }
@@ -206,10 +214,12 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 /// Draw the latent density histogram (log10 of each latent's firing frequency over
 /// `tokens` tokens; dead latents are counted in the caption) into the PNG `path`
 /// (written to a temporary file beside it and renamed).
+#[cfg(feature = "plot")]
 pub fn plot_latent_density(fire_counts: &[f64], tokens: u64, path: &Path) -> Result<()> {
     write_png(path, |tmp| draw_density(fire_counts, tokens, tmp))
 }
 
+#[cfg(feature = "plot")]
 fn draw_density(counts: &[f64], tokens: u64, path: &Path) -> Result<()> {
     let n = (tokens as f64).max(1.0);
     let logs: Vec<f64> = counts

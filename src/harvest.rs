@@ -18,9 +18,17 @@
 //! `holdout_contexts` to stay disjoint.
 //!
 //! # Output
-//! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`,
-//! each holding the tensor `activations [n, d_in]` (f16 by default, or f32) as
-//! [`crate::train::ShardSource`] expects. Every file is written to a temporary name and renamed.
+//! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`
+//! activation shards (below; f16 by default, or f32). Every file is written to a temporary
+//! name and renamed.
+//!
+//! # Activation shards
+//! A shard is a safetensors file holding one tensor named [`ACTIVATIONS_TENSOR`]
+//! (`activations`) of shape `[n, d_in]` (row-major, one token per row) and dtype `F16`,
+//! `BF16` or `F32`; other tensors and the `__metadata__` map are ignored. A dataset is any
+//! number of shards with the same `d_in` (each `n` may differ, `n ≥ 1`): every
+//! `*.safetensors` file of a folder, in name order ([`shard_paths`]). Training reads them
+//! with [`crate::train::ShardSource`].
 //!
 //! # Cache
 //! The manifest records the settings (model sha256, hooks, context length, token budget,
@@ -33,42 +41,45 @@
 //! The forward pass stops right after the last needed hook point (a hook aborts it with a
 //! private sentinel error), so the layers above it and the LM head are never run.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks};
+use crate::io::sha256::{self, Sha256};
 use crate::io::write_atomic;
 use crate::model::{HookedModel, Tokenizer};
+use crate::progress::Reporter;
 use crate::{Error, Result};
+
+/// The tensor every activation shard holds (see "Activation shards" in the module docs).
+pub const ACTIVATIONS_TENSOR: &str = "activations";
+
+/// The activation shards of a folder: every `*.safetensors` file directly in `dir`, in
+/// name order. Errors when there are none.
+pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no *.safetensors activation shards",
+            dir.display()
+        )));
+    }
+    Ok(paths)
+}
 
 /// The name of the manifest file in a harvest directory.
 pub const MANIFEST: &str = "manifest.json";
 
 const STOP: &str = "sae-ablate harvest: forward stopped after the last needed hook point";
-
-/// Lowercase hex SHA-256 of a file (streamed). Errors name the file.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(buf.get(..n).unwrap_or_default());
-    }
-    Ok(hex(&h.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// The files of a corpus: `path` itself if it is a file, else the `*.txt` files of the
 /// folder in name order. Errors when there are none.
@@ -146,7 +157,7 @@ impl Contexts {
             // Without a BOS the first token is the attention sink: its residual stream has a
             // norm far above every other position's, so it is left out just like a BOS.
             prefix_len: prefix.len().max(1),
-            corpus_sha256: hex(&h.finalize()),
+            corpus_sha256: h.finalize_hex(),
         })
     }
 
@@ -180,14 +191,14 @@ pub struct HarvestConfig {
     pub dtype: String,
     /// Rows per shard.
     pub shard_rows: usize,
-    /// Show an indicatif progress bar on stderr.
+    /// Where progress goes (nothing by default); not part of the cached settings.
     #[serde(skip)]
-    pub progress: bool,
+    pub progress: Reporter,
 }
 
 impl Default for HarvestConfig {
     /// `blocks.15.hook_resid_post`, 128-token contexts, batches of 8, the whole corpus,
-    /// 64 held-out contexts, f16, 65536 rows per shard, a progress bar.
+    /// 64 held-out contexts, f16, 65536 rows per shard, no progress reports.
     fn default() -> Self {
         HarvestConfig {
             hooks: vec!["blocks.15.hook_resid_post".into()],
@@ -197,7 +208,7 @@ impl Default for HarvestConfig {
             holdout_contexts: 64,
             dtype: "f16".into(),
             shard_rows: 65536,
-            progress: true,
+            progress: Reporter::none(),
         }
     }
 }
@@ -284,7 +295,7 @@ impl Manifest {
                         dir.display()
                     )));
                 }
-                let got = sha256_file(&p)?;
+                let got = sha256::file_hex(&p)?;
                 if got != s.sha256 {
                     return Err(Error::Invalid(format!(
                         "cached shard {} is corrupted: sha256 {got} does not match {} in {}; \
@@ -327,9 +338,9 @@ pub struct ActivationStore {
 
 /// SHA-256 identifying a model path: the file's hash, or for a directory the hash of its
 /// files' names and hashes.
-pub fn model_sha256(path: &Path) -> Result<String> {
+pub(crate) fn model_sha256(path: &Path) -> Result<String> {
     if path.is_file() {
-        return sha256_file(path);
+        return sha256::file_hex(path);
     }
     let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
     let mut files: Vec<PathBuf> = Vec::new();
@@ -348,9 +359,9 @@ pub fn model_sha256(path: &Path) -> Result<String> {
                 .to_string_lossy()
                 .as_bytes(),
         );
-        h.update(sha256_file(&f)?.as_bytes());
+        h.update(sha256::file_hex(&f)?.as_bytes());
     }
-    Ok(hex(&h.finalize()))
+    Ok(h.finalize_hex())
 }
 
 fn out_dtype(s: &str) -> Result<(DType, safetensors::Dtype)> {
@@ -374,10 +385,10 @@ fn write_shard(
 ) -> Result<String> {
     let view = safetensors::tensor::TensorView::new(dt, vec![n, d], bytes)
         .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
-    let data = safetensors::tensor::serialize([(crate::train::ACTIVATIONS_TENSOR, view)], None)
+    let data = safetensors::tensor::serialize([(ACTIVATIONS_TENSOR, view)], None)
         .map_err(|e| Error::format("safetensors", e.to_string()).in_file(path))?;
     write_atomic(path, |w| w.write_all(&data).map_err(|e| Error::io(path, e)))?;
-    Ok(hex(&Sha256::digest(&data)))
+    Ok(sha256::hex_digest(&data))
 }
 
 struct ShardJob {
@@ -482,12 +493,9 @@ impl ActivationStore {
             hooks.add(*p, cache.clone());
         }
         add_stop_hook(&mut hooks, &points, model.n_layers());
-        let bar = crate::progress::bar(
-            train.len() as u64 * per_ctx,
-            "harvest",
-            "tokens",
-            cfg.progress,
-        );
+        let mut bar = cfg
+            .progress
+            .step("harvest", "tokens", train.len() as u64 * per_ctx);
         // A writer thread hashes and writes shards while the model runs.
         let (tx, rx) = std::sync::mpsc::sync_channel::<ShardJob>(2);
         let writer = std::thread::spawn(move || -> Result<Vec<(usize, ShardEntry)>> {
@@ -596,7 +604,7 @@ impl ActivationStore {
         let loop_seconds = t_loop.elapsed().as_secs_f64();
         run?;
         let written = written?;
-        bar.finish_and_clear();
+        bar.finish();
         for (i, s) in written {
             if let Some(o) = outputs.get_mut(i) {
                 o.tokens += s.rows;
@@ -661,45 +669,4 @@ fn add_stop_hook(hooks: &mut Hooks, points: &[HookPoint], n_layers: usize) {
             Err(Error::Invalid(STOP.into()))
         },
     );
-}
-
-/// The baseline of a harvest's speed: the same forward passes as
-/// [`ActivationStore::harvest`] with `cfg` over `ctx` (same batches, stopped at the same
-/// hook point) capturing and writing nothing. Returns activation rows per second, to set
-/// against `rows / `[`HarvestReport::loop_seconds`].
-pub fn plain_forward_rows_per_s(
-    model: &mut dyn HookedModel,
-    ctx: &Contexts,
-    cfg: &HarvestConfig,
-) -> Result<f64> {
-    if cfg.batch_size == 0 || cfg.hooks.is_empty() {
-        return Err(Error::Invalid(
-            "harvest needs at least one hook and batch size ≥ 1".into(),
-        ));
-    }
-    let points: Vec<HookPoint> = cfg.hooks.iter().map(|h| h.parse()).collect::<Result<_>>()?;
-    for p in &points {
-        p.validate(model.n_layers())?;
-    }
-    let (train, per_ctx) = harvested_contexts(ctx, cfg)?;
-    let mut hooks = Hooks::new();
-    add_stop_hook(&mut hooks, &points, model.n_layers());
-    let dev = model.device().clone();
-    let budget = cfg.max_tokens.unwrap_or(u64::MAX);
-    let mut rows = 0u64;
-    let t = Instant::now();
-    for batch in train.chunks(cfg.batch_size) {
-        let flat: Vec<u32> = batch.iter().flatten().copied().collect();
-        let x = Tensor::from_vec(flat, (batch.len(), cfg.context_len), &dev)?;
-        match model.forward(&x, 0, &mut hooks) {
-            Ok(_) => {}
-            Err(Error::Invalid(m)) if m == STOP => {}
-            Err(e) => return Err(e),
-        }
-        rows += (batch.len() as u64 * per_ctx).min(budget - rows);
-        if rows >= budget {
-            break;
-        }
-    }
-    Ok(rows as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }

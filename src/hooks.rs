@@ -21,9 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor};
 
-use crate::edit::Edits;
-use crate::kernels::EditPlan;
-use crate::sae::Sae;
+use crate::edit::on_positions;
+pub use crate::edit::{Positions, SaeSplice};
 use crate::{Error, Result};
 
 /// A place in the forward pass where activations can be read or replaced.
@@ -198,73 +197,6 @@ impl HookContext {
     /// Whether absolute position `pos` belongs to the prompt.
     pub fn is_prompt(&self, pos: usize) -> bool {
         self.prompt_len.is_none_or(|p| pos < p)
-    }
-}
-
-/// Which token positions a hook acts on.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Positions {
-    /// Every position.
-    #[default]
-    All,
-    /// Prompt positions only (all positions in a plain forward pass).
-    Prompt,
-    /// Generated positions only (none in a plain forward pass).
-    Generated,
-    /// Absolute positions in this range.
-    Range(Range<usize>),
-}
-
-impl Positions {
-    /// The positions of `ctx` this selector covers, relative to `ctx.start_pos`
-    /// (a sub-range of `0..ctx.seq_len`, possibly empty).
-    pub fn select(&self, ctx: &HookContext) -> Range<usize> {
-        let abs = ctx.positions();
-        let want = match self {
-            Positions::All => abs.clone(),
-            Positions::Prompt => match ctx.prompt_len {
-                None => abs.clone(),
-                Some(p) => 0..p,
-            },
-            Positions::Generated => match ctx.prompt_len {
-                None => 0..0,
-                Some(p) => p..usize::MAX,
-            },
-            Positions::Range(r) => r.clone(),
-        };
-        let lo = want.start.max(abs.start);
-        let hi = want.end.min(abs.end);
-        if lo >= hi {
-            0..0
-        } else {
-            lo - abs.start..hi - abs.start
-        }
-    }
-}
-
-impl std::str::FromStr for Positions {
-    type Err = Error;
-    /// `all`, `prompt`, `generated`, or an absolute range `A..B`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "all" => Ok(Positions::All),
-            "prompt" => Ok(Positions::Prompt),
-            "generated" => Ok(Positions::Generated),
-            _ => {
-                let bad = || {
-                    Error::Invalid(format!(
-                        "bad positions `{s}`: expected all, prompt, generated or A..B"
-                    ))
-                };
-                let (a, b) = s.split_once("..").ok_or_else(bad)?;
-                let a: usize = a.trim().parse().map_err(|_| bad())?;
-                let b: usize = b.trim().parse().map_err(|_| bad())?;
-                if a > b {
-                    return Err(bad());
-                }
-                Ok(Positions::Range(a..b))
-            }
-        }
     }
 }
 
@@ -491,31 +423,6 @@ impl AddVector {
     }
 }
 
-/// Replace positions `r` (relative, along dim 1) of `act` by `f(selected)`.
-fn on_positions(
-    act: &Tensor,
-    r: Range<usize>,
-    f: impl FnOnce(&Tensor) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    let t = act.dim(1)?;
-    if r.is_empty() {
-        return Ok(None);
-    }
-    if r.start == 0 && r.end == t {
-        return Ok(Some(f(act)?.to_dtype(act.dtype())?));
-    }
-    let mid = f(&act.narrow(1, r.start, r.len())?)?.to_dtype(act.dtype())?;
-    let mut parts = Vec::with_capacity(3);
-    if r.start > 0 {
-        parts.push(act.narrow(1, 0, r.start)?);
-    }
-    parts.push(mid);
-    if r.end < t {
-        parts.push(act.narrow(1, r.end, t - r.end)?);
-    }
-    Ok(Some(Tensor::cat(&parts, 1)?))
-}
-
 impl Hook for AddVector {
     fn call(
         &mut self,
@@ -532,42 +439,10 @@ impl Hook for AddVector {
             });
         }
         let v = self.vector.to_device(act.device())?;
-        on_positions(act, self.positions.select(ctx), |x| {
-            Ok(x.to_dtype(DType::F32)?.broadcast_add(&v)?)
-        })
-    }
-}
-
-/// An SAE spliced in with latent edits, on the selected positions, through the fused
-/// [`EditPlan`]. With no edits in error-preserving mode it returns its input unchanged.
-pub struct SaeSplice {
-    plan: EditPlan,
-    positions: Positions,
-    d_in: usize,
-}
-
-impl std::fmt::Debug for SaeSplice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SaeSplice")
-            .field("d_in", &self.d_in)
-            .field("positions", &self.positions)
-            .finish()
-    }
-}
-
-impl SaeSplice {
-    /// Build the splice (validates the edits against the SAE once).
-    pub fn new(sae: &Sae, edits: &Edits, positions: Positions) -> Result<Self> {
-        Ok(SaeSplice {
-            plan: EditPlan::new(sae, edits)?,
-            positions,
-            d_in: sae.d_in(),
-        })
-    }
-
-    /// The position selector.
-    pub fn positions(&self) -> &Positions {
-        &self.positions
+        let r = self
+            .positions
+            .select(ctx.start_pos, ctx.seq_len, ctx.prompt_len);
+        on_positions(act, r, |x| Ok(x.to_dtype(DType::F32)?.broadcast_add(&v)?))
     }
 }
 
@@ -579,15 +454,12 @@ impl Hook for SaeSplice {
         ctx: &HookContext,
     ) -> Result<Option<Tensor>> {
         let d = act.dim(candle_core::D::Minus1)?;
-        if d != self.d_in {
+        if d != self.d_in() {
             return Err(Error::Invalid(format!(
                 "SAE splice at {point}: the activation has d_model = {d}, the SAE has d_in = {}",
-                self.d_in
+                self.d_in()
             )));
         }
-        let dev = act.device().clone();
-        on_positions(act, self.positions.select(ctx), |x| {
-            Ok(self.plan.apply(x)?.to_device(&dev)?)
-        })
+        self.apply(act, ctx.start_pos, ctx.prompt_len)
     }
 }

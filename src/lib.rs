@@ -20,25 +20,31 @@
 //! # fn main() -> sae_ablate::Result<()> {
 //! let sae = Sae::load("path/to/release", &Device::Cpu)?;
 //! let x = Tensor::randn(0f32, 1.0, (4, sae.d_in()), &Device::Cpu)?;
-//! let otd = LatentSet::preset("esr26", sae.d_sae())?;
-//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(otd.ids())?;
+//! let latents = LatentSet::new(&[3, 7, 12], sae.d_sae())?;
+//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(latents.ids())?;
 //! let y = reference::apply(&sae, &x, &edits)?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
+#[doc(hidden)]
 pub mod bench;
+#[cfg(feature = "corpus")]
 pub mod corpus;
 pub mod edit;
 mod error;
+#[cfg(feature = "esr")]
 pub mod esr;
 pub mod eval;
 pub mod harvest;
 pub mod hooks;
 pub mod io;
+#[doc(hidden)]
 pub mod kernels;
 pub mod model;
-mod progress;
+#[cfg(feature = "plot")]
+mod plot;
+pub mod progress;
 pub mod sae;
 pub mod train;
 

@@ -11,9 +11,9 @@ mod small;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
+use sae_ablate::edit::cuda::{CudaDevice, CudaEditPlan, DeviceTensor};
+use sae_ablate::edit::EditPlan;
 use sae_ablate::edit::{Edits, LatentEdit, SpliceMode};
-use sae_ablate::kernels::cuda::{CudaDevice, CudaEditPlan, DeviceTensor};
-use sae_ablate::kernels::EditPlan;
 use sae_ablate::sae::{Architecture, Normalization, Sae, SaeConfig, SaeWeights};
 use small::random;
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sae_ablate::kernels::cuda::{compile_ptx, preload_library, KERNEL_NAMES};
+use sae_ablate::edit::cuda::{compile_ptx, preload_library, KERNEL_NAMES};
 
 fn cuda_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/cuda");
@@ -134,7 +134,7 @@ fn preload_of_a_missing_library_names_the_path() {
 
 #[test]
 fn opening_a_gpu_without_a_driver_is_an_error_not_a_panic() {
-    use sae_ablate::kernels::cuda::{driver_available, CudaDevice};
+    use sae_ablate::edit::cuda::{driver_available, CudaDevice};
     match CudaDevice::new(0) {
         Ok(dev) => assert!(driver_available() && dev.arch() >= 50),
         Err(e) if !driver_available() => {

@@ -4,9 +4,7 @@
 mod small;
 
 use candle_core::{DType, Device, Tensor};
-use sae_ablate::edit::{
-    reference, Edits, LatentEdit, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50,
-};
+use sae_ablate::edit::{reference, Edits, LatentEdit, LatentSet, SpliceMode};
 use sae_ablate::sae::{Architecture, Normalization};
 use small::*;
 
@@ -164,25 +162,30 @@ fn bad_edits_are_rejected() {
 }
 
 #[test]
-fn latent_sets_and_the_esr_preset() {
+fn latent_sets() {
     let s = LatentSet::new(&[9, 2, 9, 4], 10).unwrap();
     assert_eq!(s.ids(), &[2, 4, 9]);
     assert!(s.contains(4) && !s.contains(5));
     let err = LatentSet::new(&[2, 10], 10).unwrap_err().to_string();
     assert!(err.contains("latent id 10"), "{err}");
+}
 
-    let esr = LatentSet::preset("esr26", 65536).unwrap();
+#[cfg(feature = "esr")]
+#[test]
+fn the_esr_preset() {
+    use sae_ablate::esr::{latent_preset, OTD_LATENTS_LLAMA33_70B_L50};
+    let esr = latent_preset("esr26", 65536).unwrap();
     assert_eq!(esr.len(), 26);
     assert_eq!(esr.ids().first(), Some(&3675));
     assert_eq!(esr.ids().last(), Some(&61420));
-    // The list as published with the paper (issue text), copied independently of the crate.
+    // The list as published with the paper's code release, copied independently of the crate.
     let published: [u32; 26] = [
         3675, 7517, 9168, 10304, 11977, 15375, 17481, 17516, 24684, 27331, 28540, 33044, 34002,
         34765, 37536, 40119, 40792, 41038, 45078, 46037, 49897, 54311, 58565, 59483, 61116, 61420,
     ];
-    assert_eq!(ESR_OTD_LATENTS_LLAMA33_70B_L50, published);
+    assert_eq!(OTD_LATENTS_LLAMA33_70B_L50, published);
     assert_eq!(esr.ids(), &published);
     // The preset belongs to a 65,536-latent SAE: a smaller one is rejected.
-    assert!(LatentSet::preset("esr26", 4608).is_err());
-    assert!(LatentSet::preset("nope", 65536).is_err());
+    assert!(latent_preset("esr26", 4608).is_err());
+    assert!(latent_preset("nope", 65536).is_err());
 }

@@ -138,7 +138,7 @@ fn quick_experiment_writes_the_output_contract() {
     cfg.model = smollm::gguf_path();
     cfg.train.corpus = root.join("assets/austen");
     cfg.cache_dir = root.join("assets/cache/esr-smollm2-quick");
-    cfg.progress = false;
+    cfg.progress = Default::default();
     let out = std::env::temp_dir().join(format!("sae-ablate-esr-quick-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let r = esr::run(&cfg, &out, "test").unwrap();

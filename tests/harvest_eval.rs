@@ -8,7 +8,7 @@ mod smollm;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use sae_ablate::eval::{evaluate, plot_latent_density, EvalConfig, EvalReport};
+use sae_ablate::eval::{evaluate, EvalConfig, EvalReport};
 use sae_ablate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use sae_ablate::hooks::HookPoint;
 use sae_ablate::model::HookedModel;
@@ -65,7 +65,7 @@ fn harvest_cfg() -> HarvestConfig {
         holdout_contexts: HOLDOUT,
         dtype: "f16".into(),
         shard_rows: 128,
-        progress: false,
+        progress: Default::default(),
     }
 }
 
@@ -271,6 +271,7 @@ fn eval(sae: &Sae, held: &[Vec<u32>], prefix_len: usize) -> EvalReport {
         batch_size: 2,
         prefix_len,
         hook: None,
+        ..Default::default()
     };
     evaluate(&mut *m, sae, held, &cfg).unwrap().0
 }
@@ -301,10 +302,13 @@ fn eval_random_sae_is_deterministic_and_finite() {
     let c = eval(&random_sae(8), &held, prefix);
     assert_ne!(a, c, "a different SAE gives different numbers");
     // The density histogram renders.
-    let png = tmp.0.join("density.png");
-    let counts: Vec<f64> = (0..256).map(|i| (i % 7) as f64).collect();
-    plot_latent_density(&counts, 64, &png).unwrap();
-    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+    #[cfg(feature = "plot")]
+    {
+        let png = tmp.0.join("density.png");
+        let counts: Vec<f64> = (0..256).map(|i| (i % 7) as f64).collect();
+        sae_ablate::eval::plot_latent_density(&counts, 64, &png).unwrap();
+        assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+    }
 }
 
 #[test]
@@ -318,6 +322,7 @@ fn eval_perfect_sae_recovers_everything() {
     assert!(r.ce_zero_ablated > r.ce_clean + 0.1, "{r:?}");
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn cli_eval_json_has_every_field() {
     let tmp = Tmp::new("cli");

@@ -410,13 +410,14 @@ fn hook_context_reports_prompt_and_decode() {
         "generation restores the prompt length"
     );
     // Selectors on a decode step.
+    let at = |pos: &Positions, c: &HookContext| pos.select(c.start_pos, c.seq_len, c.prompt_len);
     let c = &seen[1];
-    assert_eq!(Positions::Prompt.select(c), 0..0);
-    assert_eq!(Positions::Generated.select(c), 0..1);
-    assert_eq!(Positions::All.select(c), 0..1);
-    assert_eq!(Positions::Range(0..p.len()).select(c), 0..0);
-    assert_eq!(Positions::Prompt.select(&seen[0]), 0..p.len());
-    assert_eq!(Positions::Generated.select(&seen[0]), 0..0);
+    assert_eq!(at(&Positions::Prompt, c), 0..0);
+    assert_eq!(at(&Positions::Generated, c), 0..1);
+    assert_eq!(at(&Positions::All, c), 0..1);
+    assert_eq!(at(&Positions::Range(0..p.len()), c), 0..0);
+    assert_eq!(at(&Positions::Prompt, &seen[0]), 0..p.len());
+    assert_eq!(at(&Positions::Generated, &seen[0]), 0..0);
 }
 
 #[test]

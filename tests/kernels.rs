@@ -4,8 +4,8 @@
 mod small;
 
 use candle_core::{DType, Device, Tensor};
+use sae_ablate::edit::EditPlan;
 use sae_ablate::edit::{reference, Edits, LatentEdit, SpliceMode};
-use sae_ablate::kernels::EditPlan;
 use sae_ablate::sae::{Architecture, Normalization, Sae, SaeConfig, SaeWeights};
 use small::*;
 

@@ -461,6 +461,7 @@ fn hf_safetensors_matches_gguf() {
 }
 
 /// `sae-ablate logits` and `generate` end to end, with and without an SAE splice.
+#[cfg(feature = "cli")]
 #[test]
 fn cli_logits_and_generate() {
     use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
@@ -627,6 +628,7 @@ fn cli_logits_and_generate() {
 /// `generate` with several prompts (repeated --prompt and --prompts-file) prints one JSON
 /// line per prompt, in order, each equal to that prompt's own single-prompt run; the
 /// quantized weight format continues "The capital of France is" with " Paris" too.
+#[cfg(feature = "cli")]
 #[test]
 fn cli_generate_batch_matches_single_prompts() {
     use std::process::Command;

@@ -13,8 +13,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::rdata::LazyLoadDb;
 use crate::{Error, Result};
 
@@ -52,14 +50,6 @@ pub const AUSTEN_BOOKS: [(&str, &str); 6] = [
         "105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09",
     ),
 ];
-
-/// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Find the books' `Rdata.rdx` given an unpacked package root, the
 /// `janeaustenr` library folder, its `data/` folder, or the `.rdx` file itself.
@@ -146,7 +136,7 @@ pub fn extract_austen(deb_or_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>>
     let mut written = Vec::with_capacity(AUSTEN_BOOKS.len());
     for (name, want) in AUSTEN_BOOKS {
         let text = book_text(&db, name).map_err(|e| e.in_file(&rdx))?;
-        let got = sha256_hex(&text);
+        let got = crate::io::sha256::hex_digest(&text);
         if got != want {
             return Err(Error::Invalid(format!(
                 "{}: book `{name}` extracts to {} bytes with sha256 {got}, expected {want}",
@@ -169,7 +159,7 @@ pub fn verify_austen(dir: &Path) -> Result<Vec<PathBuf>> {
         .map(|(name, want)| {
             let path = dir.join(format!("{name}.txt"));
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-            let got = sha256_hex(&bytes);
+            let got = crate::io::sha256::hex_digest(&bytes);
             if &got != want {
                 return Err(Error::Invalid(format!(
                     "{}: sha256 {got}, expected {want}",

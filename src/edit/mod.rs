@@ -9,12 +9,20 @@
 //!
 //! Steering by a decoder direction adds `c·W_dec[i]` to `y` in either mode.
 //! [`reference::apply`] implements all of this with plain candle ops; it is the
-//! oracle the fused kernels are tested against.
+//! oracle the fused [`EditPlan`] is tested against. [`SaeSplice`] applies an
+//! [`EditPlan`] to selected token positions of an activation (a hook inside a model).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod latents;
+mod plan;
 pub mod reference;
+mod splice;
 
-pub use latents::{LatentSet, ESR_OTD_LATENTS_LLAMA33_70B_L50};
+pub use latents::LatentSet;
+pub use plan::EditPlan;
+pub(crate) use splice::on_positions;
+pub use splice::{Positions, SaeSplice};
 
 use crate::{Error, Result};
 

@@ -9,9 +9,9 @@
 //!    `chat_samples` times (temperature as in the trials). Sample 0 is the on-topic
 //!    reference for the judge and the OTD search; all samples join the SAE's training text.
 //! 2. **SAE.** Either the user's SAE, or one trained by the crate's own
-//!    [`harvest`](crate::harvest) → [`train`](crate::train) path on the Austen novels plus
+//!    [`harvest`](crate::harvest) → [`train`] path on the Austen novels plus
 //!    the chat transcripts of stage 1. Either way it is evaluated
-//!    ([`evaluate`](crate::eval::evaluate): FVU, L0, dead fraction, CE loss recovered) on
+//!    ([`evaluate`]: FVU, L0, dead fraction, CE loss recovered) on
 //!    held-out text.
 //! 3. **Judge.** [`judge::Judge`] is calibrated on the stage-1 answers (`Δ_ref`), and its
 //!    discrimination is reported: mean score of answers under their own prompt vs under
@@ -34,6 +34,13 @@
 //! 8. **Report.** Per condition: n, multi-attempt rate, ESR rate, mean first score with
 //!    95% bootstrap intervals; `results.json`, `report.md`, plots, `trials.jsonl`, and the
 //!    SAE in SAELens format under `sae/` (see [`report`]).
+//!
+//! The published off-topic-detector latents of Goodfire's Llama-3.3-70B SAE are
+//! [`OTD_LATENTS_LLAMA33_70B_L50`]; [`latent_preset`] gives them as a checked
+//! [`LatentSet`] by name (`esr26`), to zero-ablate with
+//! [`Edits::zero`](crate::edit::Edits::zero).
+//!
+//! Needs the `esr` feature (on by default).
 
 pub mod judge;
 pub mod prompts;
@@ -47,7 +54,7 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::edit::{Edits, LatentSet, SpliceMode, ESR_OTD_LATENTS_LLAMA33_70B_L50};
+use crate::edit::{Edits, LatentSet, SpliceMode};
 use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
@@ -56,6 +63,7 @@ use crate::model::generate::Rng;
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
 };
+use crate::progress::{Reporter, Step};
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 
@@ -83,6 +91,33 @@ pub struct SaeTrainSpec {
     pub dead_tokens_threshold: u64,
     /// Contexts at the end of the corpus held out from harvesting (evaluation text).
     pub holdout_contexts: usize,
+}
+
+/// The 26 off-topic-detector latents of Goodfire's Llama-3.3-70B-Instruct SAE
+/// (layer 50, 65,536 latents) whose zero-ablation reduces endogenous steering
+/// resistance (McKenzie et al., "Endogenous Steering Resistance", arXiv 2602.06941;
+/// list from the paper's code release, agencyenterprise/endogenous-steering-resistance).
+pub const OTD_LATENTS_LLAMA33_70B_L50: [u32; 26] = [
+    3675, 7517, 9168, 10304, 11977, 15375, 17481, 17516, 24684, 27331, 28540, 33044, 34002, 34765,
+    37536, 40119, 40792, 41038, 45078, 46037, 49897, 54311, 58565, 59483, 61116, 61420,
+];
+
+/// A named latent set of the experiment, checked against an SAE of `d_sae` latents:
+/// `esr26` = [`OTD_LATENTS_LLAMA33_70B_L50`] (a 65,536-latent SAE). The CLI's
+/// `--zero-preset` takes these names.
+///
+/// ```
+/// let otd = sae_ablate::esr::latent_preset("esr26", 65536).unwrap();
+/// assert_eq!(otd.len(), 26);
+/// assert!(sae_ablate::esr::latent_preset("esr26", 4608).is_err());
+/// ```
+pub fn latent_preset(name: &str, d_sae: usize) -> Result<LatentSet> {
+    match name {
+        "esr26" => LatentSet::new(&OTD_LATENTS_LLAMA33_70B_L50, d_sae),
+        other => Err(Error::Invalid(format!(
+            "unknown latent preset `{other}` (known: esr26)"
+        ))),
+    }
 }
 
 /// Every setting of the experiment (all of it is written to `results.json`).
@@ -149,8 +184,9 @@ pub struct EsrConfig {
     pub model_weights: String,
     /// Cached answers, corpus, activations, SAE and evaluation.
     pub cache_dir: PathBuf,
-    /// Show progress bars.
-    pub progress: bool,
+    /// Where progress goes (nothing by default); not written to `results.json`.
+    #[serde(skip)]
+    pub progress: Reporter,
 }
 
 impl EsrConfig {
@@ -202,7 +238,7 @@ impl EsrConfig {
             model_dtype: "f32".into(),
             model_weights: "quantized".into(),
             cache_dir: PathBuf::from(format!("assets/cache/esr-{name}{tag}")),
-            progress: true,
+            progress: Reporter::none(),
         };
         match name {
             "smollm2" => Ok(base),
@@ -213,7 +249,7 @@ impl EsrConfig {
                 steer_hook: "blocks.33.hook_resid_post".into(),
                 max_new_tokens: if quick { 64 } else { 512 },
                 calib_tokens: 64,
-                otd_fixed: Some(ESR_OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
+                otd_fixed: Some(OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
                 model_dtype: "bf16".into(),
                 model_weights: "dense".into(),
                 ..base
@@ -381,8 +417,8 @@ struct Ctx<'a> {
     timings: Timings,
 }
 
-fn bar(cfg: &EsrConfig, len: u64, what: &str) -> indicatif::ProgressBar {
-    crate::progress::bar(len, what, "", cfg.progress)
+fn bar(cfg: &EsrConfig, len: u64, what: &str) -> Step {
+    cfg.progress.step(what, "", len)
 }
 
 impl Ctx<'_> {
@@ -405,7 +441,7 @@ impl Ctx<'_> {
         max_new_tokens: usize,
         seed: u64,
         hooks: &mut Hooks,
-        pb: &indicatif::ProgressBar,
+        pb: &mut Step,
     ) -> Result<Vec<Vec<u32>>> {
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(which.len());
@@ -598,7 +634,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     let t0 = Instant::now();
     let mut steering = Vec::with_capacity(steer_ids.len());
     let max_probes = cfg.bisection_steps + 4;
-    let pb = bar(cfg, (steer_ids.len() * max_probes) as u64, "calibrate");
+    let mut pb = bar(cfg, (steer_ids.len() * max_probes) as u64, "calibrate");
     for &latent in &steer_ids {
         steering.push(calibrate(
             &mut cx,
@@ -607,10 +643,10 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
             &steer_point,
             latent,
             median_norm,
-            &pb,
+            &mut pb,
         )?);
     }
-    pb.finish_and_clear();
+    pb.finish();
     stage(&mut cx.timings, "calibration", t0);
 
     // 7. Trials.
@@ -625,7 +661,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     let which: Vec<usize> = (0..n).collect();
     // Generate every condition first, then judge all answers together: the judge shares
     // each prompt's cached prefix among all attempts scored after that prompt.
-    let pb = bar(
+    let mut pb = bar(
         cfg,
         (steering.len() * conditions.len() * n + n) as u64,
         "trials",
@@ -640,7 +676,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
                 let edits = Edits::new(SpliceMode::ErrorPreserving).zero(set)?;
                 hooks.add(sae_point, SaeSplice::new(&sae, &edits, Positions::All)?);
             }
-            let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &pb)?;
+            let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &mut pb)?;
             for (i, g) in gens.into_iter().enumerate() {
                 let text = cx.text(&g)?;
                 attempts.push(judge::split_attempts(&text));
@@ -688,7 +724,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     for (t, s) in trials.iter_mut().zip(scores) {
         t.scores = s;
     }
-    pb.finish_and_clear();
+    pb.finish();
     stage(&mut cx.timings, "trials", t0);
 
     // 8. Report.
@@ -801,13 +837,13 @@ fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     }
     let n = cx.prompts.len();
     let which: Vec<usize> = (0..n).collect();
-    let pb = bar(cfg, (n * cfg.chat_samples) as u64, "answers");
+    let mut pb = bar(cfg, (n * cfg.chat_samples) as u64, "answers");
     let mut answers = Vec::with_capacity(cfg.chat_samples);
     for s in 0..cfg.chat_samples {
         let seed = cfg.seed.wrapping_add(10_000 * s as u64);
-        answers.push(cx.generate(&which, cfg.max_new_tokens, seed, &mut Hooks::new(), &pb)?);
+        answers.push(cx.generate(&which, cfg.max_new_tokens, seed, &mut Hooks::new(), &mut pb)?);
     }
-    pb.finish_and_clear();
+    pb.finish();
     write_json(
         &path,
         &AnswersCache {
@@ -893,7 +929,7 @@ fn prepare_sae(
                 holdout_contexts: spec.holdout_contexts,
                 dtype: "f16".into(),
                 shard_rows: 65536,
-                progress: cfg.progress,
+                progress: cfg.progress.clone(),
             };
             let h = ActivationStore::new(&acts).harvest(
                 &mut cx.model,
@@ -975,6 +1011,7 @@ fn prepare_sae(
         batch_size: cfg.batch_size,
         prefix_len: ctx.prefix_len,
         hook: Some(*point),
+        progress: cfg.progress.clone(),
     };
     let (report, acc) = evaluate(&mut cx.model, &sae, held, &ecfg)?;
     let fire_counts = acc.fire_counts().to_vec();
@@ -1001,7 +1038,7 @@ fn max_pool(
     sae: &Sae,
     point: &HookPoint,
     seqs: &[(Vec<u32>, std::ops::Range<usize>)],
-    pb: &indicatif::ProgressBar,
+    pb: &mut Step,
 ) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
     let dev = cx.model.device().clone();
     let mut pooled = Vec::with_capacity(seqs.len());
@@ -1056,10 +1093,10 @@ fn otd_activations(
     };
     let on: Vec<_> = (0..n).map(|i| seq(i, i)).collect();
     let off: Vec<_> = (0..n).map(|i| seq(i, (i + 1) % n)).collect();
-    let pb = bar(cx.cfg, 2 * n as u64, "otd search");
-    let (on_pool, norms) = max_pool(cx, sae, point, &on, &pb)?;
-    let (off_pool, _) = max_pool(cx, sae, point, &off, &pb)?;
-    pb.finish_and_clear();
+    let mut pb = bar(cx.cfg, 2 * n as u64, "otd search");
+    let (on_pool, norms) = max_pool(cx, sae, point, &on, &mut pb)?;
+    let (off_pool, _) = max_pool(cx, sae, point, &off, &mut pb)?;
+    pb.finish();
     let norms: Vec<f64> = norms.iter().map(|&v| v as f64).collect();
     let med = judge::median(&norms);
     Ok((
@@ -1076,9 +1113,9 @@ fn prompt_activations(cx: &mut Ctx<'_>, sae: &Sae, point: &HookPoint) -> Result<
         .iter()
         .map(|p| (p.clone(), 1..p.len()))
         .collect();
-    let pb = bar(cx.cfg, seqs.len() as u64, "prompts");
-    let (pooled, _) = max_pool(cx, sae, point, &seqs, &pb)?;
-    pb.finish_and_clear();
+    let mut pb = bar(cx.cfg, seqs.len() as u64, "prompts");
+    let (pooled, _) = max_pool(cx, sae, point, &seqs, &mut pb)?;
+    pb.finish();
     Ok(pooled)
 }
 
@@ -1152,11 +1189,11 @@ fn calibrate(
     point: &HookPoint,
     latent: u32,
     median_norm: f32,
-    pb: &indicatif::ProgressBar,
+    pb: &mut Step,
 ) -> Result<SteeringLatent> {
     let cfg = cx.cfg;
     let which: Vec<usize> = (0..cfg.calib_prompts).collect();
-    let hidden = indicatif::ProgressBar::hidden();
+    let mut hidden = Step::hidden();
     let mut probes: Vec<(f32, f64)> = Vec::new();
     let mut probe = |cx: &mut Ctx<'_>, v: f32| -> Result<f64> {
         let mut hooks = steer_hooks(sae, point, latent, v)?;
@@ -1165,7 +1202,7 @@ fn calibrate(
             cfg.calib_tokens,
             cfg.seed ^ 0xCA1B,
             &mut hooks,
-            &hidden,
+            &mut hidden,
         )?;
         let texts: Vec<String> = gens.iter().map(|g| cx.text(g)).collect::<Result<_>>()?;
         let firsts: Vec<String> = texts

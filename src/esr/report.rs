@@ -21,7 +21,7 @@ use super::stats::Trial;
 use super::{EsrResults, LatentStats};
 use crate::io::atomic::{write_bytes, write_json};
 use crate::io::write_atomic;
-use crate::train::plot::{write_png, FONT};
+use crate::plot::{write_png, FONT};
 use crate::{Error, Result, Sae};
 
 /// Write every output (see the module docs); finishes `results.timings` first.

@@ -23,6 +23,7 @@ pub fn write_atomic(
 }
 
 /// Write `bytes` to `path`, atomically.
+#[cfg_attr(not(feature = "esr"), allow(dead_code))]
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }

@@ -1,9 +1,10 @@
 //! File input/output shared by every format: memory-mapped safetensors,
-//! `.npy`/`.npz` arrays, and atomic writes.
+//! `.npy`/`.npz` arrays, PyTorch pickles, and atomic writes.
 
 pub mod atomic;
 pub mod npy;
 pub mod pickle;
+pub(crate) mod sha256;
 pub mod st;
 
 pub use atomic::{write_atomic, write_atomic_path};

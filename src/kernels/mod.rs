@@ -1,16 +1,7 @@
-//! Fused splice kernels.
-//!
-//! [`EditPlan`] gathers, once, what a splice needs; [`EditPlan::apply`] then runs
-//! one pass over the tokens:
-//!
-//! * masked path (error-preserving edits of standard, JumpReLU and gated SAEs):
-//!   only the |S| edited latents' encoder columns and decoder rows are touched,
-//!   `O(|S|·d_in)` per token and nothing of size `d_sae`;
-//! * full path (TopK, reconstruction): dense encode in the weights' stored dtype,
-//!   a fused epilogue that yields a sparse (index, value) list per token (TopK by a
-//!   bounded heap, never a full sort), and a sparse decode of the active rows only.
-//!
-//! The reference splice ([`crate::edit::reference`]) is the oracle in the tests.
+//! The CPU building blocks of the splice and of the model layers: SIMD dot products and
+//! row kernels (`simd`), the dense SAE encode (`encode`) and GGUF block-quantized
+//! matrices (`quant`). Crate-internal; `quant` is visible (hidden from the docs) for the
+//! benches only.
 
 /// Runs `$go!(N)` with `N` the compile-time form of the row count `$n` (1..=8; larger
 /// counts run as 8, which the callers never pass): the SIMD kernels keep one accumulator
@@ -31,11 +22,7 @@ macro_rules! with_rows {
 }
 pub(crate) use with_rows;
 
-pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod encode;
+pub(crate) mod encode;
+#[doc(hidden)]
 pub mod quant;
-pub mod simd;
-
-pub use cpu::EditPlan;
+pub(crate) mod simd;

@@ -1,6 +1,6 @@
 //! The shape of a decoder: sizes, and the options that tell one family's block from
 //! another's. A family file fills a [`ModelConfig`] from GGUF metadata or `config.json`;
-//! [`ModelConfig::validate`] checks it, with checked arithmetic and upper bounds, before
+//! `ModelConfig::validate` checks it, with checked arithmetic and upper bounds, before
 //! anything is sized from it.
 
 use crate::{Error, Result};
@@ -172,7 +172,7 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
 }
 
-/// Upper bounds of [`ModelConfig::validate`]: far above any released model, low enough
+/// Upper bounds of `ModelConfig::validate`: far above any released model, low enough
 /// that nothing sized from them overflows or allocates absurdly before the weights are
 /// checked against them.
 pub mod limits {
@@ -188,9 +188,10 @@ pub mod limits {
     pub const D_FF: usize = 1 << 20;
     /// Vocabulary.
     pub const VOCAB: usize = 1 << 22;
-    /// Context length (the loader caps the RoPE tables further, see
-    /// `LoadOptions::max_seq_len`).
-    pub const CONTEXT: usize = 1 << 24;
+    /// Context length. Nothing is sized from it before the RoPE tables, which the loader
+    /// bounds by the embedding's size (a larger context is an error that names
+    /// `LoadOptions::max_seq_len`, the cap that makes such a file load).
+    pub const CONTEXT: usize = 1 << 31;
 }
 
 /// Where a config was read from, to name the key at fault in an error.

@@ -3,7 +3,7 @@
 //! hook points, public so that a model outside the crate's families can be built from
 //! them (see `examples/custom_model.rs`).
 //!
-//! A block is written once, generic over where its activations live ([`Acts`]): candle
+//! A block is written once, generic over where its activations live (`Acts`): candle
 //! tensors (any device, any number of positions) or plain `f32` rows (the CPU decode
 //! step: one position per sequence, no candle op between the products, a tensor built
 //! only at a hook point that has hooks). Only the attention core differs between the two.

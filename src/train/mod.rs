@@ -47,12 +47,13 @@
 //!
 //! Outputs (with an output directory): the final SAE in SAELens format in the directory,
 //! checkpoints in `checkpoints/<step>/` every `checkpoint_every` steps, `train_log.json`
-//! (`{"config": …, "steps": [StepLog…]}`), `train_config.json`, and `train_curve.png`.
+//! (`{"config": …, "steps": [StepLog…]}`), `train_config.json`, and (with the `plot` feature) `train_curve.png`.
 
 mod adamw;
 mod init;
 pub mod metrics;
-pub(crate) mod plot;
+#[cfg(feature = "plot")]
+mod plot;
 mod rng;
 mod source;
 mod topk;
@@ -65,10 +66,12 @@ use serde::{Deserialize, Serialize};
 
 pub use init::{geometric_median, mean};
 pub use metrics::{dead_fraction, fire_counts, fvu, mean_l0, mse, MetricsAccumulator};
+#[cfg(feature = "plot")]
 pub use plot::plot_training_curves;
-pub use source::{ActivationSource, InMemorySource, ShardSource, ACTIVATIONS_TENSOR};
+pub use source::{ActivationSource, InMemorySource, ShardSource};
 
 use crate::io::atomic::write_json;
+use crate::progress::Reporter;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use adamw::{Hyper, Moments};
@@ -157,6 +160,9 @@ pub struct TrainConfig {
     pub hook_name: Option<String>,
     /// Model the activations came from (saved in the SAE's metadata).
     pub model_name: Option<String>,
+    /// Where progress goes (nothing by default); not saved.
+    #[serde(skip)]
+    pub progress: Reporter,
 }
 
 impl Default for TrainConfig {
@@ -193,6 +199,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             hook_name: None,
             model_name: None,
+            progress: Reporter::none(),
         }
     }
 }
@@ -798,11 +805,11 @@ impl<'a> Trainer<'a> {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             write_json(&dir.join("train_config.json"), &self.cfg)?;
         }
-        let pb = crate::progress::bar(n as u64, "train", "steps", true);
-        pb.set_position(self.step as u64);
+        let mut pb = self.cfg.progress.step("train", "steps", n as u64);
+        pb.set(self.step as u64);
         while self.step < n {
             self.step()?;
-            pb.set_position(self.step as u64);
+            pb.set(self.step as u64);
             let every = self.cfg.checkpoint_every;
             if let Some(dir) = out_dir {
                 if every > 0 && self.step.is_multiple_of(every) && self.step < n {
@@ -812,11 +819,12 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        pb.finish_and_clear();
+        pb.finish();
         let sae = self.sae()?;
         if let Some(dir) = out_dir {
             sae.save_saelens(dir)?;
             self.write_log(dir)?;
+            #[cfg(feature = "plot")]
             plot_training_curves(&self.log, &dir.join("train_curve.png"))?;
         }
         Ok(TrainedSae { sae, log: self.log })

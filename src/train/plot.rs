@@ -1,25 +1,13 @@
 //! The training-curve PNG: four panels (FVU, L0, dead fraction, learning rate) against
-//! training tokens, drawn with plotters' pure-Rust bitmap backend. Labels use DejaVu Sans,
-//! embedded from the `dejavu` crate (no system fonts needed).
+//! training tokens, drawn with the shared plot plumbing (`crate::plot`).
 
 use std::path::Path;
-use std::sync::Once;
 
 use plotters::prelude::*;
-use plotters::style::register_font;
 
 use super::StepLog;
+use crate::plot::{write_png, FONT};
 use crate::{Error, Result};
-
-pub(crate) const FONT: &str = "sans-serif";
-
-pub(crate) fn register() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // A failure leaves text unrendered; plotters then reports an error we surface.
-        let _ = register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
-    });
-}
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("training-curve plot: {e}"))
@@ -30,28 +18,6 @@ fn plot_err(e: impl std::fmt::Display) -> Error {
 /// valid image.
 pub fn plot_training_curves(log: &[StepLog], path: &Path) -> Result<()> {
     write_png(path, |tmp| draw(log, tmp))
-}
-
-/// Draw a PNG atomically: `draw(tmp)` renders into a temporary `.png` beside `path`
-/// (the bitmap encoder picks the format from the extension), which is renamed over `path`
-/// only on success. Registers the embedded font first.
-pub(crate) fn write_png(path: &Path, draw: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    register();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(
-        ".tmp-{}-{}.png",
-        std::process::id(),
-        stem.unwrap_or_default()
-    ));
-    let r = draw(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
 }
 
 fn tick(v: f64) -> String {

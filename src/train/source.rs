@@ -1,23 +1,15 @@
 //! Where training activations come from: the [`ActivationSource`] trait, an in-memory
-//! source and a reader of safetensors shards.
-//!
-//! # The shard contract (what the harvester writes)
-//! A shard is a safetensors file holding one tensor named `activations` of shape
-//! `[n, d_in]` (row-major, one token per row) and dtype `F16`, `BF16` or `F32`; other
-//! tensors and the `__metadata__` map are ignored. A dataset is any number of shards with the
-//! same `d_in` (each `n` may differ, `n ≥ 1`); [`ShardSource::from_dir`] takes every
-//! `*.safetensors` file of a directory in name order.
+//! source and a reader of activation shards (the format of [`crate::harvest`], see
+//! "Activation shards" there).
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use super::rng::Rng;
+use crate::harvest::{shard_paths, ACTIVATIONS_TENSOR};
 use crate::io::TensorFile;
 use crate::{Error, Result};
-
-/// The tensor name every activation shard must contain.
-pub const ACTIVATIONS_TENSOR: &str = "activations";
 
 /// A never-ending stream of shuffled activation batches.
 pub trait ActivationSource {
@@ -182,22 +174,9 @@ impl ShardSource {
         })
     }
 
-    /// Every `*.safetensors` file directly in `dir`, in name order.
+    /// The shards of `dir` ([`shard_paths`]).
     pub fn from_dir(dir: impl AsRef<Path>, buffer_rows: usize, seed: u64) -> Result<Self> {
-        let dir = dir.as_ref();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        paths.sort();
-        if paths.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: no *.safetensors activation shards",
-                dir.display()
-            )));
-        }
-        Self::new(paths, buffer_rows, seed)
+        Self::new(shard_paths(dir.as_ref())?, buffer_rows, seed)
     }
 
     /// The next streamed row (loading shards as needed), copied into `dst`.

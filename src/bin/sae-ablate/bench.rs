@@ -191,7 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// `--device cuda`: the GPU kernels with the GPU's own ceilings, as JSON rows.
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &BenchArgs, sae: &Sae) -> Result<()> {
-    use sae_ablate::kernels::cuda::{bench, CudaDevice};
+    use sae_ablate::edit::cuda::{bench, CudaDevice};
     let dev = CudaDevice::new(0)?;
     if args.compare {
         println!(

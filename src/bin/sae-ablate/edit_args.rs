@@ -1,7 +1,7 @@
 //! The latent-edit flags shared by `apply`, `logits` and `generate`.
 
 use clap::Args;
-use sae_ablate::edit::{Edits, LatentEdit, LatentSet, SpliceMode};
+use sae_ablate::edit::{Edits, LatentEdit, SpliceMode};
 use sae_ablate::{Error, Result};
 
 /// `--zero`, `--zero-preset`, `--clamp`, `--scale`, `--add`, `--steer`, `--mode`.
@@ -62,7 +62,7 @@ impl EditArgs {
     pub fn edits(&self, d_sae: usize) -> Result<Edits> {
         let mut edits = Edits::new(self.mode).zero(&self.zero)?;
         if let Some(name) = &self.zero_preset {
-            edits = edits.zero(LatentSet::preset(name, d_sae)?.ids())?;
+            edits = edits.zero(sae_ablate::esr::latent_preset(name, d_sae)?.ids())?;
         }
         for (id, v) in pairs("clamp", &self.clamp)? {
             edits = edits.with(id, LatentEdit::Clamp(v))?;

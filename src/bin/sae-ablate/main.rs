@@ -6,6 +6,7 @@
 mod bench;
 mod edit_args;
 mod model_cmds;
+mod progress;
 mod train_cmds;
 
 use std::path::PathBuf;
@@ -13,8 +14,8 @@ use std::process::ExitCode;
 
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
+use sae_ablate::edit::EditPlan;
 use sae_ablate::io::npy;
-use sae_ablate::kernels::EditPlan;
 use sae_ablate::sae::{Architecture, Sae};
 use sae_ablate::Result;
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
-use sae_ablate::hooks::{HookPoint, Hooks, Positions, SaeSplice};
+use sae_ablate::hooks::{HookContext, HookPoint, Hooks, Positions, SaeSplice};
 use sae_ablate::io::npy;
 use sae_ablate::model::{self, HookedModel, LoadOptions, SamplingParams};
 use sae_ablate::sae::Sae;
@@ -374,21 +374,61 @@ fn harvest_vs_forward(
     tokens: u64,
 ) -> Result<(f64, f64)> {
     use sae_ablate::harvest::{self, ActivationStore, Contexts, HarvestConfig};
+    let point = HookPoint::ResidPost(m.n_layers() / 2);
     let cfg = HarvestConfig {
-        hooks: vec![format!("blocks.{}.hook_resid_post", m.n_layers() / 2)],
+        hooks: vec![point.to_string()],
         max_tokens: Some(tokens),
-        progress: false,
         ..Default::default()
     };
     let ctx = Contexts::build(tok, &harvest::corpus_files(corpus)?, cfg.context_len)?;
-    let before = harvest::plain_forward_rows_per_s(m, &ctx, &cfg)?;
+    let before = plain_forward_rows_per_s(m, &ctx, &cfg, point)?;
     let dir = std::env::temp_dir().join(format!("sae-ablate-bench-harvest-{}", std::process::id()));
     let r = ActivationStore::new(&dir).harvest(m, tok, model_path, corpus, &cfg);
     let _ = std::fs::remove_dir_all(&dir);
     let r = r?;
-    let after = harvest::plain_forward_rows_per_s(m, &ctx, &cfg)?;
+    let after = plain_forward_rows_per_s(m, &ctx, &cfg, point)?;
     let rows = r.manifest.tokens as f64;
     Ok((rows / r.loop_seconds.max(1e-9), (before + after) / 2.0))
+}
+
+/// The baseline of a harvest's speed: the forward passes a harvest with `cfg` makes over
+/// `ctx` (same batches, stopped right after `point` as the harvest stops), capturing and
+/// writing nothing. Returns activation rows per second.
+fn plain_forward_rows_per_s(
+    m: &mut model::Model,
+    ctx: &sae_ablate::harvest::Contexts,
+    cfg: &sae_ablate::harvest::HarvestConfig,
+    point: HookPoint,
+) -> Result<f64> {
+    const STOP: &str = "bench-model: forward stopped after the harvested hook point";
+    let (train, _) = ctx.split(cfg.holdout_contexts)?;
+    let per_ctx = (cfg.context_len - ctx.prefix_len) as u64;
+    let budget = cfg.max_tokens.unwrap_or(u64::MAX);
+    let n_ctx = (budget.div_ceil(per_ctx.max(1)) as usize).min(train.len());
+    let train = train.get(..n_ctx).unwrap_or(train);
+    let mut hooks = Hooks::new().with(
+        point,
+        |_: &HookPoint, _: &Tensor, _: &HookContext| -> Result<Option<Tensor>> {
+            Err(Error::Invalid(STOP.into()))
+        },
+    );
+    let dev = m.device().clone();
+    let mut rows = 0u64;
+    let t = std::time::Instant::now();
+    for batch in train.chunks(cfg.batch_size.max(1)) {
+        let flat: Vec<u32> = batch.iter().flatten().copied().collect();
+        let x = Tensor::from_vec(flat, (batch.len(), cfg.context_len), &dev)?;
+        match m.forward(&x, 0, &mut hooks) {
+            Ok(_) => {}
+            Err(Error::Invalid(e)) if e == STOP => {}
+            Err(e) => return Err(e),
+        }
+        rows += (batch.len() as u64 * per_ctx).min(budget - rows);
+        if rows >= budget {
+            break;
+        }
+    }
+    Ok(rows as f64 / t.elapsed().as_secs_f64().max(1e-9))
 }
 
 /// Read bandwidth of this machine in GB/s: the best of a few sums over a 512 MiB buffer.

@@ -50,7 +50,7 @@ pub struct HarvestArgs {
     /// Rows per shard.
     #[arg(long, default_value_t = 65536)]
     shard_rows: usize,
-    /// No progress bar.
+    /// No progress reports.
     #[arg(long)]
     quiet: bool,
 }
@@ -156,7 +156,7 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
         holdout_contexts: a.holdout_contexts,
         dtype: a.dtype,
         shard_rows: a.shard_rows,
-        progress: !a.quiet,
+        progress: crate::progress::reporter(a.quiet),
     };
     let r = ActivationStore::new(&a.out).harvest(&mut m, &tok, &a.model, &a.corpus, &cfg)?;
     let shards: usize = r.manifest.outputs.iter().map(|o| o.shards.len()).sum();
@@ -248,6 +248,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         cfg.model_name = model_name;
     }
     let t0 = std::time::Instant::now();
+    cfg.progress = crate::progress::reporter(false);
     let r = train::train(&cfg, &mut src, Some(&a.out))?;
     let secs = t0.elapsed().as_secs_f64();
     let last = r.log.last();
@@ -281,6 +282,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         batch_size: a.batch_size,
         prefix_len: ctx.prefix_len,
         hook: a.hook.as_deref().map(str::parse).transpose()?,
+        progress: crate::progress::reporter(false),
     };
     let (r, acc) = evaluate(&mut m, &sae, held, &cfg)?;
     if let Some(p) = &a.histogram {

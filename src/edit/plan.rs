@@ -1,4 +1,16 @@
-//! CPU implementation of the fused splice (see the module docs of `kernels`).
+//! The fused splice on the CPU.
+//!
+//! [`EditPlan`] gathers, once, what a splice needs; [`EditPlan::apply`] then runs
+//! one pass over the tokens:
+//!
+//! * masked path (error-preserving edits of standard, JumpReLU and gated SAEs):
+//!   only the |S| edited latents' encoder columns and decoder rows are touched,
+//!   `O(|S|·d_in)` per token and nothing of size `d_sae`;
+//! * full path (TopK, reconstruction): dense encode in the weights' stored dtype,
+//!   a fused epilogue that yields a sparse (index, value) list per token (TopK by a
+//!   bounded heap, never a full sort), and a sparse decode of the active rows only.
+//!
+//! The reference splice ([`crate::edit::reference`]) is the oracle in the tests.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -7,9 +19,9 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::encode::{encode_dense, View2};
-use super::simd::{axpy, dot, Elem};
 use crate::edit::{Edits, SpliceMode};
+use crate::kernels::encode::{encode_dense, View2};
+use crate::kernels::simd::{axpy, dot, Elem};
 use crate::sae::{Architecture, Normalization, Sae};
 use crate::{Error, Result};
 
@@ -20,7 +32,7 @@ use crate::{Error, Result};
 /// # use candle_core::{Device, Tensor, DType};
 /// # use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 /// use sae_ablate::edit::{Edits, SpliceMode};
-/// use sae_ablate::kernels::EditPlan;
+/// use sae_ablate::edit::EditPlan;
 /// # fn main() -> sae_ablate::Result<()> {
 /// # let dev = Device::Cpu;
 /// # let eye = Tensor::new(&[[1f32, 0.], [0., 1.]], &dev)?;

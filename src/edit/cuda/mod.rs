@@ -110,7 +110,7 @@ pub fn compile_ptx(arch: u32) -> Result<String> {
     if !nvrtc_available() {
         return Err(Error::Invalid(
             "cuda: NVRTC (libnvrtc.so.12) cannot be loaded: put it on LD_LIBRARY_PATH, call \
-             kernels::cuda::preload_library, or run scripts/fetch-cuda-tools.sh"
+             edit::cuda::preload_library, or run scripts/fetch-cuda-tools.sh"
                 .into(),
         ));
     }
