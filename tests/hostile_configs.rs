@@ -295,6 +295,17 @@ fn hf_hostile_sizes_name_the_key() {
             vec![("num_hidden_layers", big.clone())],
             "num_hidden_layers",
         ),
+        // With a (valid) list of layer types for 2 layers.
+        (
+            vec![
+                (
+                    "layer_types",
+                    json!(["sliding_attention", "full_attention"]),
+                ),
+                ("num_hidden_layers", big.clone()),
+            ],
+            "num_hidden_layers",
+        ),
         (vec![("vocab_size", big.clone())], "vocab_size"),
         (
             vec![("max_position_embeddings", big.clone())],

@@ -165,7 +165,7 @@ impl HfConfig {
         };
         if t.len() != n_layers {
             return Err(Error::ModelConfig(format!(
-                "config.json `layer_types` has {} entries for {n_layers} layers",
+                "config.json `layer_types` has {} entries for `num_hidden_layers` = {n_layers}",
                 t.len()
             )));
         }
