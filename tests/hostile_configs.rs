@@ -75,8 +75,12 @@ fn gguf_err(arch: &'static str, edits: &[(&str, Option<V>)]) -> Option<String> {
 
 const GGUF_ARCHS: [&str; 5] = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"];
 
+/// Metadata edits (key without the `{arch}.` prefix, new value or `None` to remove) and
+/// the key the error must name.
+type GgufCase = (Vec<(&'static str, Option<V>)>, &'static str);
+
 /// Crafted sizes every architecture reads under the same keys.
-fn gguf_size_cases() -> Vec<(Vec<(&'static str, Option<V>)>, &'static str)> {
+fn gguf_size_cases() -> Vec<GgufCase> {
     let big = 1u64 << 40;
     vec![
         // Products past usize: 2^33 heads of 2^33.
