@@ -13,7 +13,7 @@ secs=${1:-300}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(saelens sparsify llama_scope gemma_scope pytorch npy gguf tokenizer rdata)
+  targets=(saelens sparsify llama_scope gemma_scope pytorch npy gguf hf_config tokenizer rdata)
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/fuzz/target}
 cargo fuzz build -s none -a

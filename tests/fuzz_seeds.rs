@@ -14,6 +14,9 @@ mod r_writer;
 #[path = "common/st_writer.rs"]
 #[allow(dead_code, clippy::all)]
 mod st_writer;
+#[path = "common/tiny_model.rs"]
+#[allow(dead_code, clippy::all)]
+mod tiny_model;
 
 use std::path::{Path, PathBuf};
 
@@ -364,9 +367,71 @@ fn gguf_bytes(with_weights: bool) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A tiny model of every GGUF architecture (d_model 8, one layer, 16 tokens; F16
+/// matrices, F32 norms and biases), and Llama at d_model 32 in block types of 32.
+fn gguf_families() {
+    for arch in ["llama", "qwen2", "qwen3", "gemma2", "gemma3"] {
+        let mut spec = tiny_model::Spec::new(arch, 8);
+        spec.layers = 1;
+        spec.vocab = 16;
+        let ts = tiny_model::quantize(&tiny_model::tensors(&spec, 3), GgmlDType::F16, &[]);
+        let b = tiny_model::gguf_bytes(&tiny_model::metadata(&spec), &ts);
+        seed("gguf", &format!("family-{arch}"), &b);
+    }
+    let mut spec = tiny_model::Spec::new("llama", 32);
+    spec.layers = 1;
+    spec.vocab = 16;
+    for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let ts = tiny_model::quantize(&tiny_model::tensors(&spec, 3), dt, &[]);
+        let b = tiny_model::gguf_bytes(&tiny_model::metadata(&spec), &ts);
+        seed("gguf", &format!("llama-{dt:?}"), &b);
+    }
+}
+
+/// An HF checkpoint of every family (`config.json` in the transformers 4.x form, and
+/// the 5.x `rope_parameters` form where the family has one; a `gemma3` config nesting
+/// its `text_config`) with matching tiny weights (d_model 8, two layers, 16 tokens).
+fn hf_config() {
+    for (model_type, tf5, bf16) in [
+        ("llama", false, false),
+        ("llama", true, true),
+        ("mistral", false, false),
+        ("qwen2", false, true),
+        ("qwen3", true, false),
+        ("gemma2", false, false),
+        ("gemma3_text", false, true),
+        ("gemma3_text", true, false),
+        ("gemma3", false, false),
+    ] {
+        let arch = match model_type {
+            "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
+            "gemma2" => "gemma2",
+            "gemma3" | "gemma3_text" => "gemma3",
+            _ => "llama",
+        };
+        let mut spec = tiny_model::Spec::new(arch, 8);
+        spec.vocab = 16;
+        let cfg = serde_json::to_vec(&tiny_model::hf_config(&spec, model_type, tf5)).unwrap();
+        let prefix = if model_type == "gemma3" {
+            "language_model.model."
+        } else {
+            "model."
+        };
+        let ts = tiny_model::hf_tensors(&spec, 3, prefix);
+        let refs: Vec<T> = ts
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+            .collect();
+        let name = format!("{model_type}{}", if tf5 { "-tf5" } else { "" });
+        seed("hf_config", &name, &join2(&cfg, &st(&refs, bf16)));
+    }
+}
+
 fn gguf() {
     seed("gguf", "tiny-llama", &gguf_bytes(true));
     seed("gguf", "metadata-only", &gguf_bytes(false));
+    gguf_families();
     let mut b = vec![0u8];
     b.extend(gguf_bytes(false));
     seed("tokenizer", "gguf-gpt2", &b);
@@ -458,6 +523,7 @@ fn write_fuzz_seeds() {
     npy();
     pytorch();
     gguf();
+    hf_config();
     rdata();
     for t in [
         "saelens",
@@ -467,6 +533,7 @@ fn write_fuzz_seeds() {
         "npy",
         "pytorch",
         "gguf",
+        "hf_config",
         "tokenizer",
         "rdata",
     ] {

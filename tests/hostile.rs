@@ -130,6 +130,47 @@ fn gguf_with_zero_alignment() {
 }
 
 #[test]
+fn gguf_with_zero_alignment_behind_a_nul_or_a_duplicate_key() {
+    // candle drops a key's trailing NUL bytes and keeps the last of duplicate keys, so
+    // `general.alignment\0 = 0`, or `general.alignment = 32` then `= 0`, is still a
+    // zero divisor (the first found by the `gguf` fuzz target).
+    let align = |b: &mut Vec<u8>, key: &str, ty: u32, value: &[u8]| {
+        gguf_str(b, key);
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(value);
+    };
+    let mut nul = gguf_header(0, 1);
+    align(&mut nul, "general.alignment\0\0", 4, &[0; 4]);
+    let mut dup = gguf_header(0, 2);
+    align(&mut dup, "general.alignment", 4, &32u32.to_le_bytes());
+    align(&mut dup, "general.alignment", 0, &[0]);
+    // An ignored type (u64) first, then 0.
+    let mut ignored = gguf_header(0, 2);
+    align(&mut ignored, "general.alignment", 10, &[0; 8]);
+    align(&mut ignored, "general.alignment", 5, &[0; 4]);
+    for (name, b) in [
+        ("nul.gguf", nul),
+        ("dup.gguf", dup),
+        ("ignored.gguf", ignored),
+    ] {
+        let p = tmp(name, &b);
+        let e = load_err(&p);
+        assert!(e.contains(name) && e.contains("general.alignment"), "{e}");
+        let e = sae_ablate::model::Tokenizer::from_gguf_file(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("general.alignment"), "{e}");
+    }
+    // The last one non-zero: candle aligns to 32 and reads on (no tensors: an error
+    // about the missing architecture, not the alignment).
+    let mut ok = gguf_header(0, 2);
+    align(&mut ok, "general.alignment", 4, &[0; 4]);
+    align(&mut ok, "general.alignment", 4, &32u32.to_le_bytes());
+    let e = load_err(&tmp("last-32.gguf", &ok));
+    assert!(!e.contains("general.alignment"), "{e}");
+}
+
+#[test]
 fn gguf_tensor_whose_shape_overflows() {
     // [2^32, 2^32, 2^32] f32: the element count overflows usize; a naive size check
     // wraps to a small number and passes.

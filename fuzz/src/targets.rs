@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use sae_ablate::Sae;
 
 /// The targets, by name (`fuzz/fuzz_targets/<name>.rs`, `fuzz/corpus/<name>/`).
-pub const TARGETS: [&str; 9] = [
+pub const TARGETS: [&str; 10] = [
     "saelens",
     "sparsify",
     "llama_scope",
@@ -21,6 +21,7 @@ pub const TARGETS: [&str; 9] = [
     "pytorch",
     "npy",
     "gguf",
+    "hf_config",
     "tokenizer",
     "rdata",
 ];
@@ -35,6 +36,7 @@ pub fn run(name: &str, data: &[u8]) {
         "pytorch" => pytorch(data),
         "npy" => npy(data),
         "gguf" => gguf(data),
+        "hf_config" => hf_config(data),
         "tokenizer" => tokenizer(data),
         "rdata" => rdata(data),
         other => panic!("no fuzz target `{other}`"),
@@ -115,18 +117,66 @@ fn npy(data: &[u8]) {
     }
 }
 
-/// GGUF model files: header, metadata, tensor table and tensor data, through
-/// `Model::from_gguf` (what `model::load` and the CLI call).
+/// GGUF model files of every supported architecture: header, metadata, tensor table and
+/// tensor data, through `Model::from_gguf` (what `model::load` and the CLI call); a model
+/// that loads runs (see [`exercise_model`]).
 fn gguf(data: &[u8]) {
     use sae_ablate::model::{LoadOptions, Model};
     let d = Scratch::new("gguf");
     let path = d.put("model.gguf", Some(data));
     match Model::from_gguf(&path, &LoadOptions::default()) {
-        Ok(m) => {
-            let c = m.config();
-            assert!(c.d_model > 0 && c.vocab_size > 0);
-        }
+        Ok(mut m) => exercise_model(&mut m),
         Err(e) => check_error(&e),
+    }
+}
+
+/// HF checkpoints: `u16` length, `config.json` (any family's, transformers 4.x or 5.x
+/// form, nested `text_config` included), then `model.safetensors`, through
+/// `Model::from_hf_dir`; a model that loads runs (see [`exercise_model`]).
+fn hf_config(data: &[u8]) {
+    use sae_ablate::model::{LoadOptions, Model};
+    let (cfg, weights) = split2(data);
+    let d = Scratch::new("hf_config");
+    d.put("config.json", Some(cfg));
+    d.put("model.safetensors", Some(weights));
+    match Model::from_hf_dir(d.path(), &LoadOptions::default()) {
+        Ok(mut m) => exercise_model(&mut m),
+        Err(e) => check_error(&e),
+    }
+}
+
+/// Whatever model loads must run: a prefill of up to 3 tokens, then one decode step
+/// (the two code paths), each giving logits of the right shape or an error. The
+/// weights are bounded by the file, so this is cheap.
+pub fn exercise_model(m: &mut sae_ablate::model::Model) {
+    use sae_ablate::hooks::Hooks;
+    use sae_ablate::model::HookedModel;
+    let (d, vocab) = (m.config().d_model, m.vocab_size());
+    if std::env::var_os("SAE_ABLATE_FUZZ_VERBOSE").is_some() {
+        eprintln!(
+            "loaded: {} d_model {d} layers {} vocab {vocab}",
+            m.family(),
+            m.n_layers()
+        );
+    }
+    assert!(d > 0 && vocab > 0, "loaded a model with a zero dimension");
+    let n = m.max_seq_len().min(3);
+    let ids: Vec<u32> = (0..n).map(|i| (i % vocab) as u32).collect();
+    let Ok(x) = Tensor::from_vec(ids, (1, n), &Device::Cpu) else {
+        return;
+    };
+    match m.forward(&x, 0, &mut Hooks::new()) {
+        Ok(l) => assert_eq!(l.dims(), &[1, n, vocab], "prefill logits"),
+        Err(e) => return check_error(&e),
+    }
+    if n < m.max_seq_len() {
+        let Ok(x) = Tensor::from_vec(vec![0u32], (1, 1), &Device::Cpu) else {
+            return;
+        };
+        match m.forward(&x, n, &mut Hooks::new()) {
+            Ok(l) => assert_eq!(l.dims(), &[1, 1, vocab], "decode logits"),
+            Err(e) => check_error(&e),
+        }
     }
 }
 

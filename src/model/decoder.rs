@@ -30,13 +30,15 @@ use crate::{Error, Result};
 #[non_exhaustive]
 pub enum WeightFormat {
     /// Dense tensors of [`LoadOptions::dtype`]: every GGUF block type candle reads (F32,
-    /// F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, …) is dequantized at load.
-    /// The reference format.
+    /// F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K…Q6_K, …) is dequantized at load,
+    /// exactly as candle dequantizes it. The reference format.
     #[default]
     Dense,
-    /// GGUF block formats, CPU only (see `kernels::quant`): `Q4_1` and `Q8_0` tensors stay
-    /// as stored and run natively; every other tensor (Q4_0, Q5_0, Q5_1, the K-quants,
-    /// F16/BF16/F32, safetensors) is dequantized and requantized to `Q8_0` at load.
+    /// GGUF block formats, CPU only (see `kernels::quant`): `Q4_1` and `Q8_0` matrices stay
+    /// as stored and run natively; every other matrix (Q4_0, Q5_0, Q5_1, the K-quants
+    /// Q2_K…Q6_K, F16/BF16/F32, safetensors) is dequantized and requantized to `Q8_0` at
+    /// load, and so are q, k and v (gate and up), which run as one matrix, when their
+    /// types differ. Norms and biases stay f32.
     /// Activations are quantized to 8 bits per block of 32 for each product, as llama.cpp
     /// does: the fastest decode; next-token distributions stay within ~0.01 nats (KL) of
     /// the dense model's. Needs every matrix's input width to be a multiple of 32.

@@ -77,7 +77,8 @@ fn check_tensors(ct: &gguf_file::Content, file_len: u64) -> Result<()> {
 }
 
 /// Walk the header and metadata (as candle will) and say whether `general.alignment`
-/// is an integer 0. Reading stops at the end of the file, so hostile counts and
+/// is an integer 0, as candle reads it: keys lose their trailing NUL bytes, and the last
+/// of duplicate keys wins. Reading stops at the end of the file, so hostile counts and
 /// lengths cost at most one pass over the file.
 fn zero_alignment(r: &mut impl Read) -> std::io::Result<bool> {
     let magic = u32_le(r)?;
@@ -98,12 +99,16 @@ fn zero_alignment(r: &mut impl Read) -> std::io::Result<bool> {
     };
     let _tensors = len(r)?;
     let kvs = len(r)?;
+    let mut zero = false;
     for _ in 0..kvs {
         let key_len = len(r)?;
         let mut key = Vec::new();
         r.by_ref().take(key_len).read_to_end(&mut key)?;
         if (key.len() as u64) < key_len {
             return Ok(false);
+        }
+        while key.last() == Some(&0) {
+            key.pop();
         }
         let ty = u32_le(r)?;
         if key == b"general.alignment" {
@@ -112,15 +117,19 @@ fn zero_alignment(r: &mut impl Read) -> std::io::Result<bool> {
                 0 | 1 => 1,
                 2 | 3 => 2,
                 4 | 5 => 4,
-                _ => return Ok(false),
+                _ => 0,
             };
-            let mut b = [0u8; 4];
-            r.read_exact(&mut b[..size])?;
-            return Ok(b == [0; 4]);
+            if size > 0 {
+                let mut b = [0u8; 4];
+                r.read_exact(&mut b[..size])?;
+                zero = b == [0; 4];
+                continue;
+            }
+            zero = false;
         }
         skip_value(r, ty, v1, 0)?;
     }
-    Ok(false)
+    Ok(zero)
 }
 
 /// Skip one metadata value of type `ty` (arrays recursively, to candle's depth limit).

@@ -166,7 +166,7 @@ impl HfConfig {
         };
         if t.len() != n_layers {
             return Err(Error::ModelConfig(format!(
-                "config.json `layer_types` has {} entries for {n_layers} layers",
+                "config.json `layer_types` has {} entries for `num_hidden_layers` = {n_layers}",
                 t.len()
             )));
         }
@@ -237,11 +237,37 @@ fn rope_scaling(s: &serde_json::Value, key: &str) -> Result<RopeScaling> {
     }
 }
 
+/// `config.json` as [`HfConfig`]. A value of the wrong type (a size past `u64`, negative
+/// or fractional) is an error naming its key, which serde's message does not.
+fn parse_hf(text: &str) -> Result<HfConfig> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::format("json", e.to_string()))?;
+    HfConfig::deserialize(&v).map_err(|e| match bad_key(&v) {
+        Some(key) => Error::ModelConfig(format!("config.json `{key}`: {e}")),
+        None => Error::format("json", e.to_string()),
+    })
+}
+
+/// The first key of a config object that [`HfConfig`] rejects on its own (`text_config.…`
+/// inside the nested one).
+fn bad_key(v: &serde_json::Value) -> Option<String> {
+    let obj = v.as_object()?;
+    for (k, val) in obj {
+        let one = serde_json::Value::Object([(k.clone(), val.clone())].into_iter().collect());
+        if HfConfig::deserialize(&one).is_err() {
+            return Some(match (k.as_str(), bad_key(val)) {
+                ("text_config", Some(inner)) => format!("text_config.{inner}"),
+                _ => k.clone(),
+            });
+        }
+    }
+    None
+}
+
 /// The family of an HF `config.json`, and the config of its text model (a `gemma3`
 /// checkpoint nests it in `text_config`).
 pub(crate) fn hf_config(text: &str) -> Result<ModelConfig> {
-    let v: HfConfig =
-        serde_json::from_str(text).map_err(|e| Error::format("json", e.to_string()))?;
+    let v = parse_hf(text)?;
     let model_type = v.model_type.clone().unwrap_or_default();
     let arch0 = v
         .architectures
@@ -260,7 +286,9 @@ pub(crate) fn hf_config(text: &str) -> Result<ModelConfig> {
             let text = v.text_config.as_deref().ok_or_else(|| {
                 Error::ModelConfig("config.json: a `gemma3` config without `text_config`".into())
             })?;
-            return gemma::hf3(text);
+            let c = gemma::hf3(text)?;
+            c.validate(KeySource::Hf)?;
+            return Ok(c);
         }
         _ => {
             return Err(Error::UnsupportedModel {
