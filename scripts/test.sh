@@ -7,6 +7,9 @@ if [ -x scripts/fetch-assets.sh ]; then
   scripts/fetch-assets.sh
 fi
 cargo test --no-fail-fast
+# The optional `ndarray` feature: its integration tests and the doctests of src/ndarray.rs.
+cargo test --no-fail-fast --features ndarray --test ndarray
+cargo test --no-fail-fast --features ndarray --doc src/ndarray.rs
 # The experimental CUDA kernels, without a GPU: NVRTC (PyPI wheel, cached) compiles every
 # kernel for sm_80 and sm_90 and ptxas reports their resources. The GPU tests themselves
 # (tests/cuda_gpu.rs) are ignored here; scripts/gpu-check.sh runs them on a GPU.

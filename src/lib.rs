@@ -12,6 +12,8 @@
 //! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
 //! * [`harvest`]: activations of a model over a corpus, streamed to cached safetensors shards.
 //! * [`eval`]: FVU, L0, dead latents, CE loss recovered on held-out text.
+//! * `ndarray` (feature `ndarray`): encode, decode and splice `ndarray` views
+//!   (f32, f16, bf16) into `Array2<f32>`.
 //!
 //! ```no_run
 //! use candle_core::{Device, Tensor};
@@ -42,6 +44,8 @@ pub mod io;
 #[doc(hidden)]
 pub mod kernels;
 pub mod model;
+#[cfg(feature = "ndarray")]
+pub mod ndarray;
 #[cfg(feature = "plot")]
 mod plot;
 pub mod progress;

@@ -237,8 +237,15 @@ impl EditPlan {
         }
     }
 
-    /// Run the splice on `n` row-major f32 tokens.
-    fn run(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+    /// The input width the plan expects.
+    #[cfg_attr(not(feature = "ndarray"), allow(dead_code))]
+    pub(crate) fn d_in(&self) -> usize {
+        self.d_in
+    }
+
+    /// Run the splice on `n` row-major f32 tokens: `x` and `y` both hold `n·d_in` values
+    /// (the caller checks), `y` is overwritten.
+    pub(crate) fn run(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         if x.is_empty() {
             return Ok(());
         }
