@@ -5,16 +5,25 @@
 //!   `W_enc` is streamed once for all tokens, converted to f32 in registers
 //!   ([`super::simd`]), tiles spread over threads.
 //! * Larger batches are compute-bound: f32 weights go straight to the `gemm`
-//!   crate (candle's CPU GEMM) with their strides; f16/bf16 weights are widened one
-//!   latent tile at a time into a small f32 buffer, so no f32 copy of the whole
-//!   encoder ever exists.
+//!   crate (candle's CPU GEMM) with their strides; f16 weights (no CPU here has a
+//!   native f16 dot product) are widened one latent tile at a time into a small f32
+//!   buffer, so no f32 copy of the whole encoder ever exists.
+//! * bf16 weights on a CPU with AVX512-BF16 take [`super::gemm_bf16`] from
+//!   [`BF16_GEMM_MIN_TOKENS`] tokens: the input rounded to bf16 once, products on
+//!   `vdpbf16ps`, f32 sums. Elsewhere they take the two paths above (f32 products of the
+//!   unrounded input with the widened weights).
 
 use rayon::prelude::*;
 
+use half::bf16;
+
+use super::gemm_bf16::{gemm_bf16, has_dpbf16};
 use super::simd::{axpy, axpy4, dot, Elem};
 
 /// Batches up to this many tokens take the streaming (GEMV-like) path.
 pub const GEMV_MAX_TOKENS: usize = 32;
+/// bf16 weights take the native bf16 GEMM from this many tokens (where the CPU has it).
+pub const BF16_GEMM_MIN_TOKENS: usize = 1;
 /// Latents per tile of the GEMM path (f16/bf16 widening buffer: `d_in × TILE` f32).
 const TILE: usize = 256;
 /// Accumulator budget of one streaming tile, in f32 elements (`n × width`): 128 KiB, L2-resident.
@@ -52,9 +61,35 @@ pub fn encode_dense<T: Elem>(
     b: &[f32],
     pre: &mut [f32],
 ) {
+    encode_dense_with(xs, n, d_in, w, v, b, pre, true)
+}
+
+/// [`encode_dense`], with the native bf16 GEMM allowed or not (`native`): the tests run
+/// both paths on one CPU.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_dense_with<T: Elem>(
+    xs: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[T],
+    v: View2,
+    b: &[f32],
+    pre: &mut [f32],
+    native: bool,
+) {
     let d_sae = b.len();
     if n == 0 || d_sae == 0 {
         return;
+    }
+    if let (Some(wb), true) = (as_bf16_slice(w), native && n >= BF16_GEMM_MIN_TOKENS) {
+        if has_dpbf16() {
+            for row in pre[..n * d_sae].chunks_mut(d_sae) {
+                row.copy_from_slice(b);
+            }
+            if gemm_bf16(xs, n, d_in, wb, v, d_sae, pre) {
+                return;
+            }
+        }
     }
     if n <= GEMV_MAX_TOKENS {
         gemv(xs, n, d_in, w, v, b, pre);
@@ -144,6 +179,15 @@ fn as_f32_slice<T: Elem>(w: &[T]) -> Option<&[f32]> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         // SAFETY: T is f32 (checked by TypeId), so the slice has the same layout.
         Some(unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) })
+    } else {
+        None
+    }
+}
+
+fn as_bf16_slice<T: Elem>(w: &[T]) -> Option<&[bf16]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bf16>() {
+        // SAFETY: T is bf16 (checked by TypeId), so the slice has the same layout.
+        Some(unsafe { std::slice::from_raw_parts(w.as_ptr() as *const bf16, w.len()) })
     } else {
         None
     }

@@ -33,6 +33,7 @@ pub(crate) use with_rows;
 
 pub mod cpu;
 pub mod encode;
+pub mod gemm_bf16;
 pub mod quant;
 pub mod simd;
 
