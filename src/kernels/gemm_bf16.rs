@@ -32,6 +32,15 @@ pub const NR: usize = 48;
 pub const KCP: usize = 128;
 /// Output columns per task (eight micro-panels): its packed block is 192 KiB, L2-resident.
 pub const NC: usize = 8 * NR;
+/// Input pairs per packed block when all rows fit one micro-tile (memory-bound).
+pub const KCP_FEW: usize = 16;
+/// Output columns per task then: 6 KiB runs of each bf16 weight row, the same 192 KiB.
+pub const NC_FEW: usize = 64 * NR;
+
+thread_local! {
+    /// Each thread's buffer of packed weights (at most `KCP × NC` dwords, 192 KiB).
+    static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Whether this CPU has AVX512-BF16 with the F, VL and BW parts the kernels use
 /// (checked once).
@@ -163,25 +172,43 @@ pub fn gemm_bf16(
     {
         let kp = d_in.div_ceil(2);
         let a = pack_a(x, n, d_in);
-        // Column blocks: NC wide, narrower when that leaves a thread idle.
+        // Blocking. One row panel (memory-bound): short blocks of input pairs and wide
+        // column runs, so each weight row is read in long contiguous runs. More rows
+        // (compute-bound): KCP pairs × up to NC columns, the micro-panel in L1.
+        let (kcp, max_panels) = if n <= MR {
+            (KCP_FEW, NC_FEW / NR)
+        } else {
+            (KCP, NC / NR)
+        };
+        // Column blocks of whole micro-panels, as many per thread, as even as they go.
         let threads = rayon::current_num_threads().max(1);
-        let nc = NC.min(d_out.div_ceil(threads).div_ceil(NR) * NR).max(NR);
-        // Each task gets its columns of every row of c: disjoint &mut slices.
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..d_out.div_ceil(nc))
-            .map(|_| Vec::with_capacity(n))
+        let panels = d_out.div_ceil(NR);
+        let blocks = (threads * panels.div_ceil(threads * max_panels)).min(panels);
+        let bounds: Vec<usize> = (0..=blocks)
+            .map(|b| (b * panels / blocks * NR).min(d_out))
             .collect();
+        // Each task gets its columns of every row of c: disjoint &mut slices.
+        let mut parts: Vec<Vec<&mut [f32]>> =
+            (0..blocks).map(|_| Vec::with_capacity(n)).collect();
         for row in c[..n * d_out].chunks_mut(d_out) {
-            for (part, cols) in parts.iter_mut().zip(row.chunks_mut(nc)) {
+            let mut rest = row;
+            for (b, part) in parts.iter_mut().enumerate() {
+                let (cols, tail) = rest.split_at_mut(bounds[b + 1] - bounds[b]);
                 part.push(cols);
+                rest = tail;
             }
         }
-        parts.into_par_iter().enumerate().for_each_init(
-            || vec![0u32; KCP * NC],
-            |buf, (bi, mut rows)| {
-                let j0 = bi * nc;
+        let buf_len = kcp * max_panels.max(panels.div_ceil(blocks)) * NR;
+        parts.into_par_iter().enumerate().for_each(|(bi, mut rows)| {
+            // One packing buffer per thread, kept across calls (no page faults per call).
+            PACK.with_borrow_mut(|buf| {
+                if buf.len() < buf_len {
+                    buf.resize(buf_len, 0);
+                }
+                let j0 = bounds[bi];
                 let width = rows.first().map_or(0, |r| r.len());
-                for p0 in (0..kp).step_by(KCP) {
-                    let kpb = KCP.min(kp - p0);
+                for p0 in (0..kp).step_by(kcp) {
+                    let kpb = kcp.min(kp - p0);
                     let panels = width.div_ceil(NR);
                     pack_b(w, v, d_in, j0, width, p0, kpb, &mut buf[..panels * kpb * NR]);
                     for q in 0..panels {
@@ -196,8 +223,8 @@ pub fn gemm_bf16(
                         }
                     }
                 }
-            },
-        );
+            })
+        });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -271,11 +298,21 @@ fn pack_b(
     let panel = kpb * NR;
     let bits = |k: usize, j: usize| w[v.off + k * v.s0 + j * v.s1].to_bits() as u32;
     if v.s1 == 1 {
-        // Input-major rows: the block's run of two rows, interleaved panel by panel.
+        // Input-major rows: the block's run of two rows, interleaved into every panel.
         for p in 0..kpb {
             let k = 2 * (p0 + p);
             let r0 = &w[v.off + k * v.s0 + j0..][..width];
             let r1 = (k + 1 < d_in).then(|| &w[v.off + (k + 1) * v.s0 + j0..][..width]);
+            #[cfg(target_arch = "x86_64")]
+            if has_dpbf16() && out.len() >= width.div_ceil(NR) * panel {
+                // SAFETY: avx512f/bw checked; r0 (and r1) hold `width` values; `out`
+                // holds every panel the `width` columns touch, each `panel` long, and
+                // p < kpb, so row p of each panel is inside it.
+                // The next pair of rows (in this block or the next) is prefetched
+                // while this one is packed: `2·s0` elements further on.
+                unsafe { avx512::interleave_rows(r0, r1, 2 * v.s0, out, panel, p) };
+                continue;
+            }
             for (q, c0) in (0..width).step_by(NR).enumerate() {
                 let c1 = (c0 + NR).min(width);
                 let o = &mut out[q * panel + p * NR..q * panel + (p + 1) * NR];
@@ -318,14 +355,6 @@ fn pack_b(
 
 /// `o[c] = (r0[c], r1[c])` as dwords (`r1` absent: 0), zero past `r0.len()`.
 fn interleave(r0: &[bf16], r1: Option<&[bf16]>, o: &mut [u32]) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Some(r1), true) = (r1, r0.len() == NR && o.len() == NR) {
-        if r1.len() == NR && has_dpbf16() {
-            // SAFETY: avx512f/bw checked; r0, r1 and o hold NR elements each.
-            unsafe { avx512::interleave48(r0, r1, o) };
-            return;
-        }
-    }
     for (c, o) in o.iter_mut().enumerate() {
         *o = match (r0.get(c), r1.and_then(|r| r.get(c))) {
             (Some(a), Some(b)) => a.to_bits() as u32 | (b.to_bits() as u32) << 16,
@@ -378,15 +407,47 @@ mod avx512 {
         _mm512_reduce_add_ps(s)
     }
 
-    /// `o[c] = r0[c] | r1[c] << 16` for 48 columns: zero-extend each 16 to dwords.
-    /// SAFETY: avx512f, avx512bw; r0, r1 and o hold NR (48) elements each.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn interleave48(r0: &[bf16], r1: &[bf16], o: &mut [u32]) {
-        for q in 0..NR / 16 {
-            let a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(r0.as_ptr().add(16 * q) as *const __m256i));
-            let b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(r1.as_ptr().add(16 * q) as *const __m256i));
-            let v = _mm512_or_si512(a, _mm512_slli_epi32::<16>(b));
-            _mm512_storeu_si512(o.as_mut_ptr().add(16 * q) as *mut __m512i, v);
+    /// Row `p` of every micro-panel of a block (panels `panel` dwords apart in `out`):
+    /// `(r0[c], r1[c])` for the `r0.len()` columns (`r1` absent: 0), 16 at a time by
+    /// zero-extending to dwords, and zeros up to the end of the last panel; the same
+    /// columns `ahead` elements further on (the next pair of rows) are prefetched.
+    /// SAFETY: avx512f, avx512vl, avx512bw; `r1`, when present, as long as `r0`; `out` holds
+    /// `r0.len().div_ceil(NR)` panels of `panel ≥ (p + 1)·NR` dwords.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+    pub(super) unsafe fn interleave_rows(
+        r0: &[bf16],
+        r1: Option<&[bf16]>,
+        ahead: usize,
+        out: &mut [u32],
+        panel: usize,
+        p: usize,
+    ) {
+        let width = r0.len();
+        let o = out.as_mut_ptr();
+        let mut c = 0;
+        while c < width.div_ceil(NR) * NR {
+            if c % 32 == 0 && c < width {
+                // A hint only: an address past the weights is never dereferenced.
+                let n0 = (r0.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead);
+                _mm_prefetch::<_MM_HINT_T0>(n0);
+                if let Some(r1) = r1 {
+                    _mm_prefetch::<_MM_HINT_T0>((r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead));
+                }
+            }
+            // NR is a multiple of 16: a chunk never straddles two panels.
+            let dst = o.add((c / NR) * panel + p * NR + c % NR) as *mut __m512i;
+            let count = width.saturating_sub(c).min(16);
+            let m = ((1u32 << count) - 1) as __mmask16;
+            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0.as_ptr().add(c) as *const i16));
+            let v = match r1 {
+                Some(r1) => {
+                    let b = _mm256_maskz_loadu_epi16(m, r1.as_ptr().add(c) as *const i16);
+                    _mm512_or_si512(a, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+                }
+                None => a,
+            };
+            _mm512_storeu_si512(dst, v);
+            c += 16;
         }
     }
 
