@@ -278,3 +278,62 @@ fn gemm_tiles<T: Elem>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm_bf16::gemm_bf16_scalar;
+    use crate::kernels::simd::test_data as data;
+
+    /// bf16's unit roundoff (8 significant bits) and f32's.
+    const U_BF16: f64 = 1.0 / 256.0;
+    const U_F32: f64 = 1.0 / 16_777_216.0;
+
+    /// The dense encode of bf16 weights on both paths (native bf16 GEMM where the CPU has
+    /// it, the f32 stream/GEMM path always), batches below, at and past the switch and
+    /// past the stream path, input-major and latent-major weights: every pre-activation
+    /// within its own bound of the f64 reference on the unrounded input, per element,
+    /// `(u_bf16 [native only] + (d_in + 2)·u_f32) · (|b| + Σ_k |x_k w_k|)`; the native path
+    /// is the documented instruction chain bit for bit.
+    #[test]
+    fn bf16_encode_paths_within_rounding_of_f32() {
+        let (d_in, d_sae) = (97usize, 300usize);
+        let wv: Vec<bf16> = data(d_in * d_sae, 3).into_iter().map(bf16::from_f32).collect();
+        let b = data(d_sae, 4);
+        for v in [
+            View2 { s0: d_sae, s1: 1, off: 0 },
+            View2 { s0: 1, s1: d_in, off: 0 },
+        ] {
+            for n in [1usize, 7, 8, 33, 64] {
+                let x: Vec<f32> = data(n * d_in, 5 + n as u32).iter().map(|v| 2.0 * v).collect();
+                for native in [true, false] {
+                    let mut pre = vec![f32::NAN; n * d_sae];
+                    encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native);
+                    let rounded = native && n >= BF16_GEMM_MIN_TOKENS && has_dpbf16();
+                    if rounded {
+                        let mut want: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
+                        assert!(gemm_bf16_scalar(&x, n, d_in, &wv, v, d_sae, &mut want));
+                        let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&pre), bits(&want), "n={n} {v:?}");
+                    }
+                    let u = if rounded { U_BF16 } else { 0.0 };
+                    for i in 0..n {
+                        for j in 0..d_sae {
+                            let terms = (0..d_in).map(|k| {
+                                x[i * d_in + k] as f64 * wv[v.off + k * v.s0 + j * v.s1].to_f64()
+                            });
+                            let want = b[j] as f64 + terms.clone().sum::<f64>();
+                            let mag = (b[j] as f64).abs() + terms.map(f64::abs).sum::<f64>();
+                            let tol = (u + (d_in + 2) as f64 * U_F32) * mag;
+                            let g = pre[i * d_sae + j] as f64;
+                            assert!(
+                                (g - want).abs() <= tol,
+                                "n={n} native={native} {v:?} ({i},{j}): {g} vs {want} ± {tol}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

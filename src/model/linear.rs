@@ -685,6 +685,46 @@ mod tests {
         }
     }
 
+    /// Many rows times bf16 weights (prefill, harvest): on CPUs with AVX512-BF16 the
+    /// native bf16 GEMM, the documented instruction chain bit for bit with f32 outputs;
+    /// everywhere within bf16 rounding of the f64 sum of the bf16-rounded input (candle's
+    /// path also rounds its outputs to bf16: `2^-8` of the magnitude more).
+    #[test]
+    fn batched_bf16_products_follow_the_contract() {
+        use crate::kernels::gemm_bf16::gemm_bf16_scalar;
+        for (n, out, inp) in [(9usize, 70usize, 43usize), (40, 37, 1100)] {
+            let xf = data(n * inp, 31);
+            let wf: Vec<bf16> = data(out * inp, 32).into_iter().map(bf16::from_f32).collect();
+            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
+            let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
+            let y: Vec<f32> = linear(&x, &Weight::Dense(w))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let view = View2 { s0: 1, s1: inp, off: 0 };
+            let mut want = vec![0f32; n * out];
+            assert!(gemm_bf16_scalar(&xf, n, inp, &wf, view, out, &mut want));
+            if has_dpbf16() {
+                let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "n={n} out={out} inp={inp}");
+            }
+            for i in 0..n {
+                for o in 0..out {
+                    let terms = (0..inp).map(|k| {
+                        bf16::from_f32(xf[i * inp + k]).to_f64() * wf[o * inp + k].to_f64()
+                    });
+                    let want = terms.clone().sum::<f64>();
+                    let mag = terms.map(f64::abs).sum::<f64>();
+                    let tol = (1.0 / 256.0 + (inp + 2) as f64 / 16_777_216.0) * mag;
+                    let g = y[i * out + o] as f64;
+                    assert!((g - want).abs() <= tol, "({i},{o}): {g} vs {want} ± {tol}");
+                }
+            }
+        }
+    }
+
     fn small_linear_case(out: usize, inp: usize) {
         let wf = data(out * inp, 7);
         // Rows 0 and 1 of each dtype's 2-row product: the 8-row product must repeat them
