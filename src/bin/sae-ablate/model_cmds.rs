@@ -203,11 +203,16 @@ fn pin_thread_count() {
 }
 
 pub(crate) fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
-    load_opts_from(&a.dtype, &a.weights, &a.kv_cache)
+    load_opts_from((&a.dtype, "--dtype"), &a.weights, &a.kv_cache)
 }
 
-/// [`LoadOptions`] from the flags' strings: dense dtype, weight format, KV cache dtype.
-pub(crate) fn load_opts_from(dtype: &str, weights: &str, kv_cache: &str) -> Result<LoadOptions> {
+/// [`LoadOptions`] from the flags' strings: dense dtype (and its flag's name, for the
+/// error), weight format, KV cache dtype.
+pub(crate) fn load_opts_from(
+    dtype: (&str, &str),
+    weights: &str,
+    kv_cache: &str,
+) -> Result<LoadOptions> {
     pin_thread_count();
     let weights = match weights {
         "dense" => model::WeightFormat::Dense,
@@ -219,7 +224,7 @@ pub(crate) fn load_opts_from(dtype: &str, weights: &str, kv_cache: &str) -> Resu
         }
     };
     Ok(LoadOptions {
-        dtype: parse_dtype(dtype, "--dtype")?,
+        dtype: parse_dtype(dtype.0, dtype.1)?,
         weights,
         kv_cache: parse_dtype(kv_cache, "--kv-cache")?,
         ..Default::default()

@@ -159,7 +159,7 @@ fn load_model(path: &Path, opts: &LoadOptions) -> Result<(model::Model, model::T
 }
 
 pub fn harvest(a: HarvestArgs) -> Result<()> {
-    let opts = load_opts_from(&a.model_dtype, &a.weights, "f32")?;
+    let opts = load_opts_from((&a.model_dtype, "--model-dtype"), &a.weights, "f32")?;
     let (mut m, tok) = load_model(&a.model, &opts)?;
     let cfg = HarvestConfig {
         hooks: a.hooks,
