@@ -38,7 +38,10 @@ fn edit_sets(mode: SpliceMode) -> Vec<Edits> {
 /// only. The rounding itself is bounded per element in the kernels' unit tests.
 fn input_for(sae: &Sae, x: &Tensor) -> Tensor {
     if sae.dtype() == DType::BF16 {
-        x.to_dtype(DType::BF16).unwrap().to_dtype(x.dtype()).unwrap()
+        x.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(x.dtype())
+            .unwrap()
     } else {
         x.clone()
     }
@@ -214,7 +217,10 @@ fn fused_encode_matches_reference_encode() {
             let sae = random_exact(arch, 48, 300, dt, 29);
             let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving)).unwrap();
             for n in [0usize, 1, 7, 40] {
-                let x = input_for(&sae, &Tensor::randn(0f32, 1.0, (n, 48), &Device::Cpu).unwrap());
+                let x = input_for(
+                    &sae,
+                    &Tensor::randn(0f32, 1.0, (n, 48), &Device::Cpu).unwrap(),
+                );
                 let got = plan.encode(&x).unwrap();
                 assert_eq!(got.dims(), &[n, 300]);
                 assert_close(&rows(&got), &rows(&sae.encode(&x).unwrap()), tol);

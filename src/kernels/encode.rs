@@ -298,14 +298,28 @@ mod tests {
     #[test]
     fn bf16_encode_paths_within_rounding_of_f32() {
         let (d_in, d_sae) = (97usize, 300usize);
-        let wv: Vec<bf16> = data(d_in * d_sae, 3).into_iter().map(bf16::from_f32).collect();
+        let wv: Vec<bf16> = data(d_in * d_sae, 3)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
         let b = data(d_sae, 4);
         for v in [
-            View2 { s0: d_sae, s1: 1, off: 0 },
-            View2 { s0: 1, s1: d_in, off: 0 },
+            View2 {
+                s0: d_sae,
+                s1: 1,
+                off: 0,
+            },
+            View2 {
+                s0: 1,
+                s1: d_in,
+                off: 0,
+            },
         ] {
             for n in [1usize, 7, 8, 33, 64] {
-                let x: Vec<f32> = data(n * d_in, 5 + n as u32).iter().map(|v| 2.0 * v).collect();
+                let x: Vec<f32> = data(n * d_in, 5 + n as u32)
+                    .iter()
+                    .map(|v| 2.0 * v)
+                    .collect();
                 for native in [true, false] {
                     let mut pre = vec![f32::NAN; n * d_sae];
                     encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native);

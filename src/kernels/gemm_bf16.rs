@@ -188,8 +188,7 @@ pub fn gemm_bf16(
             .map(|b| (b * panels / blocks * NR).min(d_out))
             .collect();
         // Each task gets its columns of every row of c: disjoint &mut slices.
-        let mut parts: Vec<Vec<&mut [f32]>> =
-            (0..blocks).map(|_| Vec::with_capacity(n)).collect();
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..blocks).map(|_| Vec::with_capacity(n)).collect();
         for row in c[..n * d_out].chunks_mut(d_out) {
             let mut rest = row;
             for (b, part) in parts.iter_mut().enumerate() {
@@ -199,32 +198,44 @@ pub fn gemm_bf16(
             }
         }
         let buf_len = kcp * max_panels.max(panels.div_ceil(blocks)) * NR;
-        parts.into_par_iter().enumerate().for_each(|(bi, mut rows)| {
-            // One packing buffer per thread, kept across calls (no page faults per call).
-            PACK.with_borrow_mut(|buf| {
-                if buf.len() < buf_len {
-                    buf.resize(buf_len, 0);
-                }
-                let j0 = bounds[bi];
-                let width = rows.first().map_or(0, |r| r.len());
-                for p0 in (0..kp).step_by(kcp) {
-                    let kpb = kcp.min(kp - p0);
-                    let panels = width.div_ceil(NR);
-                    pack_b(w, v, d_in, j0, width, p0, kpb, &mut buf[..panels * kpb * NR]);
-                    for q in 0..panels {
-                        let cols = NR.min(width - q * NR);
-                        let bp = &buf[q * kpb * NR..(q + 1) * kpb * NR];
-                        for (ip, rs) in rows.chunks_mut(MR).enumerate() {
-                            let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
-                            // SAFETY: avx512f/vl/bw/bf16 checked above; `ap` holds kpb·MR
-                            // dwords, `bp` kpb·NR, every row slice of `rs` has at least
-                            // q·NR + cols elements (its block is `width` wide).
-                            unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols) };
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bi, mut rows)| {
+                // One packing buffer per thread, kept across calls (no page faults per call).
+                PACK.with_borrow_mut(|buf| {
+                    if buf.len() < buf_len {
+                        buf.resize(buf_len, 0);
+                    }
+                    let j0 = bounds[bi];
+                    let width = rows.first().map_or(0, |r| r.len());
+                    for p0 in (0..kp).step_by(kcp) {
+                        let kpb = kcp.min(kp - p0);
+                        let panels = width.div_ceil(NR);
+                        pack_b(
+                            w,
+                            v,
+                            d_in,
+                            j0,
+                            width,
+                            p0,
+                            kpb,
+                            &mut buf[..panels * kpb * NR],
+                        );
+                        for q in 0..panels {
+                            let cols = NR.min(width - q * NR);
+                            let bp = &buf[q * kpb * NR..(q + 1) * kpb * NR];
+                            for (ip, rs) in rows.chunks_mut(MR).enumerate() {
+                                let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
+                                // SAFETY: avx512f/vl/bw/bf16 checked above; `ap` holds kpb·MR
+                                // dwords, `bp` kpb·NR, every row slice of `rs` has at least
+                                // q·NR + cols elements (its block is `width` wide).
+                                unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols) };
+                            }
                         }
                     }
-                }
-            })
-        });
+                })
+            });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -266,15 +277,17 @@ fn pack_a(x: &[f32], n: usize, d_in: usize) -> Vec<u32> {
     let kp = d_in.div_ceil(2);
     let xb = to_bf16(&x[..n * d_in]);
     let mut a = vec![0u32; n.div_ceil(MR) * kp * MR];
-    a.par_chunks_mut(kp * MR).enumerate().for_each(|(ip, panel)| {
-        for r in 0..MR.min(n - ip * MR) {
-            let row = &xb[(ip * MR + r) * d_in..(ip * MR + r + 1) * d_in];
-            for (p, pair) in row.chunks(2).enumerate() {
-                let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
-                panel[p * MR + r] = pair[0].to_bits() as u32 | hi << 16;
+    a.par_chunks_mut(kp * MR)
+        .enumerate()
+        .for_each(|(ip, panel)| {
+            for r in 0..MR.min(n - ip * MR) {
+                let row = &xb[(ip * MR + r) * d_in..(ip * MR + r + 1) * d_in];
+                for (p, pair) in row.chunks(2).enumerate() {
+                    let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
+                    panel[p * MR + r] = pair[0].to_bits() as u32 | hi << 16;
+                }
             }
-        }
-    });
+        });
     a
 }
 
@@ -403,7 +416,9 @@ mod avx512 {
                 *v = _mm512_dpbf16_ps(*v, a, b);
             }
         }
-        let s = acc.iter().fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+        let s = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
         _mm512_reduce_add_ps(s)
     }
 
@@ -431,14 +446,19 @@ mod avx512 {
                 let n0 = (r0.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead);
                 _mm_prefetch::<_MM_HINT_T0>(n0);
                 if let Some(r1) = r1 {
-                    _mm_prefetch::<_MM_HINT_T0>((r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead));
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        (r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead),
+                    );
                 }
             }
             // NR is a multiple of 16: a chunk never straddles two panels.
             let dst = o.add((c / NR) * panel + p * NR + c % NR) as *mut __m512i;
             let count = width.saturating_sub(c).min(16);
             let m = ((1u32 << count) - 1) as __mmask16;
-            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0.as_ptr().add(c) as *const i16));
+            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                m,
+                r0.as_ptr().add(c) as *const i16,
+            ));
             let v = match r1 {
                 Some(r1) => {
                     let b = _mm256_maskz_loadu_epi16(m, r1.as_ptr().add(c) as *const i16);
@@ -504,10 +524,12 @@ mod avx512 {
         }
         for p in 0..kpb {
             let bp = b.add(p * NR);
-            let bv: [__m512bh; 3] =
-                std::array::from_fn(|q| std::mem::transmute(_mm512_loadu_si512(bp.add(16 * q) as *const __m512i)));
+            let bv: [__m512bh; 3] = std::array::from_fn(|q| {
+                std::mem::transmute(_mm512_loadu_si512(bp.add(16 * q) as *const __m512i))
+            });
             for r in 0..M {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
                 for q in 0..3 {
                     acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
                 }
@@ -534,15 +556,34 @@ mod tests {
     /// strided view with an offset (every other element of a wider buffer). Returns the
     /// buffer and the view.
     fn layouts(d_in: usize, d_out: usize, seed: u32) -> Vec<(Vec<bf16>, View2, &'static str)> {
-        let vals = |len: usize| -> Vec<bf16> {
-            data(len, seed).into_iter().map(bf16::from_f32).collect()
-        };
+        let vals =
+            |len: usize| -> Vec<bf16> { data(len, seed).into_iter().map(bf16::from_f32).collect() };
         vec![
-            (vals(d_in * d_out), View2 { s0: d_out, s1: 1, off: 0 }, "input-major"),
-            (vals(d_in * d_out), View2 { s0: 1, s1: d_in, off: 0 }, "latent-major"),
+            (
+                vals(d_in * d_out),
+                View2 {
+                    s0: d_out,
+                    s1: 1,
+                    off: 0,
+                },
+                "input-major",
+            ),
+            (
+                vals(d_in * d_out),
+                View2 {
+                    s0: 1,
+                    s1: d_in,
+                    off: 0,
+                },
+                "latent-major",
+            ),
             (
                 vals(3 + 2 * d_in * d_out),
-                View2 { s0: 2, s1: 2 * d_in, off: 3 },
+                View2 {
+                    s0: 2,
+                    s1: 2 * d_in,
+                    off: 3,
+                },
                 "strided",
             ),
         ]
@@ -599,15 +640,17 @@ mod tests {
             }
             for i in 0..n {
                 for j in 0..d_out {
-                    let terms = (0..d_in).map(|k| {
-                        x[i * d_in + k] as f64 * w[v.off + k * v.s0 + j * v.s1].to_f64()
-                    });
+                    let terms = (0..d_in)
+                        .map(|k| x[i * d_in + k] as f64 * w[v.off + k * v.s0 + j * v.s1].to_f64());
                     let c = c0[i * d_out + j] as f64;
                     let want = c + terms.clone().sum::<f64>();
                     let mag = c.abs() + terms.map(f64::abs).sum::<f64>();
                     let tol = (U_BF16 + (d_in + 2) as f64 * U_F32) * mag;
                     let g = got[i * d_out + j] as f64;
-                    assert!((g - want).abs() <= tol, "{name} ({i},{j}): {g} vs {want} ± {tol}");
+                    assert!(
+                        (g - want).abs() <= tol,
+                        "{name} ({i},{j}): {g} vs {want} ± {tol}"
+                    );
                 }
             }
         }
@@ -617,13 +660,21 @@ mod tests {
     #[test]
     fn mismatched_sizes_are_declined() {
         let w = vec![bf16::ONE; 12];
-        let v = View2 { s0: 4, s1: 1, off: 0 };
+        let v = View2 {
+            s0: 4,
+            s1: 1,
+            off: 0,
+        };
         let mut c = vec![0f32; 8];
         // x too short, c too short, the view past the buffer, overflowing strides.
         assert!(!gemm_bf16(&[1.0; 5], 2, 3, &w, v, 4, &mut c));
         assert!(!gemm_bf16(&[1.0; 6], 2, 3, &w, v, 4, &mut c[..7]));
         assert!(!gemm_bf16(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
-        let huge = View2 { s0: usize::MAX / 2, s1: 1, off: 0 };
+        let huge = View2 {
+            s0: usize::MAX / 2,
+            s1: 1,
+            off: 0,
+        };
         assert!(!gemm_bf16(&[1.0; 6], 2, 3, &w, huge, 4, &mut c));
         assert!(!gemm_bf16_scalar(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
         assert_eq!(c, vec![0f32; 8]);

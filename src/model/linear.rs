@@ -694,7 +694,10 @@ mod tests {
         use crate::kernels::gemm_bf16::gemm_bf16_scalar;
         for (n, out, inp) in [(9usize, 70usize, 43usize), (40, 37, 1100)] {
             let xf = data(n * inp, 31);
-            let wf: Vec<bf16> = data(out * inp, 32).into_iter().map(bf16::from_f32).collect();
+            let wf: Vec<bf16> = data(out * inp, 32)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
             let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
             let y: Vec<f32> = linear(&x, &Weight::Dense(w))
@@ -703,7 +706,11 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let view = View2 { s0: 1, s1: inp, off: 0 };
+            let view = View2 {
+                s0: 1,
+                s1: inp,
+                off: 0,
+            };
             let mut want = vec![0f32; n * out];
             assert!(gemm_bf16_scalar(&xf, n, inp, &wf, view, out, &mut want));
             if has_dpbf16() {

@@ -569,7 +569,12 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
     }
     let mut prefill_row = serde_json::Value::Null;
     if a.prefill_batch != "0" {
-        let bad = || Error::Invalid(format!("bad --prefill-batch `{}`: BxT, e.g. 8x128", a.prefill_batch));
+        let bad = || {
+            Error::Invalid(format!(
+                "bad --prefill-batch `{}`: BxT, e.g. 8x128",
+                a.prefill_batch
+            ))
+        };
         let (b, t) = a.prefill_batch.split_once(['x', 'X']).ok_or_else(bad)?;
         let (b, t): (usize, usize) = (
             b.trim().parse().map_err(|_| bad())?,
