@@ -169,6 +169,12 @@ pub struct Ceilings {
     pub copy_gbs: f64,
     /// f32 GEMM rate of the `gemm` crate on a 256×4096×8192 product, GFLOP/s.
     pub gemm_gflops: f64,
+    /// Peak rate of the CPU's bf16 dot-product instruction (`vdpbf16ps`) on all threads,
+    /// register-only, GFLOP/s; `None` on CPUs without AVX512-BF16.
+    pub bf16_peak_gflops: Option<f64>,
+    /// The crate's bf16 GEMM (bf16 weights, input rounded to bf16, f32 sums) on the same
+    /// 256×4096×8192 product, GFLOP/s; `None` on CPUs without AVX512-BF16.
+    pub gemm_bf16_gflops: Option<f64>,
 }
 
 fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
@@ -181,7 +187,8 @@ fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     best
 }
 
-/// Measure read and copy bandwidth and the f32 GEMM rate.
+/// Measure read and copy bandwidth, the f32 GEMM rate and, where the CPU has the
+/// instruction, the bf16 dot product's peak and the bf16 GEMM rate.
 pub fn measure_ceilings() -> Ceilings {
     let n = 1usize << 28; // 1 GiB of f32
     let src = uniform(n, 1.0, 7);
@@ -234,11 +241,27 @@ pub fn measure_ceilings() -> Ceilings {
         }
         std::hint::black_box(&c);
     });
+    // The same product with bf16 weights in the encoder's [d_in, d_sae] layout.
+    let bw: Vec<bf16> = b.par_iter().map(|&v| bf16::from_f32(v)).collect();
+    let view = crate::kernels::encode::View2 {
+        s0: nn,
+        s1: 1,
+        off: 0,
+    };
+    let gemm_bf16 = crate::kernels::gemm_bf16::has_dpbf16().then(|| {
+        let t = best_of(3, || {
+            crate::kernels::gemm_bf16::gemm_bf16(&a, m, k, &bw, view, nn, &mut c);
+            std::hint::black_box(&c);
+        });
+        2.0 * (m * k * nn) as f64 / t / 1e9
+    });
     let bytes = (n * 4) as f64;
     Ceilings {
         read_gbs: bytes / read / 1e9,
         copy_gbs: 2.0 * bytes / copy / 1e9,
         gemm_gflops: 2.0 * (m * k * nn) as f64 / t / 1e9,
+        bf16_peak_gflops: crate::kernels::gemm_bf16::peak_gflops(1 << 22),
+        gemm_bf16_gflops: gemm_bf16,
     }
 }
 

@@ -292,6 +292,42 @@ fn bad_input_exits_2_with_a_clear_message_and_no_output() {
     assert!(e.contains("sideways"), "{e}");
 }
 
+/// `harvest` and `eval` take the model's weight dtype and format like `logits`; bad values
+/// are errors naming the flag, before any file is read.
+#[test]
+fn harvest_and_eval_take_model_weight_flags() {
+    let e = run_err(&[
+        "harvest",
+        "--model",
+        "missing.gguf",
+        "--out",
+        "unused",
+        "--model-dtype",
+        "f8",
+    ]);
+    assert!(e.contains("--model-dtype") && e.contains("f8"), "{e}");
+    let e = run_err(&[
+        "harvest",
+        "--model",
+        "missing.gguf",
+        "--out",
+        "unused",
+        "--weights",
+        "sparse",
+    ]);
+    assert!(e.contains("--weights") && e.contains("sparse"), "{e}");
+    let e = run_err(&[
+        "eval",
+        "--model",
+        "missing.gguf",
+        "--sae",
+        "unused",
+        "--dtype",
+        "f8",
+    ]);
+    assert!(e.contains("--dtype") && e.contains("f8"), "{e}");
+}
+
 #[test]
 fn bench_prints_json_rows_with_speedups() {
     let out = run_ok(&[

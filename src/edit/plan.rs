@@ -632,9 +632,17 @@ impl CustomOp1 for EditPlan {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = strided_to_f32(storage, layout)?;
+        // Contiguous f32 input is read in place: no copy (and no fresh pages) per call.
+        let copied;
+        let x: &[f32] = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => {
+                copied = strided_to_f32(storage, layout)?;
+                &copied
+            }
+        };
         let mut y = vec![0f32; x.len()];
-        self.run(&x, &mut y).map_err(candle_core::Error::wrap)?;
+        self.run(x, &mut y).map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 }

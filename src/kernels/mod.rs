@@ -23,6 +23,7 @@ macro_rules! with_rows {
 pub(crate) use with_rows;
 
 pub(crate) mod encode;
+pub(crate) mod gemm_bf16;
 #[doc(hidden)]
 pub mod quant;
 pub(crate) mod simd;

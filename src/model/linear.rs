@@ -3,12 +3,17 @@
 //! Dense weights: few rows (decode steps, short prompts) go through a row-parallel loop
 //! that streams each weight row once for all rows of `x`, reading f32, f16 or bf16
 //! weights in place (AVX2/F16C FMAs; bf16 weights as `vdpbf16ps` on `x` rounded to bf16
-//! where the CPU has AVX512-BF16); many rows (prefill) through candle's `gemm`. Block-quantized weights: [`QMatrix::matmul`] for any row count.
+//! where the CPU has AVX512-BF16); many rows (prefill, harvest, scoring passes) of bf16
+//! weights through the native bf16 GEMM ([`crate::kernels::gemm_bf16`]) on such CPUs,
+//! other dtypes and CPUs through candle's `gemm`. Block-quantized weights:
+//! [`QMatrix::matmul`] for any row count.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::kernels::encode::View2;
+use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16};
 use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
 use crate::Result;
@@ -82,6 +87,16 @@ pub(crate) fn linear(x: &Tensor, w: &Weight) -> Result<Tensor> {
             return Ok(y);
         }
     }
+    if w.dtype() == DType::BF16 && w.is_contiguous() && x.device().is_cpu() && has_dpbf16() {
+        let xv = x
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(y) = batched_bf16(&xv, n, w) {
+            return Ok(Tensor::from_vec(y, (n, w.dim(0)?), x.device())?);
+        }
+    }
     if w.dtype() == x.dtype() {
         Ok(x.matmul(&w.t()?)?)
     } else {
@@ -89,6 +104,27 @@ pub(crate) fn linear(x: &Tensor, w: &Weight) -> Result<Tensor> {
             .matmul(&w.t()?)?
             .to_dtype(DType::F32)?)
     }
+}
+
+/// Many rows times contiguous CPU bf16 weights `w [out, in]`: the native bf16 GEMM
+/// ([`gemm_bf16`]: `x` rounded to bf16 once, `vdpbf16ps` products, f32 sums and f32
+/// outputs). `None` when the CPU lacks AVX512-BF16 or the shapes do not fit (the caller
+/// then takes candle's path).
+fn batched_bf16(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
+    let (out, inp) = w.dims2().ok()?;
+    let (st, layout) = w.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
+        return None;
+    };
+    let wv = v.get(layout.start_offset()..layout.start_offset() + out * inp)?;
+    let mut y = vec![0f32; n.checked_mul(out)?];
+    // W[k, j] = w[j, k]: the input dimension is contiguous (latent-major view).
+    let view = View2 {
+        s0: 1,
+        s1: inp,
+        off: 0,
+    };
+    gemm_bf16(x, n, inp, wv, view, out, &mut y).then_some(y)
 }
 
 fn small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
@@ -158,36 +194,6 @@ fn run_bf16(w: &[bf16], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32>
     tiled(w, n, inp, out, |rows, tile| {
         dot_tile_bf16(&xb, rows, inp, tile)
     })
-}
-
-/// `x` rounded to bf16 (to nearest even; NaN stays NaN).
-fn to_bf16(x: &[f32]) -> Vec<bf16> {
-    #[cfg(target_arch = "x86_64")]
-    if has_dpbf16() {
-        let mut out = vec![bf16::ZERO; x.len()];
-        // SAFETY: avx512f/vl/bw/bf16 checked; both slices are x.len() long.
-        unsafe { avx512bf16::convert(x, &mut out) };
-        return out;
-    }
-    x.iter().map(|&v| bf16::from_f32(v)).collect()
-}
-
-/// Whether this CPU has AVX512-BF16 (with the F, VL and BW parts the kernel uses).
-fn has_dpbf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            has_avx2()
-                && std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("avx512bw")
-                && std::is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// `y [n, out]` (zeroed, then filled) from parallel tasks of [`BLOCK`] weight rows:
@@ -430,26 +436,6 @@ mod avx512bf16 {
     use std::arch::x86_64::*;
 
     use super::PREFETCH;
-
-    /// `out[i] = bf16(x[i])`, to nearest even (`vcvtne2ps2bf16`, 16 at a time).
-    /// SAFETY: avx512f, avx512vl, avx512bw, avx512bf16.
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
-    pub(super) unsafe fn convert(x: &[f32], out: &mut [bf16]) {
-        let mut xs = x.chunks_exact(16);
-        let mut os = out.chunks_exact_mut(16);
-        for (xc, oc) in (&mut xs).zip(&mut os) {
-            let (lo, hi) = (
-                _mm256_loadu_ps(xc.as_ptr()),
-                _mm256_loadu_ps(xc.as_ptr().add(8)),
-            );
-            // The second operand fills the low half.
-            let v: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
-            _mm256_storeu_si256(oc.as_mut_ptr() as *mut __m256i, v);
-        }
-        for (o, &v) in os.into_remainder().iter_mut().zip(xs.remainder()) {
-            *o = bf16::from_f32(v);
-        }
-    }
 
     /// All weight rows times the n rows of `x`: one row at a time with four accumulators
     /// ([`dot4`]) for a single row of `x`, else two weight rows at a time ([`tile`]; an
@@ -699,25 +685,51 @@ mod tests {
         }
     }
 
-    /// The rounding of `x` to bf16 is half's (to nearest, ties to even) bit for bit,
-    /// ties included, also past the last 16-wide chunk.
+    /// Many rows times bf16 weights (prefill, harvest): on CPUs with AVX512-BF16 the
+    /// native bf16 GEMM, the documented instruction chain bit for bit with f32 outputs;
+    /// everywhere within bf16 rounding of the f64 sum of the bf16-rounded input (candle's
+    /// path also rounds its outputs to bf16: `2^-8` of the magnitude more).
     #[test]
-    fn bf16_rounding_is_nearest_even() {
-        let mut x: Vec<f32> = data(37, 5);
-        // Exact ties between two bf16 values: the lower 16 bits are 0x8000.
-        for (i, hi) in [0x3f80u32, 0x3f81, 0xbf80, 0xbf81, 0x4000, 0x4001]
-            .iter()
-            .enumerate()
-        {
-            x[i * 5] = f32::from_bits((hi << 16) | 0x8000);
+    fn batched_bf16_products_follow_the_contract() {
+        use crate::kernels::gemm_bf16::gemm_bf16_scalar;
+        for (n, out, inp) in [(9usize, 70usize, 43usize), (40, 37, 1100)] {
+            let xf = data(n * inp, 31);
+            let wf: Vec<bf16> = data(out * inp, 32)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
+            let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
+            let y: Vec<f32> = linear(&x, &Weight::Dense(w))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let view = View2 {
+                s0: 1,
+                s1: inp,
+                off: 0,
+            };
+            let mut want = vec![0f32; n * out];
+            assert!(gemm_bf16_scalar(&xf, n, inp, &wf, view, out, &mut want));
+            if has_dpbf16() {
+                let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&want), "n={n} out={out} inp={inp}");
+            }
+            for i in 0..n {
+                for o in 0..out {
+                    let terms = (0..inp).map(|k| {
+                        bf16::from_f32(xf[i * inp + k]).to_f64() * wf[o * inp + k].to_f64()
+                    });
+                    let want = terms.clone().sum::<f64>();
+                    let mag = terms.map(f64::abs).sum::<f64>();
+                    let tol = (1.0 / 256.0 + (inp + 2) as f64 / 16_777_216.0) * mag;
+                    let g = y[i * out + o] as f64;
+                    assert!((g - want).abs() <= tol, "({i},{o}): {g} vs {want} ± {tol}");
+                }
+            }
         }
-        let got = to_bf16(&x);
-        for (g, v) in got.iter().zip(&x) {
-            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "{v}");
-        }
-        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even (1.0) wins; 1 + 3·2^-8 rounds up.
-        let t = to_bf16(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]);
-        assert_eq!((t[0].to_f32(), t[1].to_f32()), (1.0, 1.0 + 4.0 / 256.0));
     }
 
     fn small_linear_case(out: usize, inp: usize) {

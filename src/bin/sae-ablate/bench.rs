@@ -108,7 +108,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"ceilings": {"read_gbs": ceil.read_gbs, "copy_gbs": ceil.copy_gbs,
-                "gemm_f32_gflops": ceil.gemm_gflops, "threads": rayon::current_num_threads()}})
+                "gemm_f32_gflops": ceil.gemm_gflops, "bf16_peak_gflops": ceil.bf16_peak_gflops,
+                "gemm_bf16_gflops": ceil.gemm_bf16_gflops, "threads": rayon::current_num_threads()}})
         );
     } else if let Some(ceil) = ceil {
         println!(
@@ -118,6 +119,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ceil.gemm_gflops,
             rayon::current_num_threads()
         );
+        match (ceil.bf16_peak_gflops, ceil.gemm_bf16_gflops) {
+            (Some(p), Some(g)) => println!(
+                "          bf16 dot-product peak {p:.1} GFLOP/s, bf16 GEMM (256x8192x4096) {g:.1} GFLOP/s ({:.0}% of peak)",
+                g / p * 100.0
+            ),
+            _ => println!("          no native bf16 dot product on this CPU: bf16 rows compare with f32 GEMM"),
+        }
     }
     if !args.json {
         println!(
@@ -140,16 +148,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 let tok_s = batch as f64 / (ms / 1e3);
                 let (bytes, flops) = op_work(&sae, op, batch);
-                // Memory-bound rows against bandwidth, compute-bound ones against GEMM.
-                // ablate26 and steer touch a few cached rows: no meaningful ceiling.
-                // Memory-bound rows are compared with bandwidth, compute-bound ones with GEMM.
-                let (pct, what) = match (op, ceil) {
-                    (Op::Ablate26 | Op::Steer, _) | (_, None) => (None, "none"),
-                    (_, Some(c)) if batch <= 8 => (
+                // Memory-bound rows are compared with bandwidth, compute-bound ones with the
+                // GEMM ceiling of their dtype (bf16 weights: the bf16 instruction's peak,
+                // where the CPU has it). ablate26 and steer touch a few cached rows: no
+                // meaningful ceiling.
+                let bf16_peak = ceil
+                    .and_then(|c| c.bf16_peak_gflops)
+                    .filter(|_| sae.dtype() == DType::BF16);
+                let (pct, what) = match (op, ceil, bf16_peak) {
+                    (Op::Ablate26 | Op::Steer, _, _) | (_, None, _) => (None, "none"),
+                    (_, Some(c), _) if batch <= 8 => (
                         Some(bytes / (ms / 1e3) / 1e9 / c.read_gbs * 100.0),
                         "read_bw",
                     ),
-                    (_, Some(c)) => (
+                    (_, _, Some(p)) => (Some(flops / (ms / 1e3) / 1e9 / p * 100.0), "bf16_peak"),
+                    (_, Some(c), None) => (
                         Some(flops / (ms / 1e3) / 1e9 / c.gemm_gflops * 100.0),
                         "gemm_f32",
                     ),
@@ -177,6 +190,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         match what {
                             "read_bw" => "bw",
                             "gemm_f32" => "mm",
+                            "bf16_peak" => "pk",
                             _ => "",
                         },
                         speedup.map(|s| format!("{s:.0}x")).unwrap_or_default()

@@ -202,9 +202,19 @@ fn pin_thread_count() {
     }
 }
 
-fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
+pub(crate) fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
+    load_opts_from((&a.dtype, "--dtype"), &a.weights, &a.kv_cache)
+}
+
+/// [`LoadOptions`] from the flags' strings: dense dtype (and its flag's name, for the
+/// error), weight format, KV cache dtype.
+pub(crate) fn load_opts_from(
+    dtype: (&str, &str),
+    weights: &str,
+    kv_cache: &str,
+) -> Result<LoadOptions> {
     pin_thread_count();
-    let weights = match a.weights.as_str() {
+    let weights = match weights {
         "dense" => model::WeightFormat::Dense,
         "quantized" => model::WeightFormat::Quantized,
         other => {
@@ -214,9 +224,9 @@ fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
         }
     };
     Ok(LoadOptions {
-        dtype: parse_dtype(&a.dtype, "--dtype")?,
+        dtype: parse_dtype(dtype.0, dtype.1)?,
         weights,
-        kv_cache: parse_dtype(&a.kv_cache, "--kv-cache")?,
+        kv_cache: parse_dtype(kv_cache, "--kv-cache")?,
         ..Default::default()
     })
 }
@@ -341,6 +351,11 @@ pub struct BenchModelArgs {
     /// Also time batched decoding of this many prompts (0 = skip; best of `--repeat`).
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// Also time a batched prefill of `BxT` tokens (B contexts of T tokens in one
+    /// forward pass, no hooks: the shape of a harvest or an eval pass; best of
+    /// `--repeat`; `0` = skip).
+    #[arg(long, default_value = "8x128")]
+    prefill_batch: String,
     #[command(flatten)]
     load: LoadArgs,
     /// Without --sae: also time an ESR-style splice of a random standard SAE of this width
@@ -592,6 +607,38 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         }
         batch_row = serde_json::json!({"batch": b, "decode_tok_s": tps});
     }
+    let mut prefill_row = serde_json::Value::Null;
+    if a.prefill_batch != "0" {
+        let bad = || {
+            Error::Invalid(format!(
+                "bad --prefill-batch `{}`: BxT, e.g. 8x128",
+                a.prefill_batch
+            ))
+        };
+        let (b, t) = a.prefill_batch.split_once(['x', 'X']).ok_or_else(bad)?;
+        let (b, t): (usize, usize) = (
+            b.trim().parse().map_err(|_| bad())?,
+            t.trim().parse().map_err(|_| bad())?,
+        );
+        if b == 0 || t == 0 || t > m.max_seq_len() {
+            return Err(bad());
+        }
+        let x = Tensor::from_vec(
+            (0..b * t).map(|i| ids[i % ids.len()]).collect::<Vec<u32>>(),
+            (b, t),
+            &Device::Cpu,
+        )?;
+        let pads = vec![0usize; b];
+        let mut hooks = Hooks::new();
+        let mut best = f64::INFINITY;
+        for _ in 0..a.repeat.max(1) {
+            let t0 = std::time::Instant::now();
+            std::hint::black_box(m.forward_last_padded(&x, 0, &pads, &mut hooks)?);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        prefill_row = serde_json::json!({"batch": b, "tokens": t, "seconds": best,
+            "tok_s": (b * t) as f64 / best.max(1e-9)});
+    }
     let mut harvest_row = serde_json::Value::Null;
     if a.harvest_tokens > 0 {
         let (h, p) =
@@ -611,6 +658,7 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
         batch_row["ratio_to_batch_1"] = serde_json::json!(tps / b1.max(1e-9));
     }
     let out = serde_json::json!({
+        "batched_prefill": prefill_row,
         "harvest": harvest_row,
         "batched_decode": batch_row,
         "model": a.model.display().to_string(),
@@ -650,6 +698,13 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
                 a.batch,
                 tps / a.batch as f64,
                 tps / b1.max(1e-9)
+            );
+        }
+        if let Some(tps) = prefill_row["tok_s"].as_f64() {
+            println!(
+                "   batched prefill {}: {tps:.1} tok/s ({:.3} s per pass, no hooks)",
+                a.prefill_batch,
+                prefill_row["seconds"].as_f64().unwrap_or(0.0)
             );
         }
         if let Some(r) = harvest_row["ratio"].as_f64() {

@@ -11,6 +11,8 @@ use sae_ablate::sae::Sae;
 use sae_ablate::train::{self, ActivationSource, ShardSource, TrainArchitecture, TrainConfig};
 use sae_ablate::{Error, Result};
 
+use crate::model_cmds::{load_opts, load_opts_from, LoadArgs};
+
 const DEFAULT_CORPUS: &str = "assets/austen";
 
 /// Arguments of `sae-ablate harvest`.
@@ -47,6 +49,14 @@ pub struct HarvestArgs {
     /// Shard dtype: f16 or f32.
     #[arg(long, default_value = "f16")]
     dtype: String,
+    /// The model's dense weight dtype after loading: f32 (default), f16 or bf16 (bf16
+    /// products round their input to bf16, as a bf16 PyTorch model does; with
+    /// AVX512-BF16 the fastest batched forward). `--dtype` here is the shards'.
+    #[arg(long, default_value = "f32")]
+    model_dtype: String,
+    /// `dense` (dequantized to --model-dtype) or `quantized` (GGUF blocks as stored).
+    #[arg(long, default_value = "dense")]
+    weights: String,
     /// Rows per shard.
     #[arg(long, default_value_t = 65536)]
     shard_rows: usize,
@@ -140,14 +150,17 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    load: LoadArgs,
 }
 
-fn load_model(path: &Path) -> Result<(model::Model, model::Tokenizer)> {
-    model::load(path, &LoadOptions::default())
+fn load_model(path: &Path, opts: &LoadOptions) -> Result<(model::Model, model::Tokenizer)> {
+    model::load(path, opts)
 }
 
 pub fn harvest(a: HarvestArgs) -> Result<()> {
-    let (mut m, tok) = load_model(&a.model)?;
+    let opts = load_opts_from((&a.model_dtype, "--model-dtype"), &a.weights, "f32")?;
+    let (mut m, tok) = load_model(&a.model, &opts)?;
     let cfg = HarvestConfig {
         hooks: a.hooks,
         context_len: a.context_len,
@@ -269,7 +282,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let (mut m, tok) = load_model(&a.model)?;
+    let (mut m, tok) = load_model(&a.model, &load_opts(&a.load)?)?;
     let sae = Sae::load(&a.sae, &Device::Cpu)?;
     let files = corpus_files(&a.corpus)?;
     let ctx = Contexts::build(&tok, &files, a.context_len)?;

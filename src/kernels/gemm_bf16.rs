@@ -1,0 +1,706 @@
+//! `C += bf16(X) · W` for bf16 weights on the CPU's bf16 dot-product instruction
+//! (`vdpbf16ps`, AVX512-BF16): the dense SAE encode and the model's batched products.
+//!
+//! The contract, per output `(i, j)`: `X` is rounded to bf16 (to nearest even) once,
+//! then, for the pairs `p = 0, 1, …` of the input dimension in ascending order,
+//! `c += x[2p+1]·w[2p+1]` and then `c += x[2p]·w[2p]` in f32 (each product of two bf16
+//! values is exact in f32; a missing last element counts as 0). That is one
+//! `vdpbf16ps` lane per output over the whole input dimension, so the result is the
+//! same bits whatever the batch, the blocking or the thread count, and
+//! [`gemm_bf16_scalar`] reproduces it bit for bit (inputs and sums away from f32's
+//! subnormal range, which the instruction flushes to zero).
+//!
+//! The shape is a classic packed GEMM: `X` is rounded and packed once per call into
+//! panels of [`MR`] rows (`[pairs][MR]` dwords, one bf16 pair each); each task owns a
+//! block of up to [`NC`] output columns and, per block of [`KCP`] input pairs, packs its
+//! weights into micro-panels of [`NR`] columns (`[pairs][NR]` dwords, read in the stored
+//! layout: input-major rows, latent-major columns or any strides) and runs the
+//! `MR × NR` micro-kernel (24 accumulators of 16 lanes) over every row panel, the
+//! micro-panel staying in L1. Weights are read once per call; no f32 copy exists.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::encode::View2;
+
+/// Rows of `X` per micro-tile.
+pub const MR: usize = 8;
+/// Output columns per micro-tile: three registers of 16 f32 lanes.
+pub const NR: usize = 48;
+/// Input pairs (two input elements each) per packed block: a micro-panel of
+/// `KCP × NR` dwords is 24 KiB, L1-resident while every row panel runs over it.
+pub const KCP: usize = 128;
+/// Output columns per task (eight micro-panels): its packed block is 192 KiB, L2-resident.
+pub const NC: usize = 8 * NR;
+/// Input pairs per packed block when all rows fit one micro-tile (memory-bound).
+pub const KCP_FEW: usize = 16;
+/// Output columns per task then: 6 KiB runs of each bf16 weight row, the same 192 KiB.
+pub const NC_FEW: usize = 64 * NR;
+
+thread_local! {
+    /// Each thread's buffer of packed weights (at most `KCP × NC` dwords, 192 KiB).
+    static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether this CPU has AVX512-BF16 with the F, VL and BW parts the kernels use
+/// (checked once).
+pub fn has_dpbf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            super::simd::has_avx2()
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `x` rounded to bf16 (to nearest even; NaN stays NaN), `vcvtne2ps2bf16` where the CPU
+/// has it.
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    let mut out = vec![bf16::ZERO; x.len()];
+    to_bf16_into(x, &mut out);
+    out
+}
+
+/// [`to_bf16`] into `out` (over the shorter of the two).
+pub fn to_bf16_into(x: &[f32], out: &mut [bf16]) {
+    let n = x.len().min(out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_dpbf16() {
+        // SAFETY: avx512f/vl/bw/bf16 checked; both slices hold n elements.
+        unsafe { avx512::convert(&x[..n], &mut out[..n]) };
+        return;
+    }
+    for (o, &v) in out[..n].iter_mut().zip(&x[..n]) {
+        *o = bf16::from_f32(v);
+    }
+}
+
+/// Whether every element `(k, j)`, `k < d_in`, `j < d_out`, of the view is inside a
+/// buffer of `len` elements.
+fn view_fits(v: View2, d_in: usize, d_out: usize, len: usize) -> bool {
+    if d_in == 0 || d_out == 0 {
+        return true;
+    }
+    let last = (d_in - 1)
+        .checked_mul(v.s0)
+        .and_then(|a| (d_out - 1).checked_mul(v.s1).and_then(|b| a.checked_add(b)))
+        .and_then(|a| a.checked_add(v.off));
+    matches!(last, Some(l) if l < len)
+}
+
+/// The contract in plain scalar f32 (see the module docs): `c[i·d_out + j] +=` the
+/// pairwise chain of `bf16(x_i) · w[:, j]`. The oracle of the tests; also the body on
+/// CPUs without AVX512-BF16 where a caller wants these exact bits.
+/// Returns `false` (and leaves `c` alone) when the sizes or the view do not fit.
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn gemm_bf16_scalar(
+    x: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[bf16],
+    v: View2,
+    d_out: usize,
+    c: &mut [f32],
+) -> bool {
+    if !sizes_fit(x, n, d_in, w, v, d_out, c) {
+        return false;
+    }
+    let at = |k: usize, j: usize| w[v.off + k * v.s0 + j * v.s1].to_f32();
+    for i in 0..n {
+        let xi: Vec<f32> = x[i * d_in..(i + 1) * d_in]
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_f32())
+            .collect();
+        for j in 0..d_out {
+            let mut acc = c[i * d_out + j];
+            for p in 0..d_in.div_ceil(2) {
+                let (k0, k1) = (2 * p, 2 * p + 1);
+                if k1 < d_in {
+                    acc += xi[k1] * at(k1, j);
+                } else {
+                    acc += 0.0;
+                }
+                acc += xi[k0] * at(k0, j);
+            }
+            c[i * d_out + j] = acc;
+        }
+    }
+    true
+}
+
+fn sizes_fit(
+    x: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[bf16],
+    v: View2,
+    d_out: usize,
+    c: &[f32],
+) -> bool {
+    n.checked_mul(d_in).is_some_and(|l| x.len() >= l)
+        && n.checked_mul(d_out).is_some_and(|l| c.len() >= l)
+        && view_fits(v, d_in, d_out, w.len())
+}
+
+/// `c [n, d_out] += bf16(x [n, d_in]) · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, on
+/// `vdpbf16ps` (see the module docs for the exact sums). Returns `false`, leaving `c`
+/// alone, when the CPU lacks AVX512-BF16 or the sizes or the view do not fit the
+/// buffers; the caller then takes another path.
+pub fn gemm_bf16(
+    x: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[bf16],
+    v: View2,
+    d_out: usize,
+    c: &mut [f32],
+) -> bool {
+    if !has_dpbf16() || !sizes_fit(x, n, d_in, w, v, d_out, c) {
+        return false;
+    }
+    if n == 0 || d_out == 0 || d_in == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let kp = d_in.div_ceil(2);
+        let a = pack_a(x, n, d_in);
+        // Blocking. One row panel (memory-bound): short blocks of input pairs and wide
+        // column runs, so each weight row is read in long contiguous runs. More rows
+        // (compute-bound): KCP pairs × up to NC columns, the micro-panel in L1.
+        let (kcp, max_panels) = if n <= MR {
+            (KCP_FEW, NC_FEW / NR)
+        } else {
+            (KCP, NC / NR)
+        };
+        // Column blocks of whole micro-panels, as many per thread, as even as they go.
+        let threads = rayon::current_num_threads().max(1);
+        let panels = d_out.div_ceil(NR);
+        let blocks = (threads * panels.div_ceil(threads * max_panels)).min(panels);
+        let bounds: Vec<usize> = (0..=blocks)
+            .map(|b| (b * panels / blocks * NR).min(d_out))
+            .collect();
+        // Each task gets its columns of every row of c: disjoint &mut slices.
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..blocks).map(|_| Vec::with_capacity(n)).collect();
+        for row in c[..n * d_out].chunks_mut(d_out) {
+            let mut rest = row;
+            for (b, part) in parts.iter_mut().enumerate() {
+                let (cols, tail) = rest.split_at_mut(bounds[b + 1] - bounds[b]);
+                part.push(cols);
+                rest = tail;
+            }
+        }
+        let buf_len = kcp * max_panels.max(panels.div_ceil(blocks)) * NR;
+        parts
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bi, mut rows)| {
+                // One packing buffer per thread, kept across calls (no page faults per call).
+                PACK.with_borrow_mut(|buf| {
+                    if buf.len() < buf_len {
+                        buf.resize(buf_len, 0);
+                    }
+                    let j0 = bounds[bi];
+                    let width = rows.first().map_or(0, |r| r.len());
+                    for p0 in (0..kp).step_by(kcp) {
+                        let kpb = kcp.min(kp - p0);
+                        let panels = width.div_ceil(NR);
+                        pack_b(
+                            w,
+                            v,
+                            d_in,
+                            j0,
+                            width,
+                            p0,
+                            kpb,
+                            &mut buf[..panels * kpb * NR],
+                        );
+                        for q in 0..panels {
+                            let cols = NR.min(width - q * NR);
+                            let bp = &buf[q * kpb * NR..(q + 1) * kpb * NR];
+                            for (ip, rs) in rows.chunks_mut(MR).enumerate() {
+                                let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
+                                // SAFETY: avx512f/vl/bw/bf16 checked above; `ap` holds kpb·MR
+                                // dwords, `bp` kpb·NR, every row slice of `rs` has at least
+                                // q·NR + cols elements (its block is `width` wide).
+                                unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols) };
+                            }
+                        }
+                    }
+                })
+            });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("has_dpbf16 is false off x86-64")
+}
+
+/// The instruction's peak on this machine, GFLOP/s (one `vdpbf16ps` on 16 lanes is 32
+/// multiply-adds, 64 FLOPs): every rayon thread runs 24 independent register chains of
+/// `iters` instructions at once, the best of three runs. `None` without AVX512-BF16.
+/// A ceiling for the benchmarks, not a kernel.
+pub fn peak_gflops(iters: usize) -> Option<f64> {
+    if !has_dpbf16() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = rayon::current_num_threads().max(1);
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let s: f32 = (0..threads)
+                .into_par_iter()
+                // SAFETY: avx512f/vl/bw/bf16 checked above.
+                .map(|i| unsafe { avx512::chains(iters, i as f32) })
+                .sum();
+            std::hint::black_box(s);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Some((threads * iters * 24 * 64) as f64 / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// `x [n, d_in]` rounded to bf16 and packed as `[n.div_ceil(MR)][d_in.div_ceil(2)][MR]`
+/// dwords, each the pair `(x[2p], x[2p+1])` (low half first, as `vdpbf16ps` reads it);
+/// missing rows and a missing last element are 0.
+fn pack_a(x: &[f32], n: usize, d_in: usize) -> Vec<u32> {
+    let kp = d_in.div_ceil(2);
+    let xb = to_bf16(&x[..n * d_in]);
+    let mut a = vec![0u32; n.div_ceil(MR) * kp * MR];
+    a.par_chunks_mut(kp * MR)
+        .enumerate()
+        .for_each(|(ip, panel)| {
+            for r in 0..MR.min(n - ip * MR) {
+                let row = &xb[(ip * MR + r) * d_in..(ip * MR + r + 1) * d_in];
+                for (p, pair) in row.chunks(2).enumerate() {
+                    let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
+                    panel[p * MR + r] = pair[0].to_bits() as u32 | hi << 16;
+                }
+            }
+        });
+    a
+}
+
+/// Pack the weights of columns `j0 .. j0 + width` and input pairs `p0 .. p0 + kpb` into
+/// `width.div_ceil(NR)` micro-panels `out [panel][kpb][NR]` of dwords (pair
+/// `(W[2p, j], W[2p+1, j])`; columns past `width` and a missing last input row are 0).
+/// Reads follow the storage: whole row runs of the block for input-major weights (long
+/// contiguous reads the prefetcher follows), whole column runs for latent-major ones.
+/// The caller has checked the view.
+#[allow(clippy::too_many_arguments)]
+fn pack_b(
+    w: &[bf16],
+    v: View2,
+    d_in: usize,
+    j0: usize,
+    width: usize,
+    p0: usize,
+    kpb: usize,
+    out: &mut [u32],
+) {
+    let panel = kpb * NR;
+    let bits = |k: usize, j: usize| w[v.off + k * v.s0 + j * v.s1].to_bits() as u32;
+    if v.s1 == 1 {
+        // Input-major rows: the block's run of two rows, interleaved into every panel.
+        for p in 0..kpb {
+            let k = 2 * (p0 + p);
+            let r0 = &w[v.off + k * v.s0 + j0..][..width];
+            let r1 = (k + 1 < d_in).then(|| &w[v.off + (k + 1) * v.s0 + j0..][..width]);
+            #[cfg(target_arch = "x86_64")]
+            if has_dpbf16() && out.len() >= width.div_ceil(NR) * panel {
+                // SAFETY: avx512f/bw checked; r0 (and r1) hold `width` values; `out`
+                // holds every panel the `width` columns touch, each `panel` long, and
+                // p < kpb, so row p of each panel is inside it.
+                // The next pair of rows (in this block or the next) is prefetched
+                // while this one is packed: `2·s0` elements further on.
+                unsafe { avx512::interleave_rows(r0, r1, 2 * v.s0, out, panel, p) };
+                continue;
+            }
+            for (q, c0) in (0..width).step_by(NR).enumerate() {
+                let c1 = (c0 + NR).min(width);
+                let o = &mut out[q * panel + p * NR..q * panel + (p + 1) * NR];
+                interleave(&r0[c0..c1], r1.map(|r| &r[c0..c1]), o);
+            }
+        }
+    } else if v.s0 == 1 {
+        // Latent-major columns: a pair is two adjacent values of one column.
+        let k1 = d_in.min(2 * (p0 + kpb));
+        for c in 0..width.div_ceil(NR) * NR {
+            let (q, cc) = (c / NR, c % NR);
+            let o = &mut out[q * panel..(q + 1) * panel];
+            if c >= width {
+                for p in 0..kpb {
+                    o[p * NR + cc] = 0;
+                }
+                continue;
+            }
+            let base = v.off + (j0 + c) * v.s1;
+            for (p, pair) in w[base + 2 * p0..base + k1].chunks(2).enumerate() {
+                let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
+                o[p * NR + cc] = pair[0].to_bits() as u32 | hi << 16;
+            }
+        }
+    } else {
+        for c in 0..width.div_ceil(NR) * NR {
+            let (q, cc) = (c / NR, c % NR);
+            for p in 0..kpb {
+                let k = 2 * (p0 + p);
+                out[q * panel + p * NR + cc] = if c >= width {
+                    0
+                } else {
+                    let hi = if k + 1 < d_in { bits(k + 1, j0 + c) } else { 0 };
+                    bits(k, j0 + c) | hi << 16
+                };
+            }
+        }
+    }
+}
+
+/// `o[c] = (r0[c], r1[c])` as dwords (`r1` absent: 0), zero past `r0.len()`.
+fn interleave(r0: &[bf16], r1: Option<&[bf16]>, o: &mut [u32]) {
+    for (c, o) in o.iter_mut().enumerate() {
+        *o = match (r0.get(c), r1.and_then(|r| r.get(c))) {
+            (Some(a), Some(b)) => a.to_bits() as u32 | (b.to_bits() as u32) << 16,
+            (Some(a), None) => a.to_bits() as u32,
+            _ => 0,
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR};
+    use half::bf16;
+    use std::arch::x86_64::*;
+
+    /// `out[i] = bf16(x[i])`, to nearest even (`vcvtne2ps2bf16`, 16 at a time).
+    /// SAFETY: avx512f, avx512vl, avx512bw, avx512bf16; `out.len() >= x.len()`.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert(x: &[f32], out: &mut [bf16]) {
+        let mut xs = x.chunks_exact(16);
+        let mut os = out.chunks_exact_mut(16);
+        for (xc, oc) in (&mut xs).zip(&mut os) {
+            let (lo, hi) = (
+                _mm256_loadu_ps(xc.as_ptr()),
+                _mm256_loadu_ps(xc.as_ptr().add(8)),
+            );
+            // The second operand fills the low half.
+            let v: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
+            _mm256_storeu_si256(oc.as_mut_ptr() as *mut __m256i, v);
+        }
+        for (o, &v) in os.into_remainder().iter_mut().zip(xs.remainder()) {
+            *o = bf16::from_f32(v);
+        }
+    }
+
+    /// 24 independent `vdpbf16ps` chains of `iters` steps on registers; returns a sum
+    /// so the work is not optimized away.
+    /// SAFETY: avx512f/vl/bw/bf16.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+    pub(super) unsafe fn chains(iters: usize, seed: f32) -> f32 {
+        let a: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(1e-3));
+        let b: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(seed));
+        let mut acc = [_mm512_setzero_ps(); 24];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_dpbf16_ps(*v, a, b);
+            }
+        }
+        let s = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// Row `p` of every micro-panel of a block (panels `panel` dwords apart in `out`):
+    /// `(r0[c], r1[c])` for the `r0.len()` columns (`r1` absent: 0), 16 at a time by
+    /// zero-extending to dwords, and zeros up to the end of the last panel; the same
+    /// columns `ahead` elements further on (the next pair of rows) are prefetched.
+    /// SAFETY: avx512f, avx512vl, avx512bw; `r1`, when present, as long as `r0`; `out` holds
+    /// `r0.len().div_ceil(NR)` panels of `panel ≥ (p + 1)·NR` dwords.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
+    pub(super) unsafe fn interleave_rows(
+        r0: &[bf16],
+        r1: Option<&[bf16]>,
+        ahead: usize,
+        out: &mut [u32],
+        panel: usize,
+        p: usize,
+    ) {
+        let width = r0.len();
+        let o = out.as_mut_ptr();
+        let mut c = 0;
+        while c < width.div_ceil(NR) * NR {
+            if c % 32 == 0 && c < width {
+                // A hint only: an address past the weights is never dereferenced.
+                let n0 = (r0.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead);
+                _mm_prefetch::<_MM_HINT_T0>(n0);
+                if let Some(r1) = r1 {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        (r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead),
+                    );
+                }
+            }
+            // NR is a multiple of 16: a chunk never straddles two panels.
+            let dst = o.add((c / NR) * panel + p * NR + c % NR) as *mut __m512i;
+            let count = width.saturating_sub(c).min(16);
+            let m = ((1u32 << count) - 1) as __mmask16;
+            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                m,
+                r0.as_ptr().add(c) as *const i16,
+            ));
+            let v = match r1 {
+                Some(r1) => {
+                    let b = _mm256_maskz_loadu_epi16(m, r1.as_ptr().add(c) as *const i16);
+                    _mm512_or_si512(a, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+                }
+                None => a,
+            };
+            _mm512_storeu_si512(dst, v);
+            c += 16;
+        }
+    }
+
+    /// The `MR × NR` micro-tile: `rows[r][c0 + c] += Σ_p a[p][r] · b[p][c]` pairwise for
+    /// `r < rows.len()` (≤ MR), `c < cols` (≤ NR). `a` is `[kpb][MR]` and `b` `[kpb][NR]`
+    /// packed dwords (bf16 pairs).
+    /// SAFETY: avx512f/vl/bw/bf16; `a.len() >= kpb·MR`, `b.len() >= kpb·NR`, every row
+    /// of `rows` holds at least `c0 + cols` elements, `rows.len() <= MR`, `cols <= NR`.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+    pub(super) unsafe fn micro(
+        a: &[u32],
+        b: &[u32],
+        kpb: usize,
+        rows: &mut [&mut [f32]],
+        c0: usize,
+        cols: usize,
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        let cp: [*mut f32; MR] = std::array::from_fn(|r| {
+            rows.get_mut(r)
+                .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr().add(c0))
+        });
+        macro_rules! go {
+            ($m:literal) => {
+                tile::<$m>(a.as_ptr(), b.as_ptr(), kpb, cp, cols)
+            };
+        }
+        crate::kernels::with_rows!(rows.len(), go);
+    }
+
+    /// The register tile of [`micro`] for a compile-time row count `M`.
+    /// SAFETY: as [`micro`]; `c[r]` valid for `cols` floats, `r < M`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn tile<const M: usize>(
+        a: *const u32,
+        b: *const u32,
+        kpb: usize,
+        c: [*mut f32; MR],
+        cols: usize,
+    ) {
+        let mask = |q: usize| -> __mmask16 {
+            let n = cols.saturating_sub(16 * q).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let masks = [mask(0), mask(1), mask(2)];
+        let mut acc = [[_mm512_setzero_ps(); 3]; M];
+        for r in 0..M {
+            for q in 0..3 {
+                acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c[r].add(16 * q));
+            }
+        }
+        for p in 0..kpb {
+            let bp = b.add(p * NR);
+            let bv: [__m512bh; 3] = std::array::from_fn(|q| {
+                std::mem::transmute(_mm512_loadu_si512(bp.add(16 * q) as *const __m512i))
+            });
+            for r in 0..M {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
+                for q in 0..3 {
+                    acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+                }
+            }
+        }
+        for r in 0..M {
+            for q in 0..3 {
+                _mm512_mask_storeu_ps(c[r].add(16 * q), masks[q], acc[r][q]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd::test_data as data;
+
+    /// bf16's unit roundoff (8 significant bits) and f32's.
+    const U_BF16: f64 = 1.0 / 256.0;
+    const U_F32: f64 = 1.0 / 16_777_216.0;
+
+    /// Views of a `[d_in, d_out]` matrix: input-major rows, latent-major columns, and a
+    /// strided view with an offset (every other element of a wider buffer). Returns the
+    /// buffer and the view.
+    fn layouts(d_in: usize, d_out: usize, seed: u32) -> Vec<(Vec<bf16>, View2, &'static str)> {
+        let vals =
+            |len: usize| -> Vec<bf16> { data(len, seed).into_iter().map(bf16::from_f32).collect() };
+        vec![
+            (
+                vals(d_in * d_out),
+                View2 {
+                    s0: d_out,
+                    s1: 1,
+                    off: 0,
+                },
+                "input-major",
+            ),
+            (
+                vals(d_in * d_out),
+                View2 {
+                    s0: 1,
+                    s1: d_in,
+                    off: 0,
+                },
+                "latent-major",
+            ),
+            (
+                vals(3 + 2 * d_in * d_out),
+                View2 {
+                    s0: 2,
+                    s1: 2 * d_in,
+                    off: 3,
+                },
+                "strided",
+            ),
+        ]
+    }
+
+    /// The native GEMM gives the documented pairwise `vdpbf16ps` chain bit for bit, for
+    /// row counts below, at and past one micro-tile, input widths odd and past one packed
+    /// block, output widths ragged and past one task's block, in every layout, on top of
+    /// non-zero initial values. On a CPU without AVX512-BF16 it declines (returns false).
+    #[test]
+    fn native_gemm_matches_the_instruction_bit_for_bit() {
+        let native = has_dpbf16();
+        println!("AVX512-BF16 on this CPU: {native}");
+        for n in [1usize, 3, 8, 9, 17] {
+            for d_in in [1usize, 2, 33, 300] {
+                for d_out in [1usize, 47, 48, 100, 500] {
+                    let x = data(n * d_in, 5 + n as u32);
+                    let c0 = data(n * d_out, 9);
+                    for (w, v, name) in layouts(d_in, d_out, 3) {
+                        let mut want = c0.clone();
+                        assert!(gemm_bf16_scalar(&x, n, d_in, &w, v, d_out, &mut want));
+                        let mut got = c0.clone();
+                        let ran = gemm_bf16(&x, n, d_in, &w, v, d_out, &mut got);
+                        assert_eq!(ran, native);
+                        if !ran {
+                            assert_eq!(got, c0, "declined calls leave c alone");
+                            continue;
+                        }
+                        for (k, (g, s)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                s.to_bits(),
+                                "{name} n={n} d_in={d_in} d_out={d_out} at {k}: {g} vs {s}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every output within the bound bf16 rounding of the input gives against the f64
+    /// sum of the unrounded input times the (exact) bf16 weights: per element,
+    /// `(u_bf16 + (d_in + 2)·u_f32) · (|c0| + Σ_k |x_k w_k|)`.
+    #[test]
+    fn native_gemm_is_within_bf16_rounding_of_f32() {
+        let (n, d_in, d_out) = (13usize, 777usize, 130usize);
+        let x: Vec<f32> = data(n * d_in, 2).iter().map(|v| v * 3.0).collect();
+        let c0 = data(n * d_out, 4);
+        for (w, v, name) in layouts(d_in, d_out, 6) {
+            let mut got = c0.clone();
+            if !gemm_bf16(&x, n, d_in, &w, v, d_out, &mut got) {
+                assert!(gemm_bf16_scalar(&x, n, d_in, &w, v, d_out, &mut got));
+            }
+            for i in 0..n {
+                for j in 0..d_out {
+                    let terms = (0..d_in)
+                        .map(|k| x[i * d_in + k] as f64 * w[v.off + k * v.s0 + j * v.s1].to_f64());
+                    let c = c0[i * d_out + j] as f64;
+                    let want = c + terms.clone().sum::<f64>();
+                    let mag = c.abs() + terms.map(f64::abs).sum::<f64>();
+                    let tol = (U_BF16 + (d_in + 2) as f64 * U_F32) * mag;
+                    let g = got[i * d_out + j] as f64;
+                    assert!(
+                        (g - want).abs() <= tol,
+                        "{name} ({i},{j}): {g} vs {want} ± {tol}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sizes or views that do not fit the buffers are declined, never read out of bounds.
+    #[test]
+    fn mismatched_sizes_are_declined() {
+        let w = vec![bf16::ONE; 12];
+        let v = View2 {
+            s0: 4,
+            s1: 1,
+            off: 0,
+        };
+        let mut c = vec![0f32; 8];
+        // x too short, c too short, the view past the buffer, overflowing strides.
+        assert!(!gemm_bf16(&[1.0; 5], 2, 3, &w, v, 4, &mut c));
+        assert!(!gemm_bf16(&[1.0; 6], 2, 3, &w, v, 4, &mut c[..7]));
+        assert!(!gemm_bf16(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
+        let huge = View2 {
+            s0: usize::MAX / 2,
+            s1: 1,
+            off: 0,
+        };
+        assert!(!gemm_bf16(&[1.0; 6], 2, 3, &w, huge, 4, &mut c));
+        assert!(!gemm_bf16_scalar(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
+        assert_eq!(c, vec![0f32; 8]);
+        // Empty products are fine.
+        assert_eq!(gemm_bf16(&[], 0, 3, &w, v, 4, &mut c), has_dpbf16());
+    }
+
+    /// The rounding of `x` to bf16 is half's (to nearest, ties to even) bit for bit,
+    /// ties included, also past the last 16-wide chunk.
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        let mut x: Vec<f32> = data(37, 5);
+        // Exact ties between two bf16 values: the lower 16 bits are 0x8000.
+        for (i, hi) in [0x3f80u32, 0x3f81, 0xbf80, 0xbf81, 0x4000, 0x4001]
+            .iter()
+            .enumerate()
+        {
+            x[i * 5] = f32::from_bits((hi << 16) | 0x8000);
+        }
+        let got = to_bf16(&x);
+        for (g, v) in got.iter().zip(&x) {
+            assert_eq!(g.to_bits(), bf16::from_f32(*v).to_bits(), "{v}");
+        }
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: even (1.0) wins; 1 + 3·2^-8 rounds up.
+        let t = to_bf16(&[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]);
+        assert_eq!((t[0].to_f32(), t[1].to_f32()), (1.0, 1.0 + 4.0 / 256.0));
+    }
+}
