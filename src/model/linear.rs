@@ -62,9 +62,10 @@ const BLOCK: usize = 32;
 /// How far ahead of the products the small-batch tiles prefetch their weights, in bytes,
 /// into L2 (the `x` rows stay in L1). At 8 rows of `x` the loop is busy long enough per
 /// cache line that the hardware prefetcher alone leaves it waiting on memory. Measured
-/// in A/B runs of the 8-row decode step at 256 cached positions: f16 weights 30 → 24 ms
-/// for a 4 KB prefetch into L1 per weight row (session 5), then 23.9 → 21.8 ms for this
-/// one cursor, 8 KB ahead, into L2; bf16 weights 20.5 → 17.5 ms for the same change.
+/// in A/B runs of the 8-row decode step at 256 cached positions (2-core AMD EPYC,
+/// 2026-11): f16 weights 30 → 24 ms for a 4 KB prefetch into L1 per weight row, then
+/// 23.9 → 21.8 ms for one cursor per tile, 8 KB ahead, into L2; bf16 weights 20.5 → 17.5 ms
+/// for the same change.
 const PREFETCH: usize = 8192;
 
 /// `x [n, in]` (f32) times `w [out, in]`ᵀ → `[n, out]` f32.
