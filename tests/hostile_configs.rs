@@ -29,8 +29,11 @@ static BOUNDED: Mutex<()> = Mutex::new(());
 const SECOND: Duration = Duration::from_secs(1);
 
 fn dir(tag: &str) -> PathBuf {
+    // Unique per call: the tests of this binary run in parallel and reuse tags.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = std::env::temp_dir().join(format!(
-        "sae-ablate-hostile-configs-{}-{tag}",
+        "sae-ablate-hostile-configs-{}-{n}-{tag}",
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&d);
