@@ -81,11 +81,13 @@ struct FullParams {
     norm: Vec<f32>,
 }
 
-fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
+/// `t` flattened to f32 values.
+pub(crate) fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-fn opt_vec(t: &Option<Tensor>) -> Result<Vec<f32>> {
+/// [`vec_f32`] of an optional tensor; empty when absent.
+pub(crate) fn opt_vec(t: &Option<Tensor>) -> Result<Vec<f32>> {
     t.as_ref()
         .map(vec_f32)
         .transpose()

@@ -33,6 +33,7 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
+use crate::edit::plan::{opt_vec, vec_f32};
 use crate::edit::{Edits, SpliceMode};
 use crate::sae::{Architecture, Normalization, Sae};
 use crate::{Error, Result};
@@ -275,17 +276,8 @@ impl DeviceTensor {
         let flat = t.flatten_all()?;
         let buf = match t.dtype() {
             DType::F32 => DeviceBuf::F32(dev.upload_f32(&flat.to_vec1::<f32>()?)?),
-            DType::F16 => DeviceBuf::F16(dev.upload(&pad16(
-                flat.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
-            ))?),
-            DType::BF16 => DeviceBuf::BF16(
-                dev.upload(&pad16(
-                    flat.to_vec1::<bf16>()?
-                        .iter()
-                        .map(|v| v.to_bits())
-                        .collect(),
-                ))?,
-            ),
+            DType::F16 => DeviceBuf::F16(dev.upload(&half_bits(&flat)?)?),
+            DType::BF16 => DeviceBuf::BF16(dev.upload(&half_bits(&flat)?)?),
             other => {
                 return Err(Error::Invalid(format!(
                     "cuda: tensors must be f32, f16 or bf16, got {other:?}"
@@ -345,6 +337,18 @@ impl DeviceTensor {
     }
 }
 
+/// The bit patterns of an f16 or bf16 tensor's values, flattened (see [`pad16`]).
+fn half_bits(flat: &Tensor) -> Result<Vec<u16>> {
+    Ok(pad16(match flat.dtype() {
+        DType::F16 => flat.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
+        _ => flat
+            .to_vec1::<bf16>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect(),
+    }))
+}
+
 fn pad16(mut v: Vec<u16>) -> Vec<u16> {
     if v.is_empty() {
         v.push(0);
@@ -371,17 +375,7 @@ fn upload_weight(dev: &CudaDevice, t: &Tensor) -> Result<WBuf> {
     let flat = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => WBuf::F32(dev.upload_f32(&flat.to_vec1::<f32>()?)?),
-        DType::F16 => WBuf::Half(dev.upload(&pad16(
-            flat.to_vec1::<f16>()?.iter().map(|v| v.to_bits()).collect(),
-        ))?),
-        DType::BF16 => WBuf::Half(
-            dev.upload(&pad16(
-                flat.to_vec1::<bf16>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect(),
-            ))?,
-        ),
+        DType::F16 | DType::BF16 => WBuf::Half(dev.upload(&half_bits(&flat)?)?),
         other => {
             return Err(Error::Dtype {
                 name: "SAE weight".into(),
@@ -389,17 +383,6 @@ fn upload_weight(dev: &CudaDevice, t: &Tensor) -> Result<WBuf> {
             })
         }
     })
-}
-
-fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-fn opt_vec(t: &Option<Tensor>) -> Result<Vec<f32>> {
-    t.as_ref()
-        .map(vec_f32)
-        .transpose()
-        .map(Option::unwrap_or_default)
 }
 
 /// What the full path needs on the device.
