@@ -97,10 +97,9 @@ fn view_fits(v: View2, d_in: usize, d_out: usize, len: usize) -> bool {
 }
 
 /// The contract in plain scalar f32 (see the module docs): `c[i·d_out + j] +=` the
-/// pairwise chain of `bf16(x_i) · w[:, j]`. The oracle of the tests; also the body on
-/// CPUs without AVX512-BF16 where a caller wants these exact bits.
+/// pairwise chain of `bf16(x_i) · w[:, j]`: the oracle of the tests.
 /// Returns `false` (and leaves `c` alone) when the sizes or the view do not fit.
-#[cfg_attr(not(test), allow(dead_code))]
+#[cfg(test)]
 pub fn gemm_bf16_scalar(
     x: &[f32],
     n: usize,

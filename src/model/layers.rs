@@ -68,16 +68,10 @@ impl RmsNorm {
         rms_norm_rows(x, &self.v, self.eps)
     }
 
-    /// In place, each `dim()`-wide chunk of `x`.
+    /// In place, each `dim()`-wide chunk of `x` (the per-head q/k norms).
     fn rows_in_place(&self, x: &mut [f32]) {
-        let d = self.v.len().max(1);
-        for r in x.chunks_exact_mut(d) {
-            let ss: f32 = r.iter().map(|v| v * v).sum();
-            let m = (ss / d as f32 + self.eps).sqrt();
-            for (v, &g) in r.iter_mut().zip(&self.v) {
-                *v = *v / m * g;
-            }
-        }
+        let y = self.rows(x);
+        x.copy_from_slice(&y);
     }
 
     pub(crate) fn bytes(&self) -> usize {
