@@ -101,6 +101,10 @@ impl Rng {
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
+    /// Uniform integer in `[0, n)` (0 when `n == 0`): Lemire's multiply-high.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
 }
 
 /// Pick the next token from `logits` (one row) given the tokens so far.
