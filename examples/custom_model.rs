@@ -228,7 +228,7 @@ pub fn main() -> Result<()> {
         .filter(|(_, v)| **v > 0.0)
         .map(|(i, _)| i as u32)
         .collect();
-    let ablate = Edits::new(SpliceMode::ErrorPreserving).zero(&active)?;
+    let ablate = Edits::new(SpliceMode::ErrorPreserving).zero(&active);
     let mut hooks = Hooks::new();
     hooks.add(
         HookPoint::ResidPost(0),

@@ -296,9 +296,9 @@ pub fn op_edits(op: Op, d_sae: usize) -> Result<Edits> {
             let mut ids = ids;
             ids.sort_unstable();
             ids.dedup();
-            Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?
+            Edits::new(SpliceMode::ErrorPreserving).zero(&ids)
         }
-        Op::Steer => Edits::new(SpliceMode::ErrorPreserving).steer((d_sae / 3) as u32, 8.0)?,
+        Op::Steer => Edits::new(SpliceMode::ErrorPreserving).steer((d_sae / 3) as u32, 8.0),
     })
 }
 

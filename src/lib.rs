@@ -23,7 +23,7 @@
 //! let sae = Sae::load("path/to/release", &Device::Cpu)?;
 //! let x = Tensor::randn(0f32, 1.0, (4, sae.d_in()), &Device::Cpu)?;
 //! let latents = LatentSet::new(&[3, 7, 12], sae.d_sae())?;
-//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(latents.ids())?;
+//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(latents.ids());
 //! let y = reference::apply(&sae, &x, &edits)?;
 //! # Ok(()) }
 //! ```

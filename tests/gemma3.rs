@@ -287,9 +287,7 @@ fn sae_splice_on_a_gemma3_hook_point() {
 
     // Zero-ablate latents 0..64: fused splice = reference splice fed in by a hook.
     let ids64: Vec<u32> = (0..64).collect();
-    let edits = Edits::new(SpliceMode::ErrorPreserving)
-        .zero(&ids64)
-        .unwrap();
+    let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids64);
     let mut hooks = Hooks::new();
     hooks.add(point, SaeSplice::new(&sae, &edits, Positions::All).unwrap());
     let spliced = m.forward(&x, 0, &mut hooks).unwrap();

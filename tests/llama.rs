@@ -7,7 +7,9 @@ mod smollm;
 
 use candle_core::{DType, Device, Tensor, D};
 use sae_ablate::hooks::Hooks;
-use sae_ablate::model::{generate, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams};
+use sae_ablate::model::{
+    generate, generate_streaming, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams,
+};
 use smollm::{gguf_path, model, tokenizer, AUSTEN};
 
 fn ids_tensor(ids: &[u32]) -> Tensor {
@@ -67,10 +69,10 @@ fn greedy_continuation_is_paris() {
     let mut m = model();
     let prompt = tok.encode("The capital of France is").unwrap();
     let mut streamed = Vec::new();
-    let g = generate(
+    let g = generate_streaming(
         &mut *m,
         &prompt,
-        &SamplingParams::greedy(6, tok.stop_tokens()),
+        &SamplingParams::greedy(6, tok),
         &mut Hooks::new(),
         &mut |id| {
             streamed.push(id);
@@ -322,8 +324,8 @@ fn bad_inputs_are_errors() {
         .to_string();
     assert!(e.contains("start_pos"), "{e}");
     // Generation that would run past the context.
-    let p = SamplingParams::greedy(m.max_seq_len(), &[]);
-    let e = generate(&mut *m, &[1, 2], &p, &mut Hooks::new(), &mut |_| Ok(true))
+    let p = SamplingParams::greedy_exactly(m.max_seq_len());
+    let e = generate(&mut *m, &[1, 2], &p, &mut Hooks::new())
         .unwrap_err()
         .to_string();
     assert!(e.contains("context length"), "{e}");
@@ -704,7 +706,7 @@ fn cli_generate_batch_matches_single_prompts() {
 /// Left-padded batch generation reproduces each prompt's own greedy generation.
 #[test]
 fn batch_generation_matches_single_prompts() {
-    use sae_ablate::model::generate_batch;
+    use sae_ablate::model::generate_batch_streaming;
     let tok = tokenizer();
     let prompts: Vec<Vec<u32>> = [
         "The capital of France is",
@@ -714,10 +716,10 @@ fn batch_generation_matches_single_prompts() {
     .iter()
     .map(|p| tok.encode(p).unwrap())
     .collect();
-    let params = SamplingParams::greedy(6, &[]);
+    let params = SamplingParams::greedy_exactly(6);
     let mut m = model();
     let mut streamed = vec![Vec::new(); prompts.len()];
-    let batch = generate_batch(
+    let batch = generate_batch_streaming(
         &mut *m,
         &prompts,
         &params,
@@ -729,7 +731,7 @@ fn batch_generation_matches_single_prompts() {
     )
     .unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&mut *m, p, &params, &mut Hooks::new(), &mut |_| Ok(true)).unwrap();
+        let single = generate(&mut *m, p, &params, &mut Hooks::new()).unwrap();
         println!(
             "{:?} → {:?}",
             tok.decode(p, false).unwrap(),
@@ -988,9 +990,8 @@ fn half_precision_weights_track_f32() {
         let g = generate(
             &mut m,
             &prompt,
-            &SamplingParams::greedy(4, tok.stop_tokens()),
+            &SamplingParams::greedy(4, tok),
             &mut Hooks::new(),
-            &mut |_| Ok(true),
         )
         .unwrap();
         let text = tok.decode(&g.ids, true).unwrap();

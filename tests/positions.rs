@@ -45,9 +45,7 @@ fn sae(d_sae: usize, first: usize) -> Sae {
 }
 
 fn edits() -> Edits {
-    Edits::new(SpliceMode::ErrorPreserving)
-        .zero(&(0..128).collect::<Vec<u32>>())
-        .unwrap()
+    Edits::new(SpliceMode::ErrorPreserving).zero(&(0..128).collect::<Vec<u32>>())
 }
 
 fn row(t: &Tensor, b: usize, p: usize) -> Vec<f32> {
@@ -164,22 +162,17 @@ fn padded_batch_generation_skips_each_rows_first_position() {
     let s = sae(256, 1);
     let e = Edits::new(SpliceMode::ErrorPreserving)
         .zero(&(0..128).collect::<Vec<u32>>())
-        .unwrap()
-        .steer(3, 20.0)
-        .unwrap();
+        .steer(3, 20.0);
     let point = HookPoint::ResidPost(5);
     let hooks = || Hooks::new().with(point, SaeSplice::new(&s, &e, Positions::All).unwrap());
-    let params = SamplingParams::greedy(5, &[]);
+    let params = SamplingParams::greedy_exactly(5);
     let mut m = model();
-    let batch = generate_batch(&mut *m, &prompts, &params, &mut hooks(), &mut |_, _| {
-        Ok(true)
-    })
-    .unwrap();
+    let batch = generate_batch(&mut *m, &prompts, &params, &mut hooks()).unwrap();
     let mut differs = false;
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&mut *m, p, &params, &mut hooks(), &mut |_| Ok(true)).unwrap();
+        let single = generate(&mut *m, p, &params, &mut hooks()).unwrap();
         assert_eq!(batch[i].ids, single.ids, "prompt {i}");
-        let plain = generate(&mut *m, p, &params, &mut Hooks::new(), &mut |_| Ok(true)).unwrap();
+        let plain = generate(&mut *m, p, &params, &mut Hooks::new()).unwrap();
         differs |= plain.ids != single.ids;
     }
     assert!(differs, "the splice changes some continuation");

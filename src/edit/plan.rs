@@ -40,7 +40,7 @@ use crate::{Error, Result};
 /// # let sae = Sae::new(SaeConfig::new(Architecture::Standard, 2, 2), SaeWeights {
 /// #     w_enc: eye.clone(), b_enc: z.clone(), w_dec: eye, b_dec: z,
 /// #     threshold: None, r_mag: None, b_mag: None, w_skip: None })?;
-/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0])?)?;
+/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0]))?;
 /// let y = plan.apply(&Tensor::new(&[[3f32, 1.]], &dev)?)?;
 /// assert_eq!(y.to_vec2::<f32>()?, vec![vec![0.0, 1.0]]);
 /// # Ok(()) }

@@ -451,9 +451,7 @@ impl Ctx<'_> {
                 .map(|&i| self.prompt_ids.get(i).cloned().unwrap_or_default())
                 .collect();
             let params = self.params(max_new_tokens, seed + (c * self.cfg.batch_size) as u64);
-            let gens = generate_batch(&mut self.model, &prompts, &params, hooks, &mut |_, _| {
-                Ok(true)
-            })?;
+            let gens = generate_batch(&mut self.model, &prompts, &params, hooks)?;
             for g in gens {
                 let mut ids = g.ids;
                 if g.stopped {
@@ -673,7 +671,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
         for (name, set) in &conditions {
             let mut hooks = steer_hooks(&sae, &steer_point, st.latent, st.strength)?;
             if !set.is_empty() {
-                let edits = Edits::new(SpliceMode::ErrorPreserving).zero(set)?;
+                let edits = Edits::new(SpliceMode::ErrorPreserving).zero(set);
                 hooks.add(sae_point, SaeSplice::new(&sae, &edits, Positions::All)?);
             }
             let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &mut pb)?;

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::HookedModel;
+use super::{HookedModel, Tokenizer};
 use crate::hooks::Hooks;
 use crate::{Error, Result};
 
@@ -43,11 +43,20 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Greedy decoding of at most `max_new_tokens` tokens, stopping at `stop_tokens`.
-    pub fn greedy(max_new_tokens: usize, stop_tokens: &[u32]) -> Self {
+    /// Greedy decoding of at most `max_new_tokens` tokens, stopping at the tokenizer's
+    /// stop tokens ([`Tokenizer::stop_tokens`]: EOS, end of turn).
+    pub fn greedy(max_new_tokens: usize, tokenizer: &Tokenizer) -> Self {
+        SamplingParams {
+            stop_tokens: tokenizer.stop_tokens().to_vec(),
+            ..Self::greedy_exactly(max_new_tokens)
+        }
+    }
+
+    /// Greedy decoding of exactly `max_new_tokens` tokens: no stop token ends it early
+    /// (timings, comparisons of fixed-length continuations).
+    pub fn greedy_exactly(max_new_tokens: usize) -> Self {
         SamplingParams {
             max_new_tokens,
-            stop_tokens: stop_tokens.to_vec(),
             ..Default::default()
         }
     }
@@ -176,10 +185,33 @@ pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
     Ok(probs.last().map(|x| x.0).unwrap_or(0))
 }
 
-/// Generate from `prompt` with `hooks` active at prefill and every decode step.
-/// `on_token` is called with each new id as soon as it is chosen (streaming); returning
-/// `false` stops generation.
+/// Generate from `prompt` with `hooks` active at prefill and every decode step, until
+/// `params.max_new_tokens` or a stop token (see [`generate_streaming`] to see each token
+/// as it is chosen).
+///
+/// ```no_run
+/// use sae_ablate::hooks::Hooks;
+/// use sae_ablate::model::{self, generate, SamplingParams};
+/// # fn main() -> sae_ablate::Result<()> {
+/// let (mut m, tok) = model::load("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+///     &Default::default())?;
+/// let prompt = tok.encode(&tok.chat_prompt("Tell me about Paris.")?)?;
+/// let out = generate(&mut m, &prompt, &SamplingParams::greedy(64, &tok), &mut Hooks::new())?;
+/// println!("{}", tok.decode(&out.ids, true)?);
+/// # Ok(()) }
+/// ```
 pub fn generate<M: HookedModel + ?Sized>(
+    model: &mut M,
+    prompt: &[u32],
+    params: &SamplingParams,
+    hooks: &mut Hooks,
+) -> Result<Generation> {
+    generate_streaming(model, prompt, params, hooks, &mut |_| Ok(true))
+}
+
+/// [`generate`], calling `on_token` with each new id as soon as it is chosen; returning
+/// `false` stops generation.
+pub fn generate_streaming<M: HookedModel + ?Sized>(
     model: &mut M,
     prompt: &[u32],
     params: &SamplingParams,
@@ -248,8 +280,19 @@ pub fn generate<M: HookedModel + ?Sized>(
 /// and decoded as one batch (each weight matrix is read once per step for all rows).
 /// Hooks see `[batch, seq, d_model]` with the prompts ending at the same position
 /// (`prompt_len` = the longest prompt). Row `b` samples with seed `params.seed + b`.
-/// `on_token(row, id)` streams each row's new ids; returning `false` stops that row.
+/// [`generate_batch_streaming`] streams the new ids as they are chosen.
 pub fn generate_batch<M: HookedModel + ?Sized>(
+    model: &mut M,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    hooks: &mut Hooks,
+) -> Result<Vec<Generation>> {
+    generate_batch_streaming(model, prompts, params, hooks, &mut |_, _| Ok(true))
+}
+
+/// [`generate_batch`], calling `on_token(row, id)` with each row's new ids as they are
+/// chosen; returning `false` stops that row.
+pub fn generate_batch_streaming<M: HookedModel + ?Sized>(
     model: &mut M,
     prompts: &[Vec<u32>],
     params: &SamplingParams,

@@ -46,7 +46,10 @@ use crate::Result;
 
 pub use config::{Activation, Family, LayerKind, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{LoadOptions, Model, WeightFormat};
-pub use generate::{generate, generate_batch, Generation, SamplingParams};
+pub use generate::{
+    generate, generate_batch, generate_batch_streaming, generate_streaming, Generation,
+    SamplingParams,
+};
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// Log-probabilities `log softmax(logits)` over the last dimension, in f32 (any float

@@ -290,7 +290,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .iter()
             .map(|p| prompt_ids(&tok, p, a.chat))
             .collect::<Result<_>>()?;
-        let gens = model::generate_batch(&mut m, &ids, &params, &mut hooks, &mut |_, _| Ok(true))?;
+        let gens = model::generate_batch(&mut m, &ids, &params, &mut hooks)?;
         for (p, g) in prompts.iter().zip(&gens) {
             let text = tok.decode(&g.ids, true)?;
             if a.json {
@@ -312,7 +312,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut printed = 0usize;
     let stream = !a.json;
     let stdout = std::io::stdout();
-    let g = model::generate(&mut m, &ids, &params, &mut hooks, &mut |id| {
+    let g = model::generate_streaming(&mut m, &ids, &params, &mut hooks, &mut |id| {
         if stream {
             out.push(id);
             // Decode everything so far and print the new suffix (multi-byte safe).
@@ -533,7 +533,7 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
             ),
         )?;
         let ids: Vec<u32> = (0..26).map(|i| (i * ds / 26) as u32).collect();
-        let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?;
+        let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids);
         let point = HookPoint::ResidPost(m.n_layers() / 2);
         let splice = SaeSplice::new(&sae, &edits, Positions::All)?;
         configs.push(("esr26_splice", Hooks::new().with(point, splice)));
