@@ -61,8 +61,9 @@ pub struct EvalReport {
     pub ce_positions: u64,
 }
 
-/// Settings of [`evaluate`].
+/// Settings of [`evaluate`]: [`EvalConfig::default`], then set the fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EvalConfig {
     /// Contexts per forward pass.
     pub batch_size: usize,

@@ -28,6 +28,7 @@ use crate::{Error, Result};
 
 /// What to do to one latent's activation `f_i`.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum LatentEdit {
     /// `f'_i = 0` (zero-ablation).
     Zero,
@@ -54,12 +55,29 @@ impl LatentEdit {
 
 /// How the edited latents are put back into the activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SpliceMode {
     /// `y = x + denorm(decode(f')) − denorm(decode(f))`: the SAE's error is kept.
     #[default]
     ErrorPreserving,
     /// `y = denorm(decode(f'))`: the activation is replaced by the edited reconstruction.
     Reconstruction,
+}
+
+impl SpliceMode {
+    /// The short name: `error` or `reconstruct`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpliceMode::ErrorPreserving => "error",
+            SpliceMode::Reconstruction => "reconstruct",
+        }
+    }
+}
+
+impl std::fmt::Display for SpliceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for SpliceMode {
@@ -69,9 +87,11 @@ impl std::str::FromStr for SpliceMode {
         match s {
             "error" | "error-preserving" | "error_preserving" => Ok(SpliceMode::ErrorPreserving),
             "reconstruct" | "reconstruction" => Ok(SpliceMode::Reconstruction),
-            other => Err(Error::Invalid(format!(
-                "unknown splice mode `{other}` (expected error or reconstruct)"
-            ))),
+            other => Err(Error::unknown_name(
+                "splice mode",
+                other,
+                "error or reconstruct",
+            )),
         }
     }
 }

@@ -10,8 +10,10 @@ use super::{EditPlan, Edits};
 use crate::sae::Sae;
 use crate::{Error, Result};
 
-/// Which token positions a hook acts on.
+/// Which token positions a hook acts on. Parses from and prints as `all`, `prompt`,
+/// `generated` or an absolute range `A..B`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Positions {
     /// Every position.
     #[default]
@@ -59,6 +61,18 @@ impl Positions {
     }
 }
 
+impl std::fmt::Display for Positions {
+    /// The form [`FromStr`](std::str::FromStr) reads: `all`, `prompt`, `generated` or `A..B`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Positions::All => f.write_str("all"),
+            Positions::Prompt => f.write_str("prompt"),
+            Positions::Generated => f.write_str("generated"),
+            Positions::Range(r) => write!(f, "{}..{}", r.start, r.end),
+        }
+    }
+}
+
 impl std::str::FromStr for Positions {
     type Err = Error;
     /// `all`, `prompt`, `generated`, or an absolute range `A..B`.
@@ -68,11 +82,7 @@ impl std::str::FromStr for Positions {
             "prompt" => Ok(Positions::Prompt),
             "generated" => Ok(Positions::Generated),
             _ => {
-                let bad = || {
-                    Error::Invalid(format!(
-                        "bad positions `{s}`: expected all, prompt, generated or A..B"
-                    ))
-                };
+                let bad = || Error::unknown_name("positions", s, "all, prompt, generated or A..B");
                 let (a, b) = s.split_once("..").ok_or_else(bad)?;
                 let a: usize = a.trim().parse().map_err(|_| bad())?;
                 let b: usize = b.trim().parse().map_err(|_| bad())?;
@@ -136,10 +146,11 @@ impl SaeSplice {
     ) -> Result<Option<Tensor>> {
         let d = act.dim(candle_core::D::Minus1)?;
         if d != self.d_in {
-            return Err(Error::Invalid(format!(
-                "SAE splice: the activation has d_model = {d}, the SAE has d_in = {}",
-                self.d_in
-            )));
+            return Err(Error::WidthMismatch {
+                what: "SAE splice".into(),
+                d_in: self.d_in,
+                width: d,
+            });
         }
         let dev = act.device().clone();
         let r = self.positions.select(start_pos, act.dim(1)?, prompt_len);

@@ -294,25 +294,12 @@ impl EsrConfig {
     }
 }
 
-fn dtype(s: &str) -> Result<candle_core::DType> {
-    match s {
-        "f32" => Ok(candle_core::DType::F32),
-        "f16" => Ok(candle_core::DType::F16),
-        "bf16" => Ok(candle_core::DType::BF16),
-        _ => Err(Error::Invalid(format!(
-            "model dtype `{s}`: expected f32, f16 or bf16"
-        ))),
-    }
+fn dtype(s: &str) -> Result<crate::FloatDtype> {
+    s.parse().map_err(|e: Error| e.for_setting("model_dtype"))
 }
 
 fn weights(s: &str) -> Result<WeightFormat> {
-    match s {
-        "dense" => Ok(WeightFormat::Dense),
-        "quantized" => Ok(WeightFormat::Quantized),
-        _ => Err(Error::Invalid(format!(
-            "model weights `{s}`: expected dense or quantized"
-        ))),
-    }
+    s.parse().map_err(|e: Error| e.for_setting("model_weights"))
 }
 
 /// Seconds per stage and throughput.
@@ -927,7 +914,7 @@ fn prepare_sae(
                 batch_size: cfg.batch_size,
                 max_tokens: Some(spec.tokens),
                 holdout_contexts: spec.holdout_contexts,
-                dtype: "f16".into(),
+                dtype: crate::FloatDtype::F16,
                 shard_rows: 65536,
                 progress: cfg.progress.clone(),
             };

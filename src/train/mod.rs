@@ -54,7 +54,6 @@ mod init;
 pub mod metrics;
 #[cfg(feature = "plot")]
 mod plot;
-mod rng;
 mod source;
 mod topk;
 
@@ -72,14 +71,16 @@ pub use source::{ActivationSource, InMemorySource, ShardSource};
 
 use crate::io::atomic::write_json;
 use crate::progress::Reporter;
+use crate::rng::Rng;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use adamw::{Hyper, Moments};
-use rng::Rng;
 use topk::{SparseDecode, SparseEncGrad, TopKIndices};
 
-/// The SAE architectures the trainer supports.
+/// The SAE architectures the trainer supports. Parses from and prints as `topk` or
+/// `standard` (also read: `l1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum TrainArchitecture {
     /// TopK with AuxK (sparsify).
     #[serde(rename = "topk")]
@@ -89,9 +90,42 @@ pub enum TrainArchitecture {
     Standard,
 }
 
+impl TrainArchitecture {
+    /// `topk` or `standard`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainArchitecture::TopK => "topk",
+            TrainArchitecture::Standard => "standard",
+        }
+    }
+}
+
+impl std::fmt::Display for TrainArchitecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TrainArchitecture {
+    type Err = Error;
+    /// `topk`, or `standard` (alias `l1`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "topk" => Ok(TrainArchitecture::TopK),
+            "standard" | "l1" => Ok(TrainArchitecture::Standard),
+            other => Err(Error::unknown_name(
+                "training architecture",
+                other,
+                "topk or standard",
+            )),
+        }
+    }
+}
+
 /// How `b_dec` is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum BDecInit {
     /// Geometric median of a sample (Weiszfeld iterations).
     GeometricMedian,
@@ -421,7 +455,7 @@ impl<'a> Trainer<'a> {
             )));
         }
         let (d, n) = (cfg.d_in, cfg.d_sae);
-        let mut rng = Rng::new(cfg.seed, 1);
+        let mut rng = Rng::with_stream(cfg.seed, 1);
         let mut w_dec = vec![0f32; n * d];
         for row in w_dec.chunks_exact_mut(d) {
             row.iter_mut().for_each(|v| *v = rng.normal() as f32);
