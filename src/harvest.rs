@@ -68,8 +68,8 @@ pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no *.safetensors activation shards",
+        return Err(Error::empty(format!(
+            "{}: the folder's list of *.safetensors activation shards",
             dir.display()
         )));
     }
@@ -97,8 +97,8 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no .txt files in the corpus folder (run scripts/fetch-assets.sh for the Austen default)",
+        return Err(Error::empty(format!(
+            "{}: the corpus folder's list of .txt files (run scripts/fetch-assets.sh for the Austen default)",
             path.display()
         )));
     }
@@ -216,6 +216,7 @@ impl Default for HarvestConfig {
 
 /// The shards of one hook point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ShardEntry {
     /// File name inside the hook's folder.
     pub name: String,
@@ -227,6 +228,7 @@ pub struct ShardEntry {
 
 /// One hook point's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HookEntry {
     /// The hook point's name.
     pub hook: String,
@@ -242,6 +244,7 @@ pub struct HookEntry {
 
 /// `manifest.json`: the settings of a harvest and what it wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Manifest {
     /// The model file or directory as given.
     pub model: String,
@@ -316,6 +319,7 @@ impl Manifest {
 
 /// What [`ActivationStore::harvest`] did.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HarvestReport {
     /// The manifest (read from the cache or just written).
     pub manifest: Manifest,
@@ -336,34 +340,6 @@ pub struct HarvestReport {
 #[derive(Debug, Clone)]
 pub struct ActivationStore {
     dir: PathBuf,
-}
-
-/// SHA-256 identifying a model path: the file's hash, or for a directory the hash of its
-/// files' names and hashes.
-pub(crate) fn model_sha256(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return sha256::file_hex(path);
-    }
-    let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for e in rd {
-        let p = e.map_err(|e| Error::io(path, e))?.path();
-        if p.is_file() {
-            files.push(p);
-        }
-    }
-    files.sort();
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(
-            f.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .as_bytes(),
-        );
-        h.update(sha256::file_hex(&f)?.as_bytes());
-    }
-    Ok(h.finalize_hex())
 }
 
 /// The safetensors dtype of shards of `d`.
@@ -447,7 +423,7 @@ impl ActivationStore {
         }
         let files = corpus_files(corpus)?;
         let ctx = Contexts::build(tok, &files, cfg.context_len)?;
-        let model_sha = model_sha256(model_path)?;
+        let model_sha = crate::model::model_sha256(model_path)?;
         if let Some(m) = self.manifest()? {
             if m.config == *cfg
                 && m.model_sha256 == model_sha
@@ -657,7 +633,7 @@ fn harvested_contexts<'a>(ctx: &'a Contexts, cfg: &HarvestConfig) -> Result<(&'a
     };
     let train = train.get(..n_ctx).unwrap_or(train);
     if train.is_empty() {
-        return Err(Error::Invalid("nothing to harvest: zero contexts".into()));
+        return Err(Error::empty("the harvest's training split (zero contexts)"));
     }
     Ok((train, per_ctx))
 }

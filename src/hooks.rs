@@ -169,6 +169,7 @@ impl std::str::FromStr for HookPoint {
 
 /// Whether a forward call processes prompt tokens or one generation step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// The prompt (or a plain forward pass).
     Prefill,

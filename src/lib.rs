@@ -54,6 +54,7 @@ mod plot;
 pub mod progress;
 pub mod rng;
 pub mod sae;
+mod topk;
 pub mod train;
 
 pub use dtype::FloatDtype;

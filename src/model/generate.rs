@@ -73,6 +73,7 @@ impl SamplingParams {
 
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Generation {
     /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,

@@ -33,6 +33,7 @@ pub mod decoder;
 mod families;
 pub mod generate;
 mod gguf;
+mod identity;
 pub mod layers;
 mod linear;
 mod source;
@@ -47,6 +48,7 @@ use crate::Result;
 pub use config::{Activation, Family, LayerKind, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{LoadOptions, Model, WeightFormat};
 pub use generate::{generate, generate_batch, Generation, SamplingParams};
+pub use identity::model_sha256;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// Load a model of any supported family and its tokenizer: a GGUF file (family from

@@ -32,6 +32,7 @@ use crate::{Error, Result};
 
 /// The SAE's activation function family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Architecture {
     /// ReLU SAE (SAELens `standard`).
     Standard,
@@ -78,6 +79,7 @@ impl std::str::FromStr for Architecture {
 
 /// How the SAE normalizes its input (SAELens `normalize_activations`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Normalization {
     /// No normalization.
     None,
@@ -108,6 +110,7 @@ impl Normalization {
 
 /// Static description of an SAE, independent of its weights.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SaeConfig {
     /// Activation function family.
     pub architecture: Architecture,

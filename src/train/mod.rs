@@ -382,6 +382,7 @@ impl TrainConfig {
 
 /// One step's numbers, as written to `train_log.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StepLog {
     /// Step number, starting at 1.
     pub step: usize,
@@ -409,6 +410,7 @@ pub struct StepLog {
 
 /// The result of [`train`]: the SAE and the per-step log.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TrainedSae {
     /// The trained SAE (f32, CPU).
     pub sae: Sae,

@@ -120,7 +120,7 @@ impl ShardSource {
     /// present, 2-D, of a float dtype, non-empty, and share one `d_in`.
     pub fn new(paths: Vec<PathBuf>, buffer_rows: usize, seed: u64) -> Result<Self> {
         if paths.is_empty() {
-            return Err(Error::Invalid("no activation shards given".into()));
+            return Err(Error::empty("the list of activation shards"));
         }
         let mut d_in = None;
         for p in &paths {

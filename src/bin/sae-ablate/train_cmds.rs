@@ -202,11 +202,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let m = Manifest::read(&a.activations)?;
         let hook = match &a.hook {
             Some(h) => h.clone(),
-            None => m
-                .outputs
-                .first()
-                .map(|o| o.hook.clone())
-                .ok_or_else(|| Error::Invalid("the harvest has no outputs".into()))?,
+            None => m.outputs.first().map(|o| o.hook.clone()).ok_or_else(|| {
+                Error::empty(format!(
+                    "{}: the harvest's list of outputs",
+                    a.activations.display()
+                ))
+            })?,
         };
         let rows = m
             .outputs
