@@ -14,7 +14,7 @@ use crate::edit::EditPlan;
 use crate::edit::{reference, Edits, SpliceMode};
 use crate::rng::Rng;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
-use crate::{Error, FloatDtype, Result};
+use crate::{FloatDtype, Result};
 
 /// The operations `bench` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,40 +29,14 @@ pub enum Op {
     Steer,
 }
 
-impl Op {
-    /// The op's name on the command line and in JSON rows.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Op::Encode => "encode",
-            Op::Forward => "forward",
-            Op::Ablate26 => "ablate26",
-            Op::Steer => "steer",
-        }
-    }
-}
-
-impl std::fmt::Display for Op {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Op {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "encode" => Ok(Op::Encode),
-            "forward" => Ok(Op::Forward),
-            "ablate26" => Ok(Op::Ablate26),
-            "steer" => Ok(Op::Steer),
-            o => Err(Error::unknown_name(
-                "bench op",
-                o,
-                "encode, forward, ablate26 or steer",
-            )),
-        }
-    }
-}
+names!(
+    Op,
+    "bench op",
+    Encode => "encode",
+    Forward => "forward",
+    Ablate26 => "ablate26",
+    Steer => "steer",
+);
 
 /// Deterministic uniform values in `[-a, a]`, filled in parallel (fast enough for GBs).
 fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
@@ -273,15 +247,7 @@ pub enum Path {
     Reference,
 }
 
-impl Path {
-    /// `fused` or `reference`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Path::Fused => "fused",
-            Path::Reference => "reference",
-        }
-    }
-}
+names!(Path, "bench path", Fused => "fused", Reference => "reference");
 
 /// The edits an op applies (ids chosen deterministically, spread over the dictionary).
 pub fn op_edits(op: Op, d_sae: usize) -> Result<Edits> {

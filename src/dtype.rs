@@ -31,43 +31,14 @@ pub enum FloatDtype {
     BF16,
 }
 
+names!(FloatDtype, "dtype", F32 => "f32", F16 => "f16", BF16 => "bf16");
+
 impl FloatDtype {
-    /// The names [`FromStr`](std::str::FromStr) accepts, for messages.
-    pub const NAMES: &'static str = "f32, f16 or bf16";
-
-    /// The dtype's name: `f32`, `f16` or `bf16`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FloatDtype::F32 => "f32",
-            FloatDtype::F16 => "f16",
-            FloatDtype::BF16 => "bf16",
-        }
-    }
-
     /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {
             FloatDtype::F32 => 4,
             FloatDtype::F16 | FloatDtype::BF16 => 2,
-        }
-    }
-}
-
-impl std::fmt::Display for FloatDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for FloatDtype {
-    type Err = Error;
-    /// `f32`, `f16` or `bf16`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(FloatDtype::F32),
-            "f16" => Ok(FloatDtype::F16),
-            "bf16" => Ok(FloatDtype::BF16),
-            other => Err(Error::unknown_name("dtype", other, Self::NAMES)),
         }
     }
 }
@@ -93,7 +64,7 @@ impl TryFrom<DType> for FloatDtype {
             other => Err(Error::unknown_name(
                 "float dtype",
                 format!("{other:?}"),
-                Self::NAMES,
+                Self::NAMES.join(", "),
             )),
         }
     }

@@ -70,9 +70,6 @@ pub enum Error {
         /// The architectures this crate runs.
         supported: String,
     },
-    /// An architecture string this crate does not know.
-    #[error("unknown SAE architecture `{0}` (known: standard, jumprelu, topk, gated)")]
-    UnknownArchitecture(String),
     /// A latent id is not below `d_sae`.
     #[error("latent id {id} out of range: the SAE has d_sae = {d_sae}")]
     LatentOutOfRange {

@@ -31,6 +31,9 @@
 //! ```
 #![deny(missing_docs)]
 
+#[macro_use]
+mod names;
+
 #[doc(hidden)]
 pub mod bench;
 #[cfg(feature = "corpus")]

@@ -64,37 +64,12 @@ pub enum SpliceMode {
     Reconstruction,
 }
 
-impl SpliceMode {
-    /// The short name: `error` or `reconstruct`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SpliceMode::ErrorPreserving => "error",
-            SpliceMode::Reconstruction => "reconstruct",
-        }
-    }
-}
-
-impl std::fmt::Display for SpliceMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SpliceMode {
-    type Err = Error;
-    /// `error` / `error-preserving` or `reconstruct` / `reconstruction`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "error" | "error-preserving" | "error_preserving" => Ok(SpliceMode::ErrorPreserving),
-            "reconstruct" | "reconstruction" => Ok(SpliceMode::Reconstruction),
-            other => Err(Error::unknown_name(
-                "splice mode",
-                other,
-                "error or reconstruct",
-            )),
-        }
-    }
-}
+names!(
+    SpliceMode,
+    "splice mode",
+    ErrorPreserving => "error" | "error-preserving" | "error_preserving",
+    Reconstruction => "reconstruct" | "reconstruction",
+);
 
 /// A set of latent edits plus decoder-direction steering, with the splice mode.
 ///

@@ -46,36 +46,7 @@ pub enum WeightFormat {
     Quantized,
 }
 
-impl WeightFormat {
-    /// The names [`FromStr`](std::str::FromStr) accepts, for messages.
-    pub const NAMES: &'static str = "dense or quantized";
-
-    /// `dense` or `quantized`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WeightFormat::Dense => "dense",
-            WeightFormat::Quantized => "quantized",
-        }
-    }
-}
-
-impl std::fmt::Display for WeightFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for WeightFormat {
-    type Err = Error;
-    /// `dense` or `quantized`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "dense" => Ok(WeightFormat::Dense),
-            "quantized" => Ok(WeightFormat::Quantized),
-            other => Err(Error::unknown_name("weight format", other, Self::NAMES)),
-        }
-    }
-}
+names!(WeightFormat, "weight format", Dense => "dense", Quantized => "quantized");
 
 /// Options for loading a model: [`LoadOptions::default`] and the `with_` methods.
 ///

@@ -90,37 +90,12 @@ pub enum TrainArchitecture {
     Standard,
 }
 
-impl TrainArchitecture {
-    /// `topk` or `standard`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TrainArchitecture::TopK => "topk",
-            TrainArchitecture::Standard => "standard",
-        }
-    }
-}
-
-impl std::fmt::Display for TrainArchitecture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for TrainArchitecture {
-    type Err = Error;
-    /// `topk`, or `standard` (alias `l1`).
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "topk" => Ok(TrainArchitecture::TopK),
-            "standard" | "l1" => Ok(TrainArchitecture::Standard),
-            other => Err(Error::unknown_name(
-                "training architecture",
-                other,
-                "topk or standard",
-            )),
-        }
-    }
-}
+names!(
+    TrainArchitecture,
+    "training architecture",
+    TopK => "topk",
+    Standard => "standard" | "l1",
+);
 
 /// How `b_dec` is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
