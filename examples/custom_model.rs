@@ -127,12 +127,7 @@ impl HookedModel for TinyLm {
             self.reset();
         }
         hooks.validate(self.n_layers())?;
-        let ctx = HookContext {
-            start_pos,
-            seq_len: t,
-            prompt_len: hooks.prompt_len(),
-            phase: Phase::Prefill,
-        };
+        let ctx = HookContext::new(start_pos, t, hooks.prompt_len(), Phase::Prefill);
         let ids = tokens.flatten_all()?;
         let x = self.tok.index_select(&ids, 0)?.reshape((b, t, D))?;
         let p = self.pos.narrow(0, start_pos, t)?;

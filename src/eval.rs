@@ -94,7 +94,7 @@ fn ce_sum(logits: &Tensor, tokens: &Tensor) -> Result<(f64, u64)> {
     let (b, t, v) = logits.dims3()?;
     let lg = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let tg = tokens.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    let lsm = candle_nn::ops::log_softmax(&lg.to_dtype(DType::F32)?, 1)?;
+    let lsm = crate::model::log_probs(&lg)?;
     let picked = lsm.gather(&tg.unsqueeze(1)?, 1)?;
     let s = picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok((-s, (b * (t - 1)) as u64))

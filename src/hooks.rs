@@ -177,8 +177,10 @@ pub enum Phase {
     Decode,
 }
 
-/// What a hook knows about the tokens it sees.
+/// What a hook knows about the tokens it sees. Models build it with [`HookContext::new`]
+/// (and [`HookContext::with_left_pad`] for left-padded batches).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HookContext {
     /// Absolute position of the first token of `act` along its sequence axis.
     pub start_pos: usize,
@@ -189,9 +191,32 @@ pub struct HookContext {
     pub prompt_len: Option<usize>,
     /// Prefill or decode step.
     pub phase: Phase,
+    /// In a left-padded batch ([`generate_batch`](crate::model::generate_batch)), the
+    /// number of padding positions before each row's first token (row `b`'s text starts
+    /// at absolute position `left_pad[b]`); `None` when no row is padded.
+    pub left_pad: Option<Vec<usize>>,
 }
 
 impl HookContext {
+    /// The context of a forward call over `seq_len` positions starting at `start_pos`,
+    /// with no left padding.
+    pub fn new(start_pos: usize, seq_len: usize, prompt_len: Option<usize>, phase: Phase) -> Self {
+        HookContext {
+            start_pos,
+            seq_len,
+            prompt_len,
+            phase,
+            left_pad: None,
+        }
+    }
+
+    /// The same context for a batch whose row `b` starts with `left_pad[b]` padding
+    /// positions (an all-zero list is stored as `None`).
+    pub fn with_left_pad(mut self, left_pad: &[usize]) -> Self {
+        self.left_pad = left_pad.iter().any(|&p| p > 0).then(|| left_pad.to_vec());
+        self
+    }
+
     /// The absolute positions covered by the activation.
     pub fn positions(&self) -> Range<usize> {
         self.start_pos..self.start_pos + self.seq_len
@@ -464,6 +489,6 @@ impl Hook for SaeSplice {
                 width: d,
             });
         }
-        self.apply(act, ctx.start_pos, ctx.prompt_len)
+        self.apply(act, ctx.start_pos, ctx.prompt_len, ctx.left_pad.as_deref())
     }
 }

@@ -612,15 +612,14 @@ impl Model {
         }
         let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
         let prompt_len = hooks.prompt_len();
-        let ctx = HookContext {
-            start_pos,
-            seq_len: t,
-            prompt_len,
-            phase: match prompt_len {
-                Some(p) if start_pos >= p && start_pos > 0 => Phase::Decode,
-                _ => Phase::Prefill,
-            },
+        let phase = match prompt_len {
+            Some(p) if start_pos >= p && start_pos > 0 => Phase::Decode,
+            _ => Phase::Prefill,
         };
+        let mut ctx = HookContext::new(start_pos, t, prompt_len, phase);
+        if let Some(p) = pads {
+            ctx = ctx.with_left_pad(p);
+        }
         if t == 1 && self.device.is_cpu() {
             let ids = ids.to_vec1::<u32>()?;
             // The whole step runs on a pool worker: its parallel sections then fork from

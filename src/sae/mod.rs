@@ -108,6 +108,16 @@ pub struct SaeConfig {
     pub hook_name: Option<String>,
     /// Name of the model the SAE was trained on.
     pub model_name: Option<String>,
+    /// The first position of each context the SAE was trained on: `0` when it saw every
+    /// position; `1` when the first one was left out — the BOS token, or in a model
+    /// without one (SmolLM2) the first text token, which the model uses as an attention
+    /// sink with a norm far above the others. On such a position the SAE's code is
+    /// meaningless (a TopK SAE fires its `k` latents at huge values), so
+    /// [`SaeSplice`](crate::edit::SaeSplice) leaves positions below this one unchanged.
+    /// SAEs trained by this crate's [`train`](crate::train) set `1` (harvesting skips
+    /// the first position); the SAELens `cfg.json` stores it as
+    /// `metadata.first_trained_position`; other formats load `0`.
+    pub first_trained_position: usize,
 }
 
 impl SaeConfig {
@@ -124,6 +134,7 @@ impl SaeConfig {
             normalization: Normalization::None,
             hook_name: None,
             model_name: None,
+            first_trained_position: 0,
         }
     }
 }
@@ -283,6 +294,13 @@ impl Sae {
     /// The config.
     pub fn config(&self) -> &SaeConfig {
         &self.cfg
+    }
+
+    /// Record the first position of each context the SAE was trained on (see
+    /// [`SaeConfig::first_trained_position`]), e.g. `1` for a release trained without
+    /// the BOS position whose format does not say so.
+    pub fn set_first_trained_position(&mut self, position: usize) {
+        self.cfg.first_trained_position = position;
     }
     /// The weights.
     pub fn weights(&self) -> &SaeWeights {

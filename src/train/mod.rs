@@ -169,6 +169,10 @@ pub struct TrainConfig {
     pub hook_name: Option<String>,
     /// Model the activations came from (saved in the SAE's metadata).
     pub model_name: Option<String>,
+    /// The first position of each context the activations come from, saved as the SAE's
+    /// [`SaeConfig::first_trained_position`]: `1` for [`harvest`](crate::harvest)'s shards
+    /// (it never writes a context's first position); `0` for activations of every position.
+    pub first_trained_position: usize,
     /// Where progress goes (nothing by default); not saved.
     #[serde(skip)]
     pub progress: Reporter,
@@ -208,6 +212,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             hook_name: None,
             model_name: None,
+            first_trained_position: 1,
             progress: Reporter::none(),
         }
     }
@@ -513,6 +518,7 @@ impl<'a> Trainer<'a> {
         }
         sc.hook_name = c.hook_name.clone();
         sc.model_name = c.model_name.clone();
+        sc.first_trained_position = c.first_trained_position;
         let snap = |v: &Var| -> Result<Tensor> { Ok(v.as_tensor().copy()?.detach()) };
         Sae::new(
             sc,

@@ -22,9 +22,15 @@ pub struct SpliceArgs {
     hook: Option<String>,
     #[command(flatten)]
     edit: crate::edit_args::EditArgs,
-    /// Positions the splice acts on: `all`, `prompt`, `generated` or an absolute range `A..B`.
+    /// Positions the splice acts on: `all`, `prompt`, `generated`, an absolute range `A..B`
+    /// or `A..`. Positions before the SAE's first trained position are never spliced.
     #[arg(long, default_value = "all")]
     positions: Positions,
+    /// The first position of each context the SAE was trained on (default: what its config
+    /// says, `1` for SAEs trained by this crate, else `0`); positions before it are left
+    /// unchanged (`0`: splice every position, the attention sink included).
+    #[arg(long, value_name = "N")]
+    sae_first_position: Option<usize>,
 }
 
 /// How the model's weights are kept in memory.
@@ -137,7 +143,10 @@ fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
         }
         return Ok(hooks);
     };
-    let sae = Sae::load(path, &Device::Cpu)?;
+    let mut sae = Sae::load(path, &Device::Cpu)?;
+    if let Some(p) = s.sae_first_position {
+        sae.set_first_trained_position(p);
+    }
     let hook = match (&s.hook, &sae.config().hook_name) {
         (Some(h), _) => h.clone(),
         (None, Some(h)) => h.clone(),
