@@ -20,7 +20,7 @@ use sae_ablate::model::layers::{
 };
 use sae_ablate::model::{Activation, HookedModel, RopeStyle};
 use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
-use sae_ablate::{Error, Result};
+use sae_ablate::{Error, FloatDtype, Result};
 
 const D: usize = 32;
 const HEADS: usize = 4;
@@ -80,7 +80,7 @@ impl TinyLm {
                 Linear::new(randn((D, HEADS * HEAD_DIM), 0.3, dev)?, None)?,
                 None,
                 rope.clone(),
-                KvCache::new(DType::F32, CTX)?,
+                KvCache::new(FloatDtype::F32, CTX),
             )?;
             let mlp = Mlp::new(
                 Linear::new(randn((2 * FF, D), 0.3, dev)?, None)?,

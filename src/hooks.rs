@@ -133,12 +133,14 @@ impl std::str::FromStr for HookPoint {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            Error::Invalid(format!(
-                "unknown hook point `{s}` (expected hook_embed, blocks.{{i}}.hook_resid_pre, \
-                 blocks.{{i}}.attn.hook_z, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_resid_mid, \
-                 blocks.{{i}}.hook_mlp_in, blocks.{{i}}.ln2.hook_normalized, blocks.{{i}}.hook_mlp_out, \
-                 blocks.{{i}}.hook_resid_post or ln_final.hook_normalized)"
-            ))
+            Error::unknown_name(
+                "hook point",
+                s,
+                "hook_embed, blocks.{i}.hook_resid_pre, blocks.{i}.attn.hook_z, \
+                 blocks.{i}.hook_attn_out, blocks.{i}.hook_resid_mid, blocks.{i}.hook_mlp_in, \
+                 blocks.{i}.ln2.hook_normalized, blocks.{i}.hook_mlp_out, \
+                 blocks.{i}.hook_resid_post or ln_final.hook_normalized",
+            )
         };
         match s {
             "hook_embed" => return Ok(HookPoint::Embed),
@@ -167,6 +169,7 @@ impl std::str::FromStr for HookPoint {
 
 /// Whether a forward call processes prompt tokens or one generation step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// The prompt (or a plain forward pass).
     Prefill,
@@ -480,10 +483,11 @@ impl Hook for SaeSplice {
     ) -> Result<Option<Tensor>> {
         let d = act.dim(candle_core::D::Minus1)?;
         if d != self.d_in() {
-            return Err(Error::Invalid(format!(
-                "SAE splice at {point}: the activation has d_model = {d}, the SAE has d_in = {}",
-                self.d_in()
-            )));
+            return Err(Error::WidthMismatch {
+                what: format!("SAE splice at {point}"),
+                d_in: self.d_in(),
+                width: d,
+            });
         }
         self.apply(act, ctx.start_pos, ctx.prompt_len, ctx.left_pad.as_deref())
     }

@@ -182,10 +182,7 @@ fn greedy_continuation_matches_transformers() {
 fn quantized_weights_track_dense() {
     let r = reference();
     let ids = prompt_ids(&r);
-    let opts = LoadOptions {
-        weights: WeightFormat::Quantized,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default().with_weights(WeightFormat::Quantized);
     let mut q = Model::from_gguf(gguf_path(), &opts).unwrap();
     assert_eq!(q.weight_format(), WeightFormat::Quantized);
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)

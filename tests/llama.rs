@@ -10,6 +10,7 @@ use sae_ablate::hooks::Hooks;
 use sae_ablate::model::{
     generate, generate_streaming, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams,
 };
+use sae_ablate::FloatDtype;
 use smollm::{gguf_path, model, tokenizer, AUSTEN};
 
 fn ids_tensor(ids: &[u32]) -> Tensor {
@@ -197,11 +198,9 @@ fn austen_nll_and_rope_convention() {
     assert!((2.5..3.1).contains(&nll), "NLL {nll}");
     // The same weights with rotate-half RoPE: GGUF Q/K are permuted for interleaved
     // RoPE, so the wrong convention must be far worse.
-    let opts = LoadOptions {
-        rope_style: Some(RopeStyle::Half),
-        max_seq_len: Some(512),
-        ..Default::default()
-    };
+    let opts = LoadOptions::default()
+        .with_rope_style(RopeStyle::Half)
+        .with_max_seq_len(512);
     let mut wrong = Model::from_gguf(gguf_path(), &opts).unwrap();
     let bad = mean_nll(&mut wrong, ids);
     println!("the same with rotate-half RoPE: {bad:.4}");
@@ -879,15 +878,13 @@ fn kv_cache_continuations_match_full_forward() {
     };
     let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().flatten_all().unwrap();
     for (kv, tol) in [
-        (DType::F32, 1e-3f32),
-        (DType::F16, 0.05),
-        (DType::BF16, 0.4),
+        (FloatDtype::F32, 1e-3f32),
+        (FloatDtype::F16, 0.05),
+        (FloatDtype::BF16, 0.4),
     ] {
-        let opts = LoadOptions {
-            kv_cache: kv,
-            max_seq_len: Some(256),
-            ..Default::default()
-        };
+        let opts = LoadOptions::default()
+            .with_kv_cache(kv)
+            .with_max_seq_len(256);
         let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let same = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
         assert_eq!(max_diff(&same, &full), 0.0, "{kv:?}: prefill from 0");
@@ -908,7 +905,7 @@ fn kv_cache_continuations_match_full_forward() {
         for (what, got, want) in [("steps", &steps, &full), ("chunk", &chunk, &tail)] {
             let d = max_diff(got, want);
             println!("{kv:?} cache, {what}: max |Δ logit| = {d}");
-            if kv != DType::F32 {
+            if kv != FloatDtype::F32 {
                 assert!(d > 0.0, "{kv:?} {what}: the cache was not rounded");
             }
             assert!(d < tol, "{kv:?} {what}: logits differ by {d}");
@@ -919,14 +916,8 @@ fn kv_cache_continuations_match_full_forward() {
             );
         }
     }
-    let opts = LoadOptions {
-        kv_cache: DType::U8,
-        ..Default::default()
-    };
-    let e = Model::from_gguf(gguf_path(), &opts)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("KV cache dtype") && e.contains("U8"), "{e}");
+    let e = FloatDtype::try_from(DType::U8).unwrap_err().to_string();
+    assert!(e.contains("dtype") && e.contains("U8"), "{e}");
 }
 
 /// Dense f16 and bf16 weights (the GGUF dequantized, then rounded) track the f32 model:
@@ -943,12 +934,8 @@ fn half_precision_weights_track_f32() {
     let nll32 = mean_nll(&mut m32, ids);
     let full32 = m32.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
     let p = 48;
-    for (dt, tol) in [(DType::F16, 0.1f32), (DType::BF16, 0.5)] {
-        let opts = LoadOptions {
-            dtype: dt,
-            max_seq_len: Some(256),
-            ..Default::default()
-        };
+    for (dt, tol) in [(FloatDtype::F16, 0.1f32), (FloatDtype::BF16, 0.5)] {
+        let opts = LoadOptions::default().with_dtype(dt).with_max_seq_len(256);
         let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let nll = mean_nll(&mut m, ids);
         let full = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();

@@ -16,10 +16,7 @@ use sae_ablate::model::{
 use smollm::{gguf_path, model, tokenizer};
 
 fn quantized() -> Model {
-    let opts = LoadOptions {
-        weights: WeightFormat::Quantized,
-        ..Default::default()
-    };
+    let opts = LoadOptions::default().with_weights(WeightFormat::Quantized);
     Model::from_gguf(gguf_path(), &opts).unwrap()
 }
 

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::model::generate::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// A set of distinct latent ids, each below `d_sae`, kept sorted.

@@ -28,6 +28,7 @@ use crate::{Error, Result};
 
 /// What to do to one latent's activation `f_i`.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum LatentEdit {
     /// `f'_i = 0` (zero-ablation).
     Zero,
@@ -54,6 +55,7 @@ impl LatentEdit {
 
 /// How the edited latents are put back into the activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SpliceMode {
     /// `y = x + denorm(decode(f')) − denorm(decode(f))`: the SAE's error is kept.
     #[default]
@@ -62,19 +64,12 @@ pub enum SpliceMode {
     Reconstruction,
 }
 
-impl std::str::FromStr for SpliceMode {
-    type Err = Error;
-    /// `error` / `error-preserving` or `reconstruct` / `reconstruction`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "error" | "error-preserving" | "error_preserving" => Ok(SpliceMode::ErrorPreserving),
-            "reconstruct" | "reconstruction" => Ok(SpliceMode::Reconstruction),
-            other => Err(Error::Invalid(format!(
-                "unknown splice mode `{other}` (expected error or reconstruct)"
-            ))),
-        }
-    }
-}
+names!(
+    SpliceMode,
+    "splice mode",
+    ErrorPreserving => "error" | "error-preserving" | "error_preserving",
+    Reconstruction => "reconstruct" | "reconstruction",
+);
 
 /// A set of latent edits plus decoder-direction steering, with the splice mode.
 ///

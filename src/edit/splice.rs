@@ -10,7 +10,8 @@ use super::{EditPlan, Edits};
 use crate::sae::Sae;
 use crate::{Error, Result};
 
-/// Which token positions a hook acts on.
+/// Which token positions a hook acts on. Parses from and prints as `all`, `prompt`,
+/// `generated`, an absolute range `A..B` or `A..` (from `A` on).
 ///
 /// Positions are absolute: 0 is the first token of the sequence (in a left-padded batch,
 /// the first position of the padded row). The first position is special in most models —
@@ -72,6 +73,20 @@ impl Positions {
     }
 }
 
+impl std::fmt::Display for Positions {
+    /// The form [`FromStr`](std::str::FromStr) reads: `all`, `prompt`, `generated`, `A..B`
+    /// or `A..`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Positions::All => f.write_str("all"),
+            Positions::Prompt => f.write_str("prompt"),
+            Positions::Generated => f.write_str("generated"),
+            Positions::Range(r) if r.end == usize::MAX => write!(f, "{}..", r.start),
+            Positions::Range(r) => write!(f, "{}..{}", r.start, r.end),
+        }
+    }
+}
+
 impl std::str::FromStr for Positions {
     type Err = Error;
     /// `all`, `prompt`, `generated`, an absolute range `A..B`, or `A..` (from `A` on).
@@ -81,11 +96,8 @@ impl std::str::FromStr for Positions {
             "prompt" => Ok(Positions::Prompt),
             "generated" => Ok(Positions::Generated),
             _ => {
-                let bad = || {
-                    Error::Invalid(format!(
-                        "bad positions `{s}`: expected all, prompt, generated, A..B or A.."
-                    ))
-                };
+                let bad =
+                    || Error::unknown_name("positions", s, "all, prompt, generated, A..B or A..");
                 let (a, b) = s.split_once("..").ok_or_else(bad)?;
                 let a: usize = a.trim().parse().map_err(|_| bad())?;
                 let b: usize = match b.trim() {
@@ -184,10 +196,11 @@ impl SaeSplice {
     ) -> Result<Option<Tensor>> {
         let d = act.dim(candle_core::D::Minus1)?;
         if d != self.d_in {
-            return Err(Error::Invalid(format!(
-                "SAE splice: the activation has d_model = {d}, the SAE has d_in = {}",
-                self.d_in
-            )));
+            return Err(Error::WidthMismatch {
+                what: "SAE splice".into(),
+                d_in: self.d_in,
+                width: d,
+            });
         }
         let (b, t) = (act.dim(0)?, act.dim(1)?);
         let dev = act.device().clone();

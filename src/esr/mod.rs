@@ -294,25 +294,12 @@ impl EsrConfig {
     }
 }
 
-fn dtype(s: &str) -> Result<candle_core::DType> {
-    match s {
-        "f32" => Ok(candle_core::DType::F32),
-        "f16" => Ok(candle_core::DType::F16),
-        "bf16" => Ok(candle_core::DType::BF16),
-        _ => Err(Error::Invalid(format!(
-            "model dtype `{s}`: expected f32, f16 or bf16"
-        ))),
-    }
+fn dtype(s: &str) -> Result<crate::FloatDtype> {
+    s.parse().map_err(|e: Error| e.for_setting("model_dtype"))
 }
 
 fn weights(s: &str) -> Result<WeightFormat> {
-    match s {
-        "dense" => Ok(WeightFormat::Dense),
-        "quantized" => Ok(WeightFormat::Quantized),
-        _ => Err(Error::Invalid(format!(
-            "model weights `{s}`: expected dense or quantized"
-        ))),
-    }
+    s.parse().map_err(|e: Error| e.for_setting("model_weights"))
 }
 
 /// Seconds per stage and throughput.
@@ -778,32 +765,6 @@ fn steer_hooks(sae: &Sae, point: &HookPoint, latent: u32, strength: f32) -> Resu
     Ok(Hooks::new().with(*point, AddVector::new(&dir, strength, Positions::All)?))
 }
 
-/// A fingerprint of the model files (file names, sizes, modification times): cheap even
-/// for a 140 GB checkpoint, the same whichever path reaches the files, and it changes when
-/// the files do.
-fn model_fingerprint(path: &Path) -> Result<String> {
-    let mut files = vec![path.to_path_buf()];
-    if path.is_dir() {
-        files = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        files.sort();
-    }
-    let mut s = String::new();
-    for f in files {
-        let m = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?;
-        let t = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
-        s.push_str(&format!("{}:{}:{};", name.unwrap_or_default(), m.len(), t));
-    }
-    Ok(s)
-}
-
 #[derive(Serialize, Deserialize)]
 struct AnswersCache {
     key: String,
@@ -819,7 +780,7 @@ fn read_cache<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     let cfg = cx.cfg;
     let key = serde_json::json!({
-        "model": model_fingerprint(&cfg.model)?,
+        "model": crate::model::model_sha256(&cfg.model)?,
         "weights": [&cfg.model_weights, &cfg.model_dtype],
         "prompts": cx.prompts,
         "samples": cfg.chat_samples,
@@ -873,8 +834,8 @@ fn prepare_sae(
             let sae = Sae::load(p, &Device::Cpu)?;
             let key = format!(
                 "{}|{}|{}|{}",
-                model_fingerprint(p)?,
-                model_fingerprint(&cfg.model)?,
+                crate::model::model_sha256(p)?,
+                crate::model::model_sha256(&cfg.model)?,
                 cfg.model_weights,
                 cfg.model_dtype
             );
@@ -925,7 +886,7 @@ fn prepare_sae(
                 batch_size: cfg.batch_size,
                 max_tokens: Some(spec.tokens),
                 holdout_contexts: spec.holdout_contexts,
-                dtype: "f16".into(),
+                dtype: crate::FloatDtype::F16,
                 shard_rows: 65536,
                 progress: cfg.progress.clone(),
             };

@@ -10,6 +10,8 @@ use rayon::prelude::*;
 
 use super::{HookedModel, Tokenizer};
 use crate::hooks::Hooks;
+/// The sampler's generator (also at [`crate::rng::Rng`]).
+pub use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// How to pick the next token.
@@ -80,6 +82,7 @@ impl SamplingParams {
 
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Generation {
     /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
@@ -89,37 +92,10 @@ pub struct Generation {
     pub stopped: bool,
 }
 
-/// A small deterministic generator (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded generator.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform integer in `[0, n)` (0 when `n == 0`): Lemire's multiply-high.
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-}
-
 /// Pick the next token from `logits` (one row) given the tokens so far.
 pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> Result<u32> {
     if logits.is_empty() {
-        return Err(Error::Invalid("empty logits".into()));
+        return Err(Error::empty("the logits row to sample from"));
     }
     let mut l = logits.to_vec();
     if p.repetition_penalty != 1.0 {
@@ -220,17 +196,18 @@ pub fn generate_streaming<M: HookedModel + ?Sized>(
 ) -> Result<Generation> {
     params.check()?;
     if prompt.is_empty() {
-        return Err(Error::Invalid(
-            "cannot generate from an empty prompt".into(),
-        ));
+        return Err(Error::empty("the prompt to generate from"));
     }
     if prompt.len() + params.max_new_tokens > model.max_seq_len() {
-        return Err(Error::Invalid(format!(
-            "prompt of {} tokens + {} new tokens exceeds the model's context length of {} tokens",
-            prompt.len(),
-            params.max_new_tokens,
-            model.max_seq_len()
-        )));
+        return Err(Error::ContextLength {
+            what: format!(
+                "prompt of {} tokens + {} new tokens",
+                prompt.len(),
+                params.max_new_tokens
+            ),
+            tokens: prompt.len() + params.max_new_tokens,
+            max: model.max_seq_len(),
+        });
     }
     let dev = model.device().clone();
     let saved = hooks.prompt_len();
@@ -300,18 +277,22 @@ pub fn generate_batch_streaming<M: HookedModel + ?Sized>(
     on_token: &mut dyn FnMut(usize, u32) -> Result<bool>,
 ) -> Result<Vec<Generation>> {
     params.check()?;
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::Invalid(
-            "generate_batch needs at least one prompt and no empty prompt".into(),
-        ));
+    if prompts.is_empty() {
+        return Err(Error::empty("generate_batch's list of prompts"));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::empty(format!("generate_batch's prompt {i}")));
     }
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if max_len + params.max_new_tokens > model.max_seq_len() {
-        return Err(Error::Invalid(format!(
-            "longest prompt of {max_len} tokens + {} new tokens exceeds the model's context length of {} tokens",
-            params.max_new_tokens,
-            model.max_seq_len()
-        )));
+        return Err(Error::ContextLength {
+            what: format!(
+                "longest prompt of {max_len} tokens + {} new tokens",
+                params.max_new_tokens
+            ),
+            tokens: max_len + params.max_new_tokens,
+            max: model.max_seq_len(),
+        });
     }
     let b = prompts.len();
     let pads: Vec<usize> = prompts.iter().map(|p| max_len - p.len()).collect();

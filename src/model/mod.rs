@@ -33,6 +33,7 @@ pub mod decoder;
 mod families;
 pub mod generate;
 mod gguf;
+mod identity;
 pub mod layers;
 mod linear;
 mod source;
@@ -50,6 +51,7 @@ pub use generate::{
     generate, generate_batch, generate_batch_streaming, generate_streaming, Generation,
     SamplingParams,
 };
+pub use identity::model_sha256;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// Log-probabilities `log softmax(logits)` over the last dimension, in f32 (any float

@@ -32,6 +32,7 @@ use crate::{Error, Result};
 
 /// The SAE's activation function family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Architecture {
     /// ReLU SAE (SAELens `standard`).
     Standard,
@@ -43,41 +44,18 @@ pub enum Architecture {
     Gated,
 }
 
-impl Architecture {
-    /// The SAELens name of the architecture.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Architecture::Standard => "standard",
-            Architecture::JumpRelu => "jumprelu",
-            Architecture::TopK => "topk",
-            Architecture::Gated => "gated",
-        }
-    }
-}
-
-impl std::fmt::Display for Architecture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Architecture {
-    type Err = Error;
-    /// Parses SAELens names (`standard`, `jumprelu`, `topk`, `gated`), plus the
-    /// aliases `relu` and `jump_relu`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "standard" | "relu" => Ok(Architecture::Standard),
-            "jumprelu" | "jump_relu" => Ok(Architecture::JumpRelu),
-            "topk" => Ok(Architecture::TopK),
-            "gated" => Ok(Architecture::Gated),
-            other => Err(Error::UnknownArchitecture(other.to_string())),
-        }
-    }
-}
+names!(
+    Architecture,
+    "SAE architecture",
+    Standard => "standard" | "relu",
+    JumpRelu => "jumprelu" | "jump_relu",
+    TopK => "topk",
+    Gated => "gated",
+);
 
 /// How the SAE normalizes its input (SAELens `normalize_activations`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Normalization {
     /// No normalization.
     None,
@@ -108,6 +86,7 @@ impl Normalization {
 
 /// Static description of an SAE, independent of its weights.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SaeConfig {
     /// Activation function family.
     pub architecture: Architecture,
