@@ -7,8 +7,8 @@ mod smollm;
 use candle_core::{Device, Tensor};
 use sae_ablate::edit::{reference, Edits, SpliceMode};
 use sae_ablate::hooks::{HookPoint, Hooks, Positions, SaeSplice};
-use sae_ablate::model::generate::Rng;
 use sae_ablate::model::{generate, generate_batch, HookedModel, SamplingParams};
+use sae_ablate::rng::Rng;
 use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use smollm::{model, tokenizer};
 

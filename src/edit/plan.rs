@@ -336,7 +336,7 @@ impl EditPlan {
 
     /// Normalize every token and run the dense encode: returns the pre-activations
     /// `[n, d_sae]` and each token's denormalization `(scale, shift)`.
-    fn encode_pre(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<Denorm>)> {
+    fn encode_pre(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<TokenDenorm>)> {
         let (d, n_lat) = (self.d_in, self.sae.d_sae());
         let n = x.len() / d;
         let mut xs = vec![0f32; n * d];
@@ -403,7 +403,7 @@ impl EditPlan {
         x: &[f32],
         y: &mut [f32],
         pre: &mut [f32],
-        denorm: &[Denorm],
+        denorm: &[TokenDenorm],
         dec: &[TD],
         dec_s: Strided,
     ) {
@@ -531,8 +531,11 @@ impl EditPlan {
     }
 }
 
-/// A token's denormalization `(scale, shift)`: SAE space → input space.
-type Denorm = (f32, f32);
+/// One token's denormalization `(scale, shift)`: SAE space → input space. The scalar
+/// form of [`crate::sae::Denorm`] (tensors, for the reference path), computed here from
+/// the token's own row so that the fused kernels stay independent of the oracle they are
+/// tested against.
+type TokenDenorm = (f32, f32);
 
 /// Strides and offset of a 2-D weight view.
 #[derive(Clone, Copy)]

@@ -59,11 +59,11 @@ use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
 use crate::io::atomic::{write_bytes, write_json};
-use crate::model::generate::Rng;
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
 };
 use crate::progress::{Reporter, Step};
+use crate::rng::Rng;
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::generate::Rng;
+use crate::rng::Rng;
 
 /// One steered generation and the judge's verdict on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,8 @@
 //! * [`layers`]: the decoder's pieces (norms, attention, MLP, KV cache, block), public so
 //!   that other models can be built from them and hooked.
 //! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
-//! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
+//! * [`generate`] / [`generate_batch`] (module [`sampling`]): generation with hooks live at
+//!   every step; [`SamplingParams`], the sampler.
 //!
 //! # Adding a family
 //! A family is one file under `src/model/families/` (see `gemma.rs` or `qwen.rs`):
@@ -31,11 +32,11 @@
 pub mod config;
 pub mod decoder;
 mod families;
-pub mod generate;
 mod gguf;
 mod identity;
 pub mod layers;
 mod linear;
+pub mod sampling;
 mod source;
 mod spm;
 pub mod tokenizer;
@@ -47,11 +48,11 @@ use crate::Result;
 
 pub use config::{Activation, Family, LayerKind, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{LoadOptions, Model, WeightFormat};
-pub use generate::{
+pub use identity::model_sha256;
+pub use sampling::{
     generate, generate_batch, generate_batch_streaming, generate_streaming, Generation,
     SamplingParams,
 };
-pub use identity::model_sha256;
 pub use tokenizer::{ChatTemplate, Tokenizer};
 
 /// Log-probabilities `log softmax(logits)` over the last dimension, in f32 (any float

@@ -10,8 +10,7 @@ use rayon::prelude::*;
 
 use super::{HookedModel, Tokenizer};
 use crate::hooks::Hooks;
-/// The sampler's generator (also at [`crate::rng::Rng`]).
-pub use crate::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// How to pick the next token.
