@@ -24,6 +24,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::simd::has_avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::Rows;
 use crate::{Error, Result};
 
 /// The instruction set a block product runs on.
@@ -457,18 +459,20 @@ impl QMatrix {
     /// `out[k][r]` = weight row `8g + r` · activation row `i0 + k`, `k < out.len() ≤ 8`.
     fn group_tile(&self, g: usize, a: &QActs, i0: usize, out: &mut [[f32; GROUP]], isa: Isa) {
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar
-            && g < self.rows.div_ceil(GROUP)
-            && i0 + out.len() <= a.n
-            && out.len() <= 8
-        {
-            // SAFETY: the CPU has the features of `isa` (the callers pass only what
-            // `Isa::available` lists); group g and activation rows i0..i0 + out.len()
-            // are in range (checked above).
+        if let (true, Some(rows)) = (
+            isa != Isa::Scalar
+                && isa.supported()
+                && g < self.rows.div_ceil(GROUP)
+                && i0.checked_add(out.len()).is_some_and(|end| end <= a.n),
+            Rows::new(out.len()),
+        ) {
+            // SAFETY: the CPU has the features of `isa` (checked above); group g and
+            // activation rows i0..i0 + rows are in range and `out` holds `rows` outputs
+            // (checked above).
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, out),
-                    _ => avx2::group_tile(self, g, a, i0, out),
+                    Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, rows, out),
+                    _ => avx2::group_tile(self, g, a, i0, rows, out),
                 }
             };
             return;
@@ -583,95 +587,113 @@ impl QActs {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QActs, QMatrix, QType, GROUP, QK};
+    use crate::kernels::Rows;
     use std::arch::x86_64::*;
 
-    /// Weight group `g` times activation rows `i0..i0 + out.len()`.
-    /// SAFETY: avx2, fma, f16c; group `g` exists; `i0 + out.len() <= a.n`;
-    /// `out.len() <= 8`.
+    /// Weight group `g` times activation rows `i0..i0 + rows`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; group `g` exists; `i0 + rows <= a.n`;
+    /// `out.len() >= rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_tile(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
-        dispatch::<false>(m, g, a, i0, out)
+        // SAFETY: the features are enabled here; the rest is this function's contract.
+        unsafe { dispatch::<false>(m, g, a, i0, rows, out) }
     }
 
     /// [`group_tile`] with `vpdpbusd` for the integer products.
-    /// SAFETY: as [`group_tile`], plus avx512vnni and avx512vl.
+    ///
+    /// # Safety
+    /// As [`group_tile`], and the CPU has avx512vnni and avx512vl.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn group_tile_vnni(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
-        dispatch::<true>(m, g, a, i0, out)
+        // SAFETY: the features are enabled here; the rest is this function's contract.
+        unsafe { dispatch::<true>(m, g, a, i0, rows, out) }
     }
 
-    /// SAFETY: as [`group_tile`]; `VNNI` only inside [`group_tile_vnni`].
+    /// # Safety
+    /// As [`group_tile`]; `VNNI` only inside [`group_tile_vnni`].
     #[inline(always)]
     unsafe fn dispatch<const VNNI: bool>(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
         // Compile-time row counts keep the accumulators in registers.
         macro_rules! go {
             ($n:literal) => {
-                match m.ty {
-                    QType::Q4_1 => kernel::<true, VNNI, $n>(m, g, a, i0, out),
-                    QType::Q8_0 => kernel::<false, VNNI, $n>(m, g, a, i0, out),
+                // SAFETY: `$n` is `rows`: this function's contract is the kernel's.
+                unsafe {
+                    match m.ty {
+                        QType::Q4_1 => kernel::<true, VNNI, $n>(m, g, a, i0, out),
+                        QType::Q8_0 => kernel::<false, VNNI, $n>(m, g, a, i0, out),
+                    }
                 }
             };
         }
-        if !out.is_empty() {
-            crate::kernels::with_rows!(out.len(), go);
-        }
+        crate::kernels::with_rows!(rows, go);
     }
 
     /// One activation block: `q = round_half_away(x / d)` with `d = max|x| / 127`, as
     /// `QActs::new_scalar` computes it; returns `(d, Σ q)`.
-    /// SAFETY: avx2, fma, f16c; `x.len() >= 32`, `q.len() >= 32`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `x.len() >= 32`, `q.len() >= 32`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-        let p = x.as_ptr();
-        let sign = _mm256_set1_ps(-0.0);
-        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
-        let mut m = _mm256_setzero_ps();
-        for x in v {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x));
+        // SAFETY: `x` and `q` hold at least 32 elements (the contract): four 8-lane loads and one
+        // 32-byte store.
+        unsafe {
+            let p = x.as_ptr();
+            let sign = _mm256_set1_ps(-0.0);
+            let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+            let mut m = _mm256_setzero_ps();
+            for x in v {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let half = _mm256_set1_ps(0.5);
+            let i = v.map(|x| {
+                let r = _mm256_mul_ps(x, id);
+                // r + copysign(0.5, r), truncated toward zero.
+                let h = _mm256_or_ps(half, _mm256_and_ps(r, sign));
+                _mm256_cvttps_epi32(_mm256_add_ps(r, h))
+            });
+            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+            // i32 → i16 → i8 (values fit: |q| ≤ 127); the packs interleave 128-bit lanes,
+            // the permutation restores element order.
+            let w = _mm256_packs_epi16(
+                _mm256_packs_epi32(i[0], i[1]),
+                _mm256_packs_epi32(i[2], i[3]),
+            );
+            let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+            (d, sum)
         }
-        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let half = _mm256_set1_ps(0.5);
-        let i = v.map(|x| {
-            let r = _mm256_mul_ps(x, id);
-            // r + copysign(0.5, r), truncated toward zero.
-            let h = _mm256_or_ps(half, _mm256_and_ps(r, sign));
-            _mm256_cvttps_epi32(_mm256_add_ps(r, h))
-        });
-        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
-        // i32 → i16 → i8 (values fit: |q| ≤ 127); the packs interleave 128-bit lanes,
-        // the permutation restores element order.
-        let w = _mm256_packs_epi16(
-            _mm256_packs_epi32(i[0], i[1]),
-            _mm256_packs_epi32(i[2], i[3]),
-        );
-        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
-        (d, sum)
     }
 
     /// How far ahead of the block being multiplied the codes are prefetched, in bytes.
@@ -680,14 +702,17 @@ mod avx2 {
     /// `acc + Σ` of the four `u8 × i8` products in each 32-bit lane.
     #[inline(always)]
     unsafe fn dot4<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(acc, w, x)
-        } else {
-            // u8 × i8 pairs summed to i16, then pairs of those to i32. No saturation:
-            // the unsigned side is ≤ 128 (Q4 codes ≤ 15, Q8_0 magnitudes ≤ 128) and the
-            // signed side ≤ 127 in magnitude, so a pair is at most 2·128·127 = 32512.
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-            _mm256_add_epi32(acc, p)
+        // SAFETY: the caller has avx2 (and avx512vnni/vl when `VNNI`); registers only.
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_epi32(acc, w, x)
+            } else {
+                // u8 × i8 pairs summed to i16, then pairs of those to i32. No saturation:
+                // the unsigned side is ≤ 128 (Q4 codes ≤ 15, Q8_0 magnitudes ≤ 128) and the
+                // signed side ≤ 127 in magnitude, so a pair is at most 2·128·127 = 32512.
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+                _mm256_add_epi32(acc, p)
+            }
         }
     }
 
@@ -696,9 +721,11 @@ mod avx2 {
     /// row); each is multiplied with the same 4 activation bytes broadcast to all lanes,
     /// so lane `r` sums row `r`'s block product. One FMA then applies the 8 scales
     /// `dw[r]·dx` (and one more the `Q4_1` minimums `m[r]·dx·Σqx`).
-    /// SAFETY: avx2, fma, f16c (and avx512vnni + avx512vl when `VNNI`); group `g` and
-    /// activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1 exactly when
-    /// `Q4`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c (and avx512vnni + avx512vl when `VNNI`); group
+    /// `g` and activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1
+    /// exactly when `Q4`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn kernel<const Q4: bool, const VNNI: bool, const N: usize>(
@@ -708,96 +735,101 @@ mod avx2 {
         i0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        let nb = m.cols / QK;
-        let cb = if Q4 { QK / 2 } else { QK };
-        let base = g * nb;
-        let wq = m.qs.as_ptr().add(base * GROUP * cb);
-        let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
-        let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
-        let xq = a.q.as_ptr().add(i0 * nb * QK);
-        let xd = a.d.as_ptr().add(i0 * nb);
-        let xs = a.s.as_ptr().add(i0 * nb);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); N];
-        for b in 0..nb {
-            let blk = wq.add(b * GROUP * cb);
-            // Prefetch ~2 KB ahead in the code stream (and the scales as far ahead):
-            // at 8 activation rows a block keeps the core busy long enough that the
-            // hardware prefetcher alone leaves it waiting on memory (measured: the 8-row
-            // product of cold Q4_1 weights ~10% faster). Hints only: an address past the
-            // matrix is never dereferenced.
-            let ahead = blk.wrapping_add(PREFETCH) as *const i8;
-            for line in 0..GROUP * cb / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
-            if b % 4 == 0 {
-                let blocks = PREFETCH / (GROUP * cb);
-                _mm_prefetch::<_MM_HINT_T0>(wd.wrapping_add(b + blocks) as *const i8);
+        // SAFETY: the caller has the features of `VNNI`; group `g` and activation rows `i0..i0 + N`
+        // exist and `out` holds N rows (the contract), so every code, scale and activation read
+        // below is inside `m` and `a`; prefetches are hints.
+        unsafe {
+            let nb = m.cols / QK;
+            let cb = if Q4 { QK / 2 } else { QK };
+            let base = g * nb;
+            let wq = m.qs.as_ptr().add(base * GROUP * cb);
+            let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
+            let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
+            let xq = a.q.as_ptr().add(i0 * nb * QK);
+            let xd = a.d.as_ptr().add(i0 * nb);
+            let xs = a.s.as_ptr().add(i0 * nb);
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let blk = wq.add(b * GROUP * cb);
+                // Prefetch ~2 KB ahead in the code stream (and the scales as far ahead):
+                // at 8 activation rows a block keeps the core busy long enough that the
+                // hardware prefetcher alone leaves it waiting on memory (measured: the 8-row
+                // product of cold Q4_1 weights ~10% faster). Hints only: an address past the
+                // matrix is never dereferenced.
+                let ahead = blk.wrapping_add(PREFETCH) as *const i8;
+                for line in 0..GROUP * cb / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                if b % 4 == 0 {
+                    let blocks = PREFETCH / (GROUP * cb);
+                    _mm_prefetch::<_MM_HINT_T0>(wd.wrapping_add(b + blocks) as *const i8);
+                    if Q4 {
+                        _mm_prefetch::<_MM_HINT_T0>(wm.wrapping_add(b + blocks) as *const i8);
+                    }
+                }
+                // Activation row k's 4-byte group c of this block, in every lane.
+                let xb = |k: usize, c: usize| {
+                    _mm256_set1_epi32(
+                        (xq.add((k * nb + b) * QK) as *const i32)
+                            .add(c)
+                            .read_unaligned(),
+                    )
+                };
+                // One integer accumulator per activation row, all N chains advanced together
+                // (vector-major): each weight vector is loaded once and its N products are
+                // independent, so `vpdpbusd`'s latency hides behind the other rows'.
+                let mut p = [_mm256_setzero_si256(); N];
                 if Q4 {
-                    _mm_prefetch::<_MM_HINT_T0>(wm.wrapping_add(b + blocks) as *const i8);
-                }
-            }
-            // Activation row k's 4-byte group c of this block, in every lane.
-            let xb = |k: usize, c: usize| {
-                _mm256_set1_epi32(
-                    (xq.add((k * nb + b) * QK) as *const i32)
-                        .add(c)
-                        .read_unaligned(),
-                )
-            };
-            // One integer accumulator per activation row, all N chains advanced together
-            // (vector-major): each weight vector is loaded once and its N products are
-            // independent, so `vpdpbusd`'s latency hides behind the other rows'.
-            let mut p = [_mm256_setzero_si256(); N];
-            if Q4 {
-                // Byte group c holds elements 4c.. (low nibbles) and 16 + 4c.. (high).
-                for c in 0..4 {
-                    let raw = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                    for k in 0..N {
-                        p[k] = dot4::<VNNI>(p[k], lo, xb(k, c));
-                        p[k] = dot4::<VNNI>(p[k], hi, xb(k, c + 4));
-                    }
-                }
-            } else {
-                for c in 0..8 {
-                    // `q + 128` as stored: unsigned for vpdpbusd. AVX2's maddubs sums
-                    // pairs to i16, which `q + 128` (≤ 255) would saturate: there the
-                    // signed code's magnitude |q| meets x with q's sign instead.
-                    let u = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
-                    if VNNI {
+                    // Byte group c holds elements 4c.. (low nibbles) and 16 + 4c.. (high).
+                    for c in 0..4 {
+                        let raw = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                        let lo = _mm256_and_si256(raw, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
                         for k in 0..N {
-                            p[k] = dot4::<VNNI>(p[k], u, xb(k, c));
+                            p[k] = dot4::<VNNI>(p[k], lo, xb(k, c));
+                            p[k] = dot4::<VNNI>(p[k], hi, xb(k, c + 4));
                         }
-                    } else {
-                        let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-                        let wu = _mm256_sign_epi8(w, w);
-                        for k in 0..N {
-                            p[k] = dot4::<VNNI>(p[k], wu, _mm256_sign_epi8(xb(k, c), w));
+                    }
+                } else {
+                    for c in 0..8 {
+                        // `q + 128` as stored: unsigned for vpdpbusd. AVX2's maddubs sums
+                        // pairs to i16, which `q + 128` (≤ 255) would saturate: there the
+                        // signed code's magnitude |q| meets x with q's sign instead.
+                        let u = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                        if VNNI {
+                            for k in 0..N {
+                                p[k] = dot4::<VNNI>(p[k], u, xb(k, c));
+                            }
+                        } else {
+                            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                            let wu = _mm256_sign_epi8(w, w);
+                            for k in 0..N {
+                                p[k] = dot4::<VNNI>(p[k], wu, _mm256_sign_epi8(xb(k, c), w));
+                            }
                         }
                     }
                 }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b)));
+                // The per-block constant term's weight-side factor: Q4_1's minimum `m`, or
+                // −128·d for Q8_0's offset codes (`Σ (q + 128)·x = Σ q·x + 128·Σ x`).
+                let mw = if Q4 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b)))
+                } else {
+                    _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
+                };
+                for k in 0..N {
+                    let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[k]), s, acc[k]);
+                    if Q4 || VNNI {
+                        let sx = _mm256_set1_ps(*xs.add(k * nb + b));
+                        acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
+                    }
+                }
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b)));
-            // The per-block constant term's weight-side factor: Q4_1's minimum `m`, or
-            // −128·d for Q8_0's offset codes (`Σ (q + 128)·x = Σ q·x + 128·Σ x`).
-            let mw = if Q4 {
-                _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b)))
-            } else {
-                _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
-            };
             for k in 0..N {
-                let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[k]), s, acc[k]);
-                if Q4 || VNNI {
-                    let sx = _mm256_set1_ps(*xs.add(k * nb + b));
-                    acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
-                }
+                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
             }
-        }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
         }
     }
 }
