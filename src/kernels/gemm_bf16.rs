@@ -83,19 +83,6 @@ pub fn to_bf16_into(x: &[f32], out: &mut [bf16]) {
     }
 }
 
-/// Whether every element `(k, j)`, `k < d_in`, `j < d_out`, of the view is inside a
-/// buffer of `len` elements.
-fn view_fits(v: View2, d_in: usize, d_out: usize, len: usize) -> bool {
-    if d_in == 0 || d_out == 0 {
-        return true;
-    }
-    let last = (d_in - 1)
-        .checked_mul(v.s0)
-        .and_then(|a| (d_out - 1).checked_mul(v.s1).and_then(|b| a.checked_add(b)))
-        .and_then(|a| a.checked_add(v.off));
-    matches!(last, Some(l) if l < len)
-}
-
 /// The contract in plain scalar f32 (see the module docs): `c[i·d_out + j] +=` the
 /// pairwise chain of `bf16(x_i) · w[:, j]`: the oracle of the tests.
 /// Returns `false` (and leaves `c` alone) when the sizes or the view do not fit.
@@ -144,9 +131,9 @@ fn sizes_fit(
     d_out: usize,
     c: &[f32],
 ) -> bool {
-    n.checked_mul(d_in).is_some_and(|l| x.len() >= l)
-        && n.checked_mul(d_out).is_some_and(|l| c.len() >= l)
-        && view_fits(v, d_in, d_out, w.len())
+    super::holds(x.len(), n, d_in)
+        && super::holds(c.len(), n, d_out)
+        && v.fits(d_in, d_out, w.len())
 }
 
 /// `c [n, d_out] += bf16(x [n, d_in]) · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, on

@@ -53,6 +53,11 @@ macro_rules! with_rows {
 }
 pub(crate) use with_rows;
 
+/// Whether a buffer of `len` elements holds `rows` rows of `width` (no overflow).
+pub(crate) fn holds(len: usize, rows: usize, width: usize) -> bool {
+    rows.checked_mul(width).is_some_and(|need| len >= need)
+}
+
 pub(crate) mod encode;
 pub(crate) mod gemm_bf16;
 #[doc(hidden)]

@@ -124,7 +124,7 @@ pub fn dot_rows_scalar<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
 /// in one call.
 pub fn dot_rows<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && x.len() >= d && out.len().checked_mul(d).is_some_and(|l| m.len() >= l) {
+    if has_avx2() && x.len() >= d && super::holds(m.len(), out.len(), d) {
         // SAFETY: the CPU supports avx2, fma and f16c; x holds d and m holds
         // out.len()·d elements (checked above).
         return unsafe { avx2::dot_rows(x, m, d, out) };
@@ -148,7 +148,7 @@ pub fn axpy_rows_scalar<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
 /// registers across the rows). `m` is f32, f16 or bf16.
 pub fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && a.len().checked_mul(y.len()).is_some_and(|l| m.len() >= l) {
+    if has_avx2() && super::holds(m.len(), a.len(), y.len()) {
         // SAFETY: the CPU supports avx2, fma and f16c; m holds a.len()·y.len() elements
         // (checked above).
         return unsafe { avx2::axpy_rows(y, a, m) };

@@ -17,7 +17,7 @@ use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16};
 use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::Rows;
+use crate::kernels::{holds, Rows};
 use crate::Result;
 
 /// A weight matrix `[out, in]`: a dense candle tensor or GGUF-style blocks.
@@ -237,12 +237,6 @@ fn tiled<T: Elem>(
     y
 }
 
-/// Whether `len` elements hold `n` rows of `inp` (no overflow).
-#[cfg(target_arch = "x86_64")]
-fn fits(len: usize, n: usize, inp: usize) -> bool {
-    n.checked_mul(inp).is_some_and(|need| len >= need)
-}
-
 /// `ys[o·n + i] = x_i · w_o` with `x` already bf16 (`n = ys.len() / rows ≤ 8` rows of
 /// `inp`). With 2 to 8 rows, one `vdpbf16ps` chain per output over 16-wide chunks of k
 /// (each lane adds its odd then its even product; a short last chunk is zero-filled),
@@ -255,7 +249,7 @@ fn dot_tile_bf16(x: &[bf16], w: &[bf16], inp: usize, ys: &mut [f32]) {
     let n = ys.len() / rows.max(1);
     #[cfg(target_arch = "x86_64")]
     if let (true, Some(nr)) = (
-        has_dpbf16() && fits(x.len(), n, inp) && Some(ys.len()) == rows.checked_mul(n),
+        has_dpbf16() && holds(x.len(), n, inp) && Some(ys.len()) == rows.checked_mul(n),
         Rows::new(n),
     ) {
         // SAFETY: avx512f/vl/bw/bf16 checked; x holds n rows of inp, w `rows` rows of
@@ -309,7 +303,7 @@ fn dot_tile<T: Elem>(x: &[f32], w: &[T], inp: usize, ys: &mut [f32], body: Body)
     if let (true, Some(nr)) = (
         (body == Body::Avx2 || body == Body::Avx512)
             && Body::detect() != Body::Scalar
-            && fits(x.len(), n, inp)
+            && holds(x.len(), n, inp)
             && Some(ys.len()) == rows.checked_mul(n),
         Rows::new(n),
     ) {
