@@ -1,5 +1,8 @@
 //! Latent edits and splice modes: hand-computed values and the defining properties.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::err_naming;
 #[path = "common/small.rs"]
 mod small;
 
@@ -154,7 +157,7 @@ fn bad_edits_are_rejected() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("2 ids but 1 means"), "{err}");
-    assert!("sideways".parse::<SpliceMode>().is_err());
+    err_naming("sideways".parse::<SpliceMode>(), &["sideways"]);
     assert_eq!(
         "reconstruct".parse::<SpliceMode>().unwrap(),
         SpliceMode::Reconstruction
@@ -186,6 +189,6 @@ fn the_esr_preset() {
     assert_eq!(OTD_LATENTS_LLAMA33_70B_L50, published);
     assert_eq!(esr.ids(), &published);
     // The preset belongs to a 65,536-latent SAE: a smaller one is rejected.
-    assert!(latent_preset("esr26", 4608).is_err());
-    assert!(latent_preset("nope", 65536).is_err());
+    err_naming(latent_preset("esr26", 4608), &["latent id", "4608"]);
+    err_naming(latent_preset("nope", 65536), &["nope"]);
 }

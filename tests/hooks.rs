@@ -1,5 +1,8 @@
 //! Hook points, capture, replacement, steering and SAE splices on SmolLM2-135M-Instruct.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::err_naming;
 #[path = "common/smollm.rs"]
 mod smollm;
 
@@ -96,7 +99,7 @@ fn hook_point_names_round_trip() {
         "blocks..hook_resid_pre",
         "resid",
     ] {
-        assert!(bad.parse::<HookPoint>().is_err(), "{bad}");
+        err_naming(bad.parse::<HookPoint>(), &[bad]);
     }
     // Out of range: the error names the valid range.
     let mut hooks = Hooks::new().with(
@@ -469,8 +472,8 @@ fn bad_replacements_are_errors() {
     assert!(e.contains("d_in = 8") && e.contains("576"), "{e}");
     // Position selectors parse.
     assert_eq!("3..7".parse::<Positions>().unwrap(), Positions::Range(3..7));
-    assert!("7..3".parse::<Positions>().is_err());
-    assert!("later".parse::<Positions>().is_err());
+    err_naming("7..3".parse::<Positions>(), &["7..3"]);
+    err_naming("later".parse::<Positions>(), &["later"]);
 }
 
 /// `attn.hook_z`, `hook_mlp_in` and `ln2.hook_normalized` sit where TransformerLens puts
