@@ -2,7 +2,7 @@
 
 #[path = "common/checks.rs"]
 mod checks;
-use checks::err_naming;
+use checks::{err_naming, randn};
 #[path = "common/small.rs"]
 mod small;
 
@@ -64,7 +64,7 @@ fn error_preserving_without_edits_returns_input() {
         Architecture::Gated,
     ] {
         let sae = random(arch, 16, 64, DType::F32, 7);
-        let x = Tensor::randn(0f32, 1.0, (5, 16), &Device::Cpu).unwrap();
+        let x = randn(101, 1.0, (5, 16));
         let y = reference::apply(&sae, &x, &Edits::new(EP)).unwrap();
         assert_close(&rows(&y), &rows(&x), 1e-5);
     }
@@ -81,7 +81,7 @@ fn zero_ablation_subtracts_the_latents_contribution() {
         Architecture::Gated,
     ] {
         let sae = random(arch, 16, 64, DType::F32, 11);
-        let x = Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu).unwrap();
+        let x = randn(102, 1.0, (6, 16));
         let f = rows(&sae.encode(&x).unwrap());
         let w_dec = rows(&sae.weights().w_dec);
         let mut expect = rows(&x);

@@ -4,7 +4,7 @@
 
 #[path = "common/checks.rs"]
 mod checks;
-use checks::err_naming;
+use checks::{err_naming, randn};
 #[path = "common/smollm.rs"]
 mod smollm;
 
@@ -539,8 +539,11 @@ fn cli_logits_and_generate() {
 
     // A random SAE at blocks.5.hook_resid_post, saved in SAELens format.
     let d_sae = 256;
-    let r =
-        |shape: (usize, usize), s: f64| Tensor::randn(0f32, s as f32, shape, &Device::Cpu).unwrap();
+    let seed = std::cell::Cell::new(500u64);
+    let r = |shape: (usize, usize), s: f64| {
+        seed.set(seed.get() + 1);
+        randn(seed.get(), s as f32, shape)
+    };
     let mut cfg = SaeConfig::new(Architecture::Standard, 576, d_sae);
     cfg.hook_name = Some("blocks.5.hook_resid_post".into());
     let sae = Sae::new(
