@@ -304,7 +304,7 @@ fn pack_b(
             let r0 = &w[v.off + k * v.s0 + j0..][..width];
             let r1 = (k + 1 < d_in).then(|| &w[v.off + (k + 1) * v.s0 + j0..][..width]);
             #[cfg(target_arch = "x86_64")]
-            if has_dpbf16() && out.len() >= width.div_ceil(NR) * panel {
+            if has_dpbf16() && super::holds(out.len(), width.div_ceil(NR), panel) {
                 // SAFETY: avx512f/bw checked; r0 (and r1) hold `width` values; `out`
                 // holds every panel the `width` columns touch, each `panel` long, and
                 // p < kpb, so row p of each panel is inside it.

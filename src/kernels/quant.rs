@@ -25,7 +25,7 @@ use rayon::prelude::*;
 
 use crate::kernels::simd::has_avx2;
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::Rows;
+use crate::kernels::{holds, Rows};
 use crate::{Error, Result};
 
 /// The instruction set a block product runs on.
@@ -463,12 +463,13 @@ impl QMatrix {
             isa != Isa::Scalar
                 && isa.supported()
                 && g < self.rows.div_ceil(GROUP)
-                && i0.checked_add(out.len()).is_some_and(|end| end <= a.n),
+                && i0.checked_add(out.len()).is_some_and(|end| end <= a.n)
+                && a.fits(self.cols),
             Rows::new(out.len()),
         ) {
-            // SAFETY: the CPU has the features of `isa` (checked above); group g and
-            // activation rows i0..i0 + rows are in range and `out` holds `rows` outputs
-            // (checked above).
+            // SAFETY: the CPU has the features of `isa`; group g and activation rows
+            // i0..i0 + rows are in range, `a` holds all its rows and `out` holds `rows`
+            // outputs (all checked above).
             unsafe {
                 match isa {
                     Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, rows, out),
@@ -559,6 +560,15 @@ impl QActs {
         }
         let _ = isa;
         QActs::new_scalar(x, n, cols)
+    }
+
+    /// Whether the codes, scales and sums hold `n` rows of `cols` (what the kernels read).
+    #[cfg(target_arch = "x86_64")]
+    fn fits(&self, cols: usize) -> bool {
+        let nb = cols / QK;
+        holds(self.q.len(), self.n, cols)
+            && holds(self.d.len(), self.n, nb)
+            && holds(self.s.len(), self.n, nb)
     }
 
     fn empty(n: usize, cols: usize) -> Self {
