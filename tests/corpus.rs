@@ -1,6 +1,7 @@
 //! R serialization, lazy-load databases and the Austen corpus, against
 //! byte streams built here by a tiny test-side serializer.
 
+use checks::err_naming;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use sae_ablate::corpus::rdata::{
     RString, RValue,
 };
 
+#[path = "common/checks.rs"]
+mod checks;
 #[path = "common/r_writer.rs"]
 mod r_writer;
 use r_writer::*;
@@ -84,7 +87,10 @@ fn character_vector_with_na_and_encodings() {
         bytes: vec![0xff, 0xfe],
         encoding: Encoding::Utf8,
     };
-    assert!(bad.to_utf8("UTF-8").is_err());
+    err_naming(
+        bad.to_utf8("UTF-8"),
+        &["R serialization", "not valid UTF-8", "UTF-8"],
+    );
     // An unflagged string under a Latin-1 writer is converted.
     let native = RString {
         bytes: vec![b'n', 0xe9],
@@ -324,8 +330,11 @@ fn every_truncation_is_an_error() {
     let full = sample_stream();
     assert!(unserialize(&full).is_ok());
     for n in 0..full.len() {
-        let r = unserialize(&full[..n]);
-        assert!(r.is_err(), "prefix of {n} bytes parsed");
+        let e = err_naming(unserialize(&full[..n]), &["R serialization"]);
+        assert!(
+            e.contains("at byte") || e.contains("header"),
+            "prefix of {n} bytes: {e}"
+        );
     }
     let mut longer = full.clone();
     longer.push(0);
@@ -340,17 +349,35 @@ fn byte_flips_never_panic() {
         for v in [0x00, 0x01, 0x7f, 0x80, 0xff] {
             let mut b = full.clone();
             b[i] = v;
-            let _ = unserialize(&b);
+            // Parsed, or an error naming the format.
+            if let Err(e) = unserialize(&b) {
+                assert!(
+                    e.to_string().contains("R serialization"),
+                    "byte {i} = {v}: {e}"
+                );
+            }
         }
     }
     let (rdx, rdb) = db_pair(&[("x", sample_stream())], false);
+    let mut unreadable = 0;
     for i in 0..rdb.len() {
         let mut b = rdb.clone();
         b[i] ^= 0x5a;
-        if let Ok(db) = LazyLoadDb::from_bytes(&rdx, b) {
-            let _ = db.get("x");
+        // The index is intact: only reading the variable can fail, naming it.
+        let db = LazyLoadDb::from_bytes(&rdx, b).unwrap();
+        if let Err(e) = db.get("x") {
+            let e = e.to_string();
+            assert!(
+                e.contains("R lazy-load database") && e.contains("variable `x`"),
+                "{e}"
+            );
+            unreadable += 1;
         }
     }
+    assert!(
+        unreadable > 0,
+        "some flipped byte of the compressed blob must be caught"
+    );
 }
 
 #[test]
@@ -384,8 +411,18 @@ fn random_mutations_never_panic() {
         if next() % 8 == 0 {
             b.truncate((next() % b.len() as u64) as usize);
         }
-        parsed += usize::from(unserialize(&b).is_ok());
-        let _ = LazyLoadDb::from_bytes(&b, vec![0; 16]);
+        match unserialize(&b) {
+            Ok(_) => parsed += 1,
+            Err(e) => assert!(e.to_string().contains("R serialization"), "{e}"),
+        }
+        // A mutated stream or index: a database, or an error naming the format at fault.
+        if let Err(e) = LazyLoadDb::from_bytes(&b, vec![0; 16]) {
+            let e = e.to_string();
+            assert!(
+                e.contains("R serialization") || e.contains("R lazy-load database"),
+                "{e}"
+            );
+        }
     }
     // Most mutations hit string bytes or values and still parse; some must not.
     assert!(parsed > 0 && parsed < 4000, "{parsed}");
@@ -482,7 +519,10 @@ fn bad_zlib_and_bad_index_are_clear_errors() {
     assert!(e.contains("too short"), "{e}");
     // A truncated gzip index.
     let (rdx, rdb) = db_pair(&[("x", raw.clone())], false);
-    assert!(LazyLoadDb::from_bytes(&rdx[..rdx.len() / 2], rdb.clone()).is_err());
+    err_naming(
+        LazyLoadDb::from_bytes(&rdx[..rdx.len() / 2], rdb.clone()),
+        &["gzip stream"],
+    );
     // A variable that points past the end of the .rdb.
     let idx = index_bytes(&[("x", 10, rdb.len() as u64)], false, None);
     let e = err_text(LazyLoadDb::from_bytes(&idx, rdb.clone()));

@@ -1,5 +1,8 @@
 //! Latent edits and splice modes: hand-computed values and the defining properties.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::{err_naming, randn};
 #[path = "common/small.rs"]
 mod small;
 
@@ -58,7 +61,7 @@ fn error_preserving_without_edits_returns_input() {
         Architecture::Gated,
     ] {
         let sae = random(arch, 16, 64, DType::F32, 7);
-        let x = Tensor::randn(0f32, 1.0, (5, 16), &Device::Cpu).unwrap();
+        let x = randn(101, 1.0, (5, 16));
         let y = reference::apply(&sae, &x, &Edits::new(EP)).unwrap();
         assert_close(&rows(&y), &rows(&x), 1e-5);
     }
@@ -75,7 +78,7 @@ fn zero_ablation_subtracts_the_latents_contribution() {
         Architecture::Gated,
     ] {
         let sae = random(arch, 16, 64, DType::F32, 11);
-        let x = Tensor::randn(0f32, 1.0, (6, 16), &Device::Cpu).unwrap();
+        let x = randn(102, 1.0, (6, 16));
         let f = rows(&sae.encode(&x).unwrap());
         let w_dec = rows(&sae.weights().w_dec);
         let mut expect = rows(&x);
@@ -156,7 +159,7 @@ fn bad_edits_are_rejected() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("2 ids but 1 means"), "{err}");
-    assert!("sideways".parse::<SpliceMode>().is_err());
+    err_naming("sideways".parse::<SpliceMode>(), &["sideways"]);
     assert_eq!(
         "reconstruct".parse::<SpliceMode>().unwrap(),
         SpliceMode::Reconstruction
@@ -188,6 +191,6 @@ fn the_esr_preset() {
     assert_eq!(OTD_LATENTS_LLAMA33_70B_L50, published);
     assert_eq!(esr.ids(), &published);
     // The preset belongs to a 65,536-latent SAE: a smaller one is rejected.
-    assert!(latent_preset("esr26", 4608).is_err());
-    assert!(latent_preset("nope", 65536).is_err());
+    err_naming(latent_preset("esr26", 4608), &["latent id", "4608"]);
+    err_naming(latent_preset("nope", 65536), &["nope"]);
 }

@@ -10,6 +10,9 @@
 //! For x = [1, 0.5, 2]: pre = [1, 1, 2, 2.5]; latents 0 and 1 sit exactly at their
 //! threshold and are off; f = [0, 0, 2, 2.5]; x̂ = [2.6, 2.7, 4.3].
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::err_naming;
 #[path = "common/st_writer.rs"]
 mod st_writer;
 
@@ -208,11 +211,14 @@ fn gemma_scope_bad_input() {
     let p = tmp.path().join("d/params.npz");
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(&p, &bad).unwrap();
-    assert!(Sae::load(&p, &Device::Cpu).is_err());
+    err_naming(Sae::load(&p, &Device::Cpu).map(|_| ()), &["params.npz"]);
     // No weights at all.
     let d = tmp.path().join("empty");
     std::fs::create_dir_all(&d).unwrap();
-    assert!(gemma_scope::load(&d, &Device::Cpu).is_err());
+    err_naming(
+        gemma_scope::load(&d, &Device::Cpu).map(|_| ()),
+        &[&d.display().to_string()],
+    );
 }
 
 // ---------------------------------------------------------------- Gemma Scope 2

@@ -1,5 +1,8 @@
 //! Hook points, capture, replacement, steering and SAE splices on SmolLM2-135M-Instruct.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::{err_naming, randn};
 #[path = "common/smollm.rs"]
 mod smollm;
 
@@ -38,12 +41,11 @@ fn prompt() -> Vec<u32> {
 
 /// A random ReLU SAE on SmolLM2's residual stream (d_in = 576).
 fn random_sae(d_sae: usize) -> Sae {
-    let dev = Device::Cpu;
     let d = 576;
-    let w_enc = Tensor::randn(0f32, 0.05, (d, d_sae), &dev).unwrap();
-    let w_dec = Tensor::randn(0f32, 0.05, (d_sae, d), &dev).unwrap();
-    let b_enc = Tensor::randn(0f32, 0.1, d_sae, &dev).unwrap();
-    let b_dec = Tensor::randn(0f32, 0.1, d, &dev).unwrap();
+    let w_enc = randn(201, 0.05, (d, d_sae));
+    let w_dec = randn(202, 0.05, (d_sae, d));
+    let b_enc = randn(203, 0.1, d_sae);
+    let b_dec = randn(204, 0.1, d);
     let mut cfg = SaeConfig::new(Architecture::Standard, d, d_sae);
     cfg.hook_name = Some("blocks.5.hook_resid_post".into());
     Sae::new(
@@ -96,7 +98,7 @@ fn hook_point_names_round_trip() {
         "blocks..hook_resid_pre",
         "resid",
     ] {
-        assert!(bad.parse::<HookPoint>().is_err(), "{bad}");
+        err_naming(bad.parse::<HookPoint>(), &[bad]);
     }
     // Out of range: the error names the valid range.
     let mut hooks = Hooks::new().with(
@@ -215,7 +217,7 @@ fn steering_changes_nothing_before_its_layer() {
             hooks.add(HookPoint::ResidPost(i), cache.clone());
         }
         if steer {
-            let v = Tensor::randn(0f32, 1.0, 576, &Device::Cpu).unwrap();
+            let v = randn(205, 1.0, 576);
             // Registered after the capture at the same point: the capture sees the input.
             hooks.add(
                 HookPoint::ResidPost(layer),
@@ -458,8 +460,8 @@ fn bad_replacements_are_errors() {
     assert!(e.contains("d_in = 8") && e.contains("576"), "{e}");
     // Position selectors parse.
     assert_eq!("3..7".parse::<Positions>().unwrap(), Positions::Range(3..7));
-    assert!("7..3".parse::<Positions>().is_err());
-    assert!("later".parse::<Positions>().is_err());
+    err_naming("7..3".parse::<Positions>(), &["7..3"]);
+    err_naming("later".parse::<Positions>(), &["later"]);
 }
 
 /// `attn.hook_z`, `hook_mlp_in` and `ln2.hook_normalized` sit where TransformerLens puts

@@ -2,6 +2,9 @@
 //! the model's own tokenizer ids, candle-transformers' `quantized_llama` run on the same
 //! GGUF with `CANDLE_DEQUANTIZE_ALL=1`, and the known perplexity of the model on Austen.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::{err_naming, randn};
 #[path = "common/smollm.rs"]
 mod smollm;
 
@@ -537,8 +540,11 @@ fn cli_logits_and_generate() {
 
     // A random SAE at blocks.5.hook_resid_post, saved in SAELens format.
     let d_sae = 256;
-    let r =
-        |shape: (usize, usize), s: f64| Tensor::randn(0f32, s as f32, shape, &Device::Cpu).unwrap();
+    let seed = std::cell::Cell::new(500u64);
+    let r = |shape: (usize, usize), s: f64| {
+        seed.set(seed.get() + 1);
+        randn(seed.get(), s as f32, shape)
+    };
     let mut cfg = SaeConfig::new(Architecture::Standard, 576, d_sae);
     cfg.hook_name = Some("blocks.5.hook_resid_post".into());
     let sae = Sae::new(
@@ -787,7 +793,10 @@ fn tokenizer_json_and_chat_templates() {
         .to_string();
     assert!(e.contains("missing.json"), "{e}");
     std::fs::write(dir.join("bad.json"), "{ not json").unwrap();
-    assert!(Tokenizer::from_hf(dir.join("bad.json")).is_err());
+    err_naming(
+        Tokenizer::from_hf(dir.join("bad.json")).map(|_| ()),
+        &["bad.json"],
+    );
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(
         hf.encode("The capital of France is").unwrap(),

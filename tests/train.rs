@@ -2,6 +2,9 @@
 //! determinism, SAELens round trip of the outputs, geometric median, metrics, sources,
 //! and config errors.
 
+#[path = "common/checks.rs"]
+mod checks;
+use checks::err_naming;
 #[path = "common/st_writer.rs"]
 mod st_writer;
 
@@ -286,8 +289,11 @@ fn geometric_median_matches_hand_computed_values() {
     let m = geometric_median(&[0., 1., 10.], 1, 300).unwrap();
     assert!((m[0] - 1.0).abs() < 1e-2, "{m:?}");
     assert_eq!(train::mean(&[0., 1., 10., 1.], 2).unwrap(), vec![5.0, 1.0]);
-    assert!(geometric_median(&[1., 2., 3.], 2, 5).is_err());
-    assert!(geometric_median(&[], 2, 5).is_err());
+    err_naming(
+        geometric_median(&[1., 2., 3.], 2, 5),
+        &["3 values", "d = 2"],
+    );
+    err_naming(geometric_median(&[], 2, 5), &["0 values"]);
 }
 
 #[test]
@@ -323,11 +329,17 @@ fn metrics_match_hand_computed_values() {
     assert!((acc.dead_fraction().unwrap() - 1.0 / 3.0).abs() < 1e-12);
     assert_eq!(acc.tokens(), 3);
     // Errors, not panics.
-    assert!(train::fvu(&x, &x.narrow(0, 0, 2).unwrap()).is_err());
+    err_naming(
+        train::fvu(&x, &x.narrow(0, 0, 2).unwrap()),
+        &["x_hat", "[2, 2]"],
+    );
     let same = Tensor::new(&[[1f32, 1.], [1., 1.]], &dev).unwrap();
-    assert!(train::fvu(&same, &same).is_err());
-    assert!(train::dead_fraction(&[]).is_err());
-    assert!(acc.update(&x, &x_hat, &f.narrow(1, 0, 2).unwrap()).is_err());
+    err_naming(train::fvu(&same, &same), &["FVU", "variance"]);
+    err_naming(train::dead_fraction(&[]), &["dead fraction", "empty"]);
+    err_naming(
+        acc.update(&x, &x_hat, &f.narrow(1, 0, 2).unwrap()),
+        &["latents", "[3, 2]"],
+    );
 }
 
 fn write_f16_shard(path: &std::path::Path, rows: usize, d: usize, data: &[f32]) {
@@ -400,7 +412,10 @@ fn shard_source_mixes_shards_and_checks_layout() {
     let e = ShardSource::from_dir(mixed.path(), 8, 0).unwrap_err();
     assert!(e.to_string().contains("b.safetensors"), "{e}");
     let empty = TempDir::new("shards-empty");
-    assert!(ShardSource::from_dir(empty.path(), 8, 0).is_err());
+    err_naming(
+        ShardSource::from_dir(empty.path(), 8, 0).map(|_| ()),
+        &[&empty.path().display().to_string(), "safetensors"],
+    );
 }
 
 #[test]
@@ -488,13 +503,19 @@ fn bad_configs_are_clear_errors() {
             "`{err}` should mention `{needle}`"
         );
     }
-    assert!(InMemorySource::new(vec![1.0; 10], 4, 0).is_err());
+    err_naming(
+        InMemorySource::new(vec![1.0; 10], 4, 0).map(|_| ()),
+        &["10 values", "d_in = 4"],
+    );
     // Non-finite activations stop training with an error, not NaN weights.
     let mut nan = InMemorySource::new(vec![f32::NAN; 256 * D_IN], D_IN, 0).unwrap();
     let err = train::train(&base, &mut nan, None).unwrap_err();
     assert!(err.to_string().contains("diverged at step 1"), "{err}");
     // Unknown JSON fields are rejected, missing ones take defaults.
-    assert!(serde_json::from_str::<TrainConfig>(r#"{"d_in": 4, "dsae": 8}"#).is_err());
+    err_naming(
+        serde_json::from_str::<TrainConfig>(r#"{"d_in": 4, "dsae": 8}"#),
+        &["dsae"],
+    );
     let c: TrainConfig =
         serde_json::from_str(r#"{"architecture": "standard", "d_in": 4, "d_sae": 8}"#).unwrap();
     assert_eq!(c.architecture, TrainArchitecture::Standard);

@@ -360,9 +360,9 @@ impl EditPlan {
         };
         let b = &self.full.b_enc;
         match w_enc.dtype() {
-            DType::F32 => encode_dense(&xs, n, d, cpu.as_slice::<f32>()?, v, b, &mut pre),
-            DType::F16 => encode_dense(&xs, n, d, cpu.as_slice::<f16>()?, v, b, &mut pre),
-            DType::BF16 => encode_dense(&xs, n, d, cpu.as_slice::<bf16>()?, v, b, &mut pre),
+            DType::F32 => encode_dense(&xs, n, d, cpu.as_slice::<f32>()?, v, b, &mut pre)?,
+            DType::F16 => encode_dense(&xs, n, d, cpu.as_slice::<f16>()?, v, b, &mut pre)?,
+            DType::BF16 => encode_dense(&xs, n, d, cpu.as_slice::<bf16>()?, v, b, &mut pre)?,
             other => {
                 return Err(Error::Dtype {
                     name: "W_enc".into(),

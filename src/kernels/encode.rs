@@ -18,7 +18,9 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::gemm_bf16::{gemm_bf16, has_dpbf16};
+use super::holds;
 use super::simd::{axpy, axpy4, dot, Elem};
+use crate::{Error, Result};
 
 /// Batches up to this many tokens take the streaming (GEMV-like) path.
 pub const GEMV_MAX_TOKENS: usize = 32;
@@ -52,9 +54,28 @@ pub struct View2 {
     pub off: usize,
 }
 
+impl View2 {
+    /// Whether every element `(k, j)`, `k < d_in`, `j < d_out`, of the view is inside a
+    /// buffer of `len` elements (computed without overflow).
+    pub fn fits(self, d_in: usize, d_out: usize, len: usize) -> bool {
+        if d_in == 0 || d_out == 0 {
+            return true;
+        }
+        let last = (d_in - 1)
+            .checked_mul(self.s0)
+            .and_then(|a| {
+                (d_out - 1)
+                    .checked_mul(self.s1)
+                    .and_then(|b| a.checked_add(b))
+            })
+            .and_then(|a| a.checked_add(self.off));
+        matches!(last, Some(l) if l < len)
+    }
+}
+
 /// Compute `pre = xs · W + b` for `n` tokens. `xs` is `[n, d_in]` row-major,
-/// `pre` is `[n, d_sae]` row-major, `w` is viewed through `v`.
-/// The caller guarantees that every element of the view is inside `w`.
+/// `pre` is `[n, d_sae]` row-major (`d_sae = b.len()`), `w` is viewed through `v`.
+/// Errors, touching nothing, when `xs` or `pre` is too short or the view reaches past `w`.
 pub fn encode_dense<T: Elem>(
     xs: &[f32],
     n: usize,
@@ -63,7 +84,7 @@ pub fn encode_dense<T: Elem>(
     v: View2,
     b: &[f32],
     pre: &mut [f32],
-) {
+) -> Result<()> {
     encode_dense_with(xs, n, d_in, w, v, b, pre, true)
 }
 
@@ -79,10 +100,28 @@ pub fn encode_dense_with<T: Elem>(
     b: &[f32],
     pre: &mut [f32],
     native: bool,
-) {
+) -> Result<()> {
     let d_sae = b.len();
+    if !holds(xs.len(), n, d_in) {
+        return Err(Error::Invalid(format!(
+            "dense encode: {} inputs for {n} tokens of width {d_in}",
+            xs.len()
+        )));
+    }
+    if !holds(pre.len(), n, d_sae) {
+        return Err(Error::Invalid(format!(
+            "dense encode: room for {} pre-activations, {n} tokens of {d_sae} latents needed",
+            pre.len()
+        )));
+    }
+    if !v.fits(d_in, d_sae, w.len()) {
+        return Err(Error::Invalid(format!(
+            "dense encode: W_enc view {v:?} of [{d_in}, {d_sae}] reaches past its {} elements",
+            w.len()
+        )));
+    }
     if n == 0 || d_sae == 0 {
-        return;
+        return Ok(());
     }
     if let (Some(wb), true) = (as_bf16_slice(w), native && n >= BF16_GEMM_MIN_TOKENS) {
         if has_dpbf16() {
@@ -90,7 +129,7 @@ pub fn encode_dense_with<T: Elem>(
                 row.copy_from_slice(b);
             }
             if gemm_bf16(xs, n, d_in, wb, v, d_sae, pre) {
-                return;
+                return Ok(());
             }
         }
     }
@@ -99,6 +138,7 @@ pub fn encode_dense_with<T: Elem>(
     } else {
         gemm_tiles(xs, n, d_in, w, v, b, pre);
     }
+    Ok(())
 }
 
 /// Streaming path: tiles of latents in parallel; each reads its part of W once.
@@ -212,8 +252,9 @@ fn gemm_tiles<T: Elem>(
         pre[r * d_sae..(r + 1) * d_sae].copy_from_slice(b);
     }
     if let Some(wf) = as_f32_slice(w) {
-        // SAFETY: dst is [n, d_sae] row-major inside `pre`; lhs [n, d_in] row-major in `xs`;
-        // rhs is the caller-checked [d_in, d_sae] view of `wf`. dst = 1·dst + 1·lhs·rhs.
+        // SAFETY: dst is [n, d_sae] row-major inside `pre`, lhs [n, d_in] row-major inside
+        // `xs`, rhs the [d_in, d_sae] view of `wf`, every element inside it (all three
+        // checked by `encode_dense_with`). dst = 1·dst + 1·lhs·rhs.
         unsafe {
             gemm::gemm(
                 n,
@@ -251,8 +292,9 @@ fn gemm_tiles<T: Elem>(
                     *o = w[v.off + k * v.s0 + (l0 + i) * v.s1].to_f32();
                 }
             });
-        // SAFETY: dst block [n, width] at column l0 of `pre` (row stride d_sae);
-        // lhs [n, d_in] in `xs`; rhs [d_in, width] row-major in `tile`.
+        // SAFETY: dst block [n, width] at column l0 < d_sae of `pre` (row stride d_sae,
+        // `pre` holds n·d_sae), lhs [n, d_in] in `xs` (both checked by
+        // `encode_dense_with`), rhs [d_in, width] row-major in `tile`.
         unsafe {
             gemm::gemm(
                 n,
@@ -322,7 +364,7 @@ mod tests {
                     .collect();
                 for native in [true, false] {
                     let mut pre = vec![f32::NAN; n * d_sae];
-                    encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native);
+                    encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native).unwrap();
                     let rounded = native && n >= BF16_GEMM_MIN_TOKENS && has_dpbf16();
                     if rounded {
                         let mut want: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
@@ -348,6 +390,148 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `b[j] + Σ_k x[i][k]·W[k, j]` in f64 by plain loops over the buffer, and the
+    /// magnitude `|b[j]| + Σ_k |x[i][k]·W[k, j]|` that bounds its rounding.
+    fn plain_loops<T: Elem>(
+        x: &[f32],
+        n: usize,
+        d_in: usize,
+        w: &[T],
+        v: View2,
+        b: &[f32],
+    ) -> Vec<(f64, f64)> {
+        let mut out = Vec::with_capacity(n * b.len());
+        for i in 0..n {
+            for (j, &bj) in b.iter().enumerate() {
+                let (mut sum, mut mag) = (bj as f64, (bj as f64).abs());
+                for k in 0..d_in {
+                    let t = x[i * d_in + k] as f64 * w[v.off + k * v.s0 + j * v.s1].to_f32() as f64;
+                    sum += t;
+                    mag += t.abs();
+                }
+                out.push((sum, mag));
+            }
+        }
+        out
+    }
+
+    /// Every path of the dense encode against plain loops: f32 weights input-major,
+    /// latent-major (the transposed `[d_sae, d_in]` storage) and strided with an offset,
+    /// batches on the streaming path (≤ 32 tokens) and past it (`gemm` on the f32 view
+    /// through its strides, or on widened f16/bf16 tiles, a ragged last tile of 300
+    /// latents); f16 and bf16 weights on the f32 paths too. Each pre-activation within
+    /// `(d_in + 2)·u_f32·(|b| + Σ_k |x_k w_k|)` of the f64 sum: the bound of any order of
+    /// d_in + 1 f32 additions of exact-to-u_f32 products.
+    #[test]
+    fn dense_encode_matches_plain_loops_in_every_layout() {
+        fn run<T: Elem>(conv: impl Fn(f32) -> T) {
+            let (d_in, d_sae) = (97usize, 300usize);
+            let b = data(d_sae, 21);
+            let layouts = [
+                (
+                    d_in * d_sae,
+                    View2 {
+                        s0: d_sae,
+                        s1: 1,
+                        off: 0,
+                    },
+                    "input-major",
+                ),
+                (
+                    d_in * d_sae,
+                    View2 {
+                        s0: 1,
+                        s1: d_in,
+                        off: 0,
+                    },
+                    "latent-major",
+                ),
+                (
+                    3 + 2 * d_in * d_sae,
+                    View2 {
+                        s0: 2,
+                        s1: 2 * d_in,
+                        off: 3,
+                    },
+                    "strided",
+                ),
+            ];
+            for (len, v, name) in layouts {
+                let w: Vec<T> = data(len, 22).into_iter().map(&conv).collect();
+                for n in [1usize, 5, 32, 33, 40, 64] {
+                    let x: Vec<f32> = data(n * d_in, 30 + n as u32)
+                        .iter()
+                        .map(|v| 3.0 * v)
+                        .collect();
+                    let mut pre = vec![f32::NAN; n * d_sae];
+                    encode_dense_with(&x, n, d_in, &w, v, &b, &mut pre, false).unwrap();
+                    let want = plain_loops(&x, n, d_in, &w, v, &b);
+                    for (e, (g, (sum, mag))) in pre.iter().zip(&want).enumerate() {
+                        let tol = (d_in + 2) as f64 * U_F32 * mag;
+                        assert!(
+                            (*g as f64 - sum).abs() <= tol,
+                            "{} {name} n={n} ({}, {}): {g} vs {sum} ± {tol}",
+                            std::any::type_name::<T>(),
+                            e / d_sae,
+                            e % d_sae
+                        );
+                    }
+                }
+            }
+        }
+        run::<f32>(|v| v);
+        run(half::f16::from_f32);
+        run(bf16::from_f32);
+    }
+
+    /// Inputs, outputs or views that do not fit their buffers are errors naming the
+    /// buffer at fault, on every path (streaming, `gemm`, native bf16), and leave `pre`
+    /// as it was: the `gemm` path hands raw pointers on only after these checks.
+    #[test]
+    fn dense_encode_rejects_what_does_not_fit() {
+        let (d_in, d_sae) = (4usize, 3usize);
+        let w = vec![1f32; d_in * d_sae];
+        let wb = vec![bf16::ONE; d_in * d_sae];
+        let b = vec![0f32; d_sae];
+        let tr = View2 {
+            s0: 1,
+            s1: d_in,
+            off: 0,
+        };
+        for n in [2usize, 40] {
+            let x = vec![1f32; n * d_in];
+            let mut pre = vec![7f32; n * d_sae];
+            let cases: [(&[f32], View2, usize, &str); 5] = [
+                (&x[..n * d_in - 1], tr, n * d_sae, "inputs"),
+                (&x, tr, n * d_sae - 1, "pre-activations"),
+                (&x, View2 { off: 1, ..tr }, n * d_sae, "reaches past"),
+                (&x, View2 { s1: d_in + 1, ..tr }, n * d_sae, "reaches past"),
+                (
+                    &x,
+                    View2 {
+                        s0: usize::MAX / 2,
+                        ..tr
+                    },
+                    n * d_sae,
+                    "reaches past",
+                ),
+            ];
+            for (xs, v, out, what) in cases {
+                for e in [
+                    encode_dense(xs, n, d_in, &w, v, &b, &mut pre[..out]),
+                    encode_dense(xs, n, d_in, &wb, v, &b, &mut pre[..out]),
+                ] {
+                    let e = e.unwrap_err().to_string();
+                    assert!(e.contains("dense encode") && e.contains(what), "n={n}: {e}");
+                }
+                assert!(pre.iter().all(|&p| p == 7.0), "n={n} {what}: pre untouched");
+            }
+            // A token count whose input size overflows.
+            let e = encode_dense(&x, usize::MAX / 2, d_in, &w, tr, &b, &mut pre).unwrap_err();
+            assert!(e.to_string().contains("inputs"), "{e}");
         }
     }
 }

@@ -83,19 +83,6 @@ pub fn to_bf16_into(x: &[f32], out: &mut [bf16]) {
     }
 }
 
-/// Whether every element `(k, j)`, `k < d_in`, `j < d_out`, of the view is inside a
-/// buffer of `len` elements.
-fn view_fits(v: View2, d_in: usize, d_out: usize, len: usize) -> bool {
-    if d_in == 0 || d_out == 0 {
-        return true;
-    }
-    let last = (d_in - 1)
-        .checked_mul(v.s0)
-        .and_then(|a| (d_out - 1).checked_mul(v.s1).and_then(|b| a.checked_add(b)))
-        .and_then(|a| a.checked_add(v.off));
-    matches!(last, Some(l) if l < len)
-}
-
 /// The contract in plain scalar f32 (see the module docs): `c[i·d_out + j] +=` the
 /// pairwise chain of `bf16(x_i) · w[:, j]`: the oracle of the tests.
 /// Returns `false` (and leaves `c` alone) when the sizes or the view do not fit.
@@ -144,9 +131,9 @@ fn sizes_fit(
     d_out: usize,
     c: &[f32],
 ) -> bool {
-    n.checked_mul(d_in).is_some_and(|l| x.len() >= l)
-        && n.checked_mul(d_out).is_some_and(|l| c.len() >= l)
-        && view_fits(v, d_in, d_out, w.len())
+    super::holds(x.len(), n, d_in)
+        && super::holds(c.len(), n, d_out)
+        && v.fits(d_in, d_out, w.len())
 }
 
 /// `c [n, d_out] += bf16(x [n, d_in]) · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, on
@@ -317,7 +304,7 @@ fn pack_b(
             let r0 = &w[v.off + k * v.s0 + j0..][..width];
             let r1 = (k + 1 < d_in).then(|| &w[v.off + (k + 1) * v.s0 + j0..][..width]);
             #[cfg(target_arch = "x86_64")]
-            if has_dpbf16() && out.len() >= width.div_ceil(NR) * panel {
+            if has_dpbf16() && super::holds(out.len(), width.div_ceil(NR), panel) {
                 // SAFETY: avx512f/bw checked; r0 (and r1) hold `width` values; `out`
                 // holds every panel the `width` columns touch, each `panel` long, and
                 // p < kpb, so row p of each panel is inside it.
@@ -380,32 +367,41 @@ fn interleave(r0: &[bf16], r1: Option<&[bf16]>, o: &mut [u32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{MR, NR};
+    use crate::kernels::Rows;
     use half::bf16;
     use std::arch::x86_64::*;
 
     /// `out[i] = bf16(x[i])`, to nearest even (`vcvtne2ps2bf16`, 16 at a time).
-    /// SAFETY: avx512f, avx512vl, avx512bw, avx512bf16; `out.len() >= x.len()`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f, avx512vl, avx512bw, avx512bf16; `out.len() >= x.len()`.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
     pub(super) unsafe fn convert(x: &[f32], out: &mut [bf16]) {
-        let mut xs = x.chunks_exact(16);
-        let mut os = out.chunks_exact_mut(16);
-        for (xc, oc) in (&mut xs).zip(&mut os) {
-            let (lo, hi) = (
-                _mm256_loadu_ps(xc.as_ptr()),
-                _mm256_loadu_ps(xc.as_ptr().add(8)),
-            );
-            // The second operand fills the low half.
-            let v: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
-            _mm256_storeu_si256(oc.as_mut_ptr() as *mut __m256i, v);
-        }
-        for (o, &v) in os.into_remainder().iter_mut().zip(xs.remainder()) {
-            *o = bf16::from_f32(v);
+        // SAFETY: each chunk of `x` and `out` holds 16 elements (`chunks_exact`); `__m256bh` and
+        // `__m256i` are the same 256 bits.
+        unsafe {
+            let mut xs = x.chunks_exact(16);
+            let mut os = out.chunks_exact_mut(16);
+            for (xc, oc) in (&mut xs).zip(&mut os) {
+                let (lo, hi) = (
+                    _mm256_loadu_ps(xc.as_ptr()),
+                    _mm256_loadu_ps(xc.as_ptr().add(8)),
+                );
+                // The second operand fills the low half.
+                let v: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
+                _mm256_storeu_si256(oc.as_mut_ptr() as *mut __m256i, v);
+            }
+            for (o, &v) in os.into_remainder().iter_mut().zip(xs.remainder()) {
+                *o = bf16::from_f32(v);
+            }
         }
     }
 
     /// 24 independent `vdpbf16ps` chains of `iters` steps on registers; returns a sum
     /// so the work is not optimized away.
-    /// SAFETY: avx512f/vl/bw/bf16.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/vl/bw/bf16.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
     pub(super) unsafe fn chains(iters: usize, seed: f32) -> f32 {
         let a: __m512bh = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(1e-3));
@@ -426,8 +422,10 @@ mod avx512 {
     /// `(r0[c], r1[c])` for the `r0.len()` columns (`r1` absent: 0), 16 at a time by
     /// zero-extending to dwords, and zeros up to the end of the last panel; the same
     /// columns `ahead` elements further on (the next pair of rows) are prefetched.
-    /// SAFETY: avx512f, avx512vl, avx512bw; `r1`, when present, as long as `r0`; `out` holds
-    /// `r0.len().div_ceil(NR)` panels of `panel ≥ (p + 1)·NR` dwords.
+    ///
+    /// # Safety
+    /// The CPU has avx512f, avx512vl, avx512bw; `r1`, when present, as long as `r0`;
+    /// `out` holds `r0.len().div_ceil(NR)` panels of `panel ≥ (p + 1)·NR` dwords.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
     pub(super) unsafe fn interleave_rows(
         r0: &[bf16],
@@ -437,45 +435,51 @@ mod avx512 {
         panel: usize,
         p: usize,
     ) {
-        let width = r0.len();
-        let o = out.as_mut_ptr();
-        let mut c = 0;
-        while c < width.div_ceil(NR) * NR {
-            if c % 32 == 0 && c < width {
-                // A hint only: an address past the weights is never dereferenced.
-                let n0 = (r0.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead);
-                _mm_prefetch::<_MM_HINT_T0>(n0);
-                if let Some(r1) = r1 {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        (r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead),
-                    );
+        // SAFETY: loads are masked to the columns of `r0` (and `r1`, as long) left from `c`; the
+        // store is row `p` of panel `c / NR`, inside `out` (the contract); prefetches are hints.
+        unsafe {
+            let width = r0.len();
+            let o = out.as_mut_ptr();
+            let mut c = 0;
+            while c < width.div_ceil(NR) * NR {
+                if c % 32 == 0 && c < width {
+                    // A hint only: an address past the weights is never dereferenced.
+                    let n0 = (r0.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(n0);
+                    if let Some(r1) = r1 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            (r1.as_ptr().add(c) as *const i8).wrapping_add(2 * ahead),
+                        );
+                    }
                 }
+                // NR is a multiple of 16: a chunk never straddles two panels.
+                let dst = o.add((c / NR) * panel + p * NR + c % NR) as *mut __m512i;
+                let count = width.saturating_sub(c).min(16);
+                let m = ((1u32 << count) - 1) as __mmask16;
+                let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                    m,
+                    r0.as_ptr().add(c) as *const i16,
+                ));
+                let v = match r1 {
+                    Some(r1) => {
+                        let b = _mm256_maskz_loadu_epi16(m, r1.as_ptr().add(c) as *const i16);
+                        _mm512_or_si512(a, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+                    }
+                    None => a,
+                };
+                _mm512_storeu_si512(dst, v);
+                c += 16;
             }
-            // NR is a multiple of 16: a chunk never straddles two panels.
-            let dst = o.add((c / NR) * panel + p * NR + c % NR) as *mut __m512i;
-            let count = width.saturating_sub(c).min(16);
-            let m = ((1u32 << count) - 1) as __mmask16;
-            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                m,
-                r0.as_ptr().add(c) as *const i16,
-            ));
-            let v = match r1 {
-                Some(r1) => {
-                    let b = _mm256_maskz_loadu_epi16(m, r1.as_ptr().add(c) as *const i16);
-                    _mm512_or_si512(a, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
-                }
-                None => a,
-            };
-            _mm512_storeu_si512(dst, v);
-            c += 16;
         }
     }
 
     /// The `MR × NR` micro-tile: `rows[r][c0 + c] += Σ_p a[p][r] · b[p][c]` pairwise for
-    /// `r < rows.len()` (≤ MR), `c < cols` (≤ NR). `a` is `[kpb][MR]` and `b` `[kpb][NR]`
-    /// packed dwords (bf16 pairs).
-    /// SAFETY: avx512f/vl/bw/bf16; `a.len() >= kpb·MR`, `b.len() >= kpb·NR`, every row
-    /// of `rows` holds at least `c0 + cols` elements, `rows.len() <= MR`, `cols <= NR`.
+    /// `r < rows.len()` (1 to MR; other counts do nothing), `c < cols` (≤ NR). `a` is
+    /// `[kpb][MR]` and `b` `[kpb][NR]` packed dwords (bf16 pairs).
+    ///
+    /// # Safety
+    /// The CPU has avx512f/vl/bw/bf16; `a.len() >= kpb·MR`, `b.len() >= kpb·NR`, every
+    /// row of `rows` holds at least `c0 + cols` elements, `cols <= NR`.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
     pub(super) unsafe fn micro(
         a: &[u32],
@@ -485,23 +489,31 @@ mod avx512 {
         c0: usize,
         cols: usize,
     ) {
-        if rows.is_empty() {
+        const { assert!(MR == 8) };
+        let Some(m) = Rows::new(rows.len()) else {
             return;
-        }
+        };
+        // Rows past `m` are never read (`tile::<M>` reads `c[..M]`).
         let cp: [*mut f32; MR] = std::array::from_fn(|r| {
-            rows.get_mut(r)
-                .map_or(std::ptr::null_mut(), |s| s.as_mut_ptr().add(c0))
+            rows.get_mut(r).map_or(std::ptr::null_mut(), |s| {
+                // SAFETY: `c0 + cols <= s.len()` (the contract): in bounds or one past.
+                unsafe { s.as_mut_ptr().add(c0) }
+            })
         });
         macro_rules! go {
             ($m:literal) => {
-                tile::<$m>(a.as_ptr(), b.as_ptr(), kpb, cp, cols)
+                // SAFETY: the features are enabled here; `cp[..$m]` are the rows, each
+                // valid for `cols` floats; `a` and `b` hold kpb·MR and kpb·NR dwords.
+                unsafe { tile::<$m>(a.as_ptr(), b.as_ptr(), kpb, cp, cols) }
             };
         }
-        crate::kernels::with_rows!(rows.len(), go);
+        crate::kernels::with_rows!(m, go);
     }
 
     /// The register tile of [`micro`] for a compile-time row count `M`.
-    /// SAFETY: as [`micro`]; `c[r]` valid for `cols` floats, `r < M`.
+    ///
+    /// # Safety
+    /// As [`micro`]; `c[r]` valid for `cols` floats, `r < M`.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn tile<const M: usize>(
@@ -511,33 +523,38 @@ mod avx512 {
         c: [*mut f32; MR],
         cols: usize,
     ) {
-        let mask = |q: usize| -> __mmask16 {
-            let n = cols.saturating_sub(16 * q).min(16);
-            ((1u32 << n) - 1) as __mmask16
-        };
-        let masks = [mask(0), mask(1), mask(2)];
-        let mut acc = [[_mm512_setzero_ps(); 3]; M];
-        for r in 0..M {
-            for q in 0..3 {
-                acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c[r].add(16 * q));
-            }
-        }
-        for p in 0..kpb {
-            let bp = b.add(p * NR);
-            let bv: [__m512bh; 3] = std::array::from_fn(|q| {
-                std::mem::transmute(_mm512_loadu_si512(bp.add(16 * q) as *const __m512i))
-            });
+        // SAFETY: inlined into `micro` (its features); reads of `a` and `b` stay below kpb·MR and
+        // kpb·NR dwords, rows `c[..M]` are valid for `cols` floats and the masks cover no
+        // more; `__m512bh` and `__m512i` are the same 512 bits.
+        unsafe {
+            let mask = |q: usize| -> __mmask16 {
+                let n = cols.saturating_sub(16 * q).min(16);
+                ((1u32 << n) - 1) as __mmask16
+            };
+            let masks = [mask(0), mask(1), mask(2)];
+            let mut acc = [[_mm512_setzero_ps(); 3]; M];
             for r in 0..M {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
                 for q in 0..3 {
-                    acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+                    acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c[r].add(16 * q));
                 }
             }
-        }
-        for r in 0..M {
-            for q in 0..3 {
-                _mm512_mask_storeu_ps(c[r].add(16 * q), masks[q], acc[r][q]);
+            for p in 0..kpb {
+                let bp = b.add(p * NR);
+                let bv: [__m512bh; 3] = std::array::from_fn(|q| {
+                    std::mem::transmute(_mm512_loadu_si512(bp.add(16 * q) as *const __m512i))
+                });
+                for r in 0..M {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + r) as i32));
+                    for q in 0..3 {
+                        acc[r][q] = _mm512_dpbf16_ps(acc[r][q], av, bv[q]);
+                    }
+                }
+            }
+            for r in 0..M {
+                for q in 0..3 {
+                    _mm512_mask_storeu_ps(c[r].add(16 * q), masks[q], acc[r][q]);
+                }
             }
         }
     }

@@ -3,24 +3,60 @@
 //! matrices (`quant`). Crate-internal; `quant` is visible (hidden from the docs) for the
 //! benches only.
 
-/// Runs `$go!(N)` with `N` the compile-time form of the row count `$n` (1..=8; larger
-/// counts run as 8, which the callers never pass): the SIMD kernels keep one accumulator
-/// per row in registers only when the count is a constant.
+/// A row count the SIMD micro-kernels take as a compile-time constant: 1 to 8, the
+/// accumulators of one row each staying in registers. Only [`Rows::new`] makes one, so a
+/// kernel given a `Rows` never sees a count outside that range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rows {
+    R1 = 1,
+    R2,
+    R3,
+    R4,
+    R5,
+    R6,
+    R7,
+    R8,
+}
+
+impl Rows {
+    /// `n` as a row count, `None` outside `1..=8`.
+    pub(crate) fn new(n: usize) -> Option<Rows> {
+        Some(match n {
+            1 => Rows::R1,
+            2 => Rows::R2,
+            3 => Rows::R3,
+            4 => Rows::R4,
+            5 => Rows::R5,
+            6 => Rows::R6,
+            7 => Rows::R7,
+            8 => Rows::R8,
+            _ => return None,
+        })
+    }
+}
+
+/// Runs `$go!(N)` with `N` the compile-time form of the [`Rows`] value `$n`: the SIMD
+/// kernels keep one accumulator per row in registers only when the count is a constant.
 macro_rules! with_rows {
     ($n:expr, $go:ident) => {
         match $n {
-            1 => $go!(1),
-            2 => $go!(2),
-            3 => $go!(3),
-            4 => $go!(4),
-            5 => $go!(5),
-            6 => $go!(6),
-            7 => $go!(7),
-            _ => $go!(8),
+            $crate::kernels::Rows::R1 => $go!(1),
+            $crate::kernels::Rows::R2 => $go!(2),
+            $crate::kernels::Rows::R3 => $go!(3),
+            $crate::kernels::Rows::R4 => $go!(4),
+            $crate::kernels::Rows::R5 => $go!(5),
+            $crate::kernels::Rows::R6 => $go!(6),
+            $crate::kernels::Rows::R7 => $go!(7),
+            $crate::kernels::Rows::R8 => $go!(8),
         }
     };
 }
 pub(crate) use with_rows;
+
+/// Whether a buffer of `len` elements holds `rows` rows of `width` (no overflow).
+pub(crate) fn holds(len: usize, rows: usize, width: usize) -> bool {
+    rows.checked_mul(width).is_some_and(|need| len >= need)
+}
 
 pub(crate) mod encode;
 pub(crate) mod gemm_bf16;

@@ -24,6 +24,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::simd::has_avx2;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::{holds, Rows};
 use crate::{Error, Result};
 
 /// The instruction set a block product runs on.
@@ -400,7 +402,7 @@ impl QMatrix {
                 self.cols
             )));
         }
-        let a = QActs::new(x, n, self.cols);
+        let a = QActs::new(x, n, self.cols, isa);
         let rows = self.rows;
         let mut y = vec![0f32; n * rows];
         let groups = rows.div_ceil(GROUP);
@@ -457,18 +459,21 @@ impl QMatrix {
     /// `out[k][r]` = weight row `8g + r` · activation row `i0 + k`, `k < out.len() ≤ 8`.
     fn group_tile(&self, g: usize, a: &QActs, i0: usize, out: &mut [[f32; GROUP]], isa: Isa) {
         #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar
-            && g < self.rows.div_ceil(GROUP)
-            && i0 + out.len() <= a.n
-            && out.len() <= 8
-        {
-            // SAFETY: the CPU has the features of `isa` (the callers pass only what
-            // `Isa::available` lists); group g and activation rows i0..i0 + out.len()
-            // are in range (checked above).
+        if let (true, Some(rows)) = (
+            isa != Isa::Scalar
+                && isa.supported()
+                && g < self.rows.div_ceil(GROUP)
+                && i0.checked_add(out.len()).is_some_and(|end| end <= a.n)
+                && a.fits(self.cols),
+            Rows::new(out.len()),
+        ) {
+            // SAFETY: the CPU has the features of `isa`; group g and activation rows
+            // i0..i0 + rows are in range, `a` holds all its rows and `out` holds `rows`
+            // outputs (all checked above).
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, out),
-                    _ => avx2::group_tile(self, g, a, i0, out),
+                    Isa::Avx512Vnni => avx2::group_tile_vnni(self, g, a, i0, rows, out),
+                    _ => avx2::group_tile(self, g, a, i0, rows, out),
                 }
             };
             return;
@@ -532,21 +537,38 @@ struct QActs {
 }
 
 impl QActs {
-    /// `x [n, cols]`, `cols % 32 == 0`. The AVX2 body computes exactly what
-    /// [`QActs::new_scalar`] does (same operations, same rounding).
-    fn new(x: &[f32], n: usize, cols: usize) -> Self {
+    /// `x [n, cols]`, `cols % 32 == 0`, on the body `isa` picks (the AVX2 quantizer for
+    /// both SIMD bodies; one this CPU lacks runs the scalar loop). Every body gives
+    /// [`QActs::new_scalar`]'s bits for every input: the same operations, the same
+    /// rounding, the same saturation.
+    fn new(x: &[f32], n: usize, cols: usize, isa: Isa) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
+        if isa != Isa::Scalar && isa.supported() {
             let mut a = QActs::empty(n, cols);
-            for (blk, q) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
-                // SAFETY: avx2/fma/f16c present (checked above); both blocks are 32 long.
+            for (blk, q) in x
+                .as_chunks::<QK>()
+                .0
+                .iter()
+                .zip(a.q.as_chunks_mut::<QK>().0)
+            {
+                // SAFETY: avx2/fma/f16c present (both SIMD bodies have them, checked above).
                 let (d, s) = unsafe { avx2::quantize_block(blk, q) };
                 a.d.push(d);
                 a.s.push(d * s as f32);
             }
             return a;
         }
+        let _ = isa;
         QActs::new_scalar(x, n, cols)
+    }
+
+    /// Whether the codes, scales and sums hold `n` rows of `cols` (what the kernels read).
+    #[cfg(target_arch = "x86_64")]
+    fn fits(&self, cols: usize) -> bool {
+        let nb = cols / QK;
+        holds(self.q.len(), self.n, cols)
+            && holds(self.d.len(), self.n, nb)
+            && holds(self.s.len(), self.n, nb)
     }
 
     fn empty(n: usize, cols: usize) -> Self {
@@ -559,7 +581,14 @@ impl QActs {
         }
     }
 
-    /// Scalar reference of [`QActs::new`].
+    /// Scalar reference of [`QActs::new`]: per block, `d = max|x| / 127` (NaNs ignored),
+    /// `q = x·(1/d)` rounded half away from zero, then Rust's `as i8` (saturating to
+    /// `-128..=127`, NaN to 0). Finite blocks of normal scale give `|q| ≤ 127`. Every
+    /// other input is defined too: NaN inputs give code 0; an infinite max gives
+    /// `d = ∞`, every code 0 and `d·Σq` NaN (so the block's products are NaN); a
+    /// subnormal `d` has too few bits for `x·(1/d)` to stay within ±127.5, or its
+    /// reciprocal overflows to ∞, and the codes saturate; a `d` that rounds to 0 gives
+    /// codes 0.
     fn new_scalar(x: &[f32], n: usize, cols: usize) -> Self {
         let mut a = QActs::empty(n, cols);
         for (blk, q) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
@@ -568,7 +597,8 @@ impl QActs {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
             for (q, &v) in q.iter_mut().zip(blk) {
-                // Round half away from zero (`roundf`) without a libm call: |v·id| ≤ 127.
+                // Round half away from zero (`roundf`) without a libm call, then the
+                // saturating cast.
                 let r = v * id;
                 *q = (r + 0.5f32.copysign(r)) as i8;
                 s += *q as i32;
@@ -583,94 +613,132 @@ impl QActs {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{QActs, QMatrix, QType, GROUP, QK};
+    use crate::kernels::Rows;
     use std::arch::x86_64::*;
 
-    /// Weight group `g` times activation rows `i0..i0 + out.len()`.
-    /// SAFETY: avx2, fma, f16c; group `g` exists; `i0 + out.len() <= a.n`;
-    /// `out.len() <= 8`.
+    /// Weight group `g` times activation rows `i0..i0 + rows`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; group `g` exists; `i0 + rows <= a.n`;
+    /// `out.len() >= rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_tile(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
-        dispatch::<false>(m, g, a, i0, out)
+        // SAFETY: the features are enabled here; the rest is this function's contract.
+        unsafe { dispatch::<false>(m, g, a, i0, rows, out) }
     }
 
     /// [`group_tile`] with `vpdpbusd` for the integer products.
-    /// SAFETY: as [`group_tile`], plus avx512vnni and avx512vl.
+    ///
+    /// # Safety
+    /// As [`group_tile`], and the CPU has avx512vnni and avx512vl.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn group_tile_vnni(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
-        dispatch::<true>(m, g, a, i0, out)
+        // SAFETY: the features are enabled here; the rest is this function's contract.
+        unsafe { dispatch::<true>(m, g, a, i0, rows, out) }
     }
 
-    /// SAFETY: as [`group_tile`]; `VNNI` only inside [`group_tile_vnni`].
+    /// # Safety
+    /// As [`group_tile`]; `VNNI` only inside [`group_tile_vnni`].
     #[inline(always)]
     unsafe fn dispatch<const VNNI: bool>(
         m: &QMatrix,
         g: usize,
         a: &QActs,
         i0: usize,
+        rows: Rows,
         out: &mut [[f32; GROUP]],
     ) {
         // Compile-time row counts keep the accumulators in registers.
         macro_rules! go {
             ($n:literal) => {
-                match m.ty {
-                    QType::Q4_1 => kernel::<true, VNNI, $n>(m, g, a, i0, out),
-                    QType::Q8_0 => kernel::<false, VNNI, $n>(m, g, a, i0, out),
+                // SAFETY: `$n` is `rows`: this function's contract is the kernel's.
+                unsafe {
+                    match m.ty {
+                        QType::Q4_1 => kernel::<true, VNNI, $n>(m, g, a, i0, out),
+                        QType::Q8_0 => kernel::<false, VNNI, $n>(m, g, a, i0, out),
+                    }
                 }
             };
         }
-        if !out.is_empty() {
-            crate::kernels::with_rows!(out.len(), go);
-        }
+        crate::kernels::with_rows!(rows, go);
     }
 
-    /// One activation block: `q = round_half_away(x / d)` with `d = max|x| / 127`, as
-    /// `QActs::new_scalar` computes it; returns `(d, Σ q)`.
-    /// SAFETY: avx2, fma, f16c; `x.len() >= 32`, `q.len() >= 32`.
+    /// One activation block: `q = round_half_away(x / d)` with `d = max|x| / 127`,
+    /// saturated to `-128..=127` and NaN to 0, as `QActs::new_scalar` computes it, bit
+    /// for bit for every input; returns `(d, Σ q)`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-        let p = x.as_ptr();
+    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
         let sign = _mm256_set1_ps(-0.0);
-        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+        // SAFETY: `x` holds 32 floats: four 8-lane loads at 0, 8, 16 and 24.
+        let v = [0, 8, 16, 24].map(|o| unsafe { _mm256_loadu_ps(x.as_ptr().add(o)) });
+        // `maxps` returns its second operand when either is NaN: with |x| first, a NaN
+        // leaves the running maximum alone, as `f32::max` does.
         let mut m = _mm256_setzero_ps();
         for x in v {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x));
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
         }
         let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
         let d = amax / 127.0;
         let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        let half = _mm256_set1_ps(0.5);
-        let i = v.map(|x| {
+        // No NaN and a normal, finite `d`: `|x·(1/d)| ≤ 127·(1 + 3·2^-24)`, so every
+        // code is within ±127 and the plain truncation is `as i8`. Otherwise (never in a
+        // model's activations) NaN goes to 0 and the rest is clamped to [-128, 127] first.
+        let nan = _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+        );
+        let plain = _mm256_movemask_ps(nan) == 0 && d.is_finite() && d >= f32::MIN_POSITIVE;
+        let (half, lo, hi) = (
+            _mm256_set1_ps(0.5),
+            _mm256_set1_ps(-128.0),
+            _mm256_set1_ps(127.0),
+        );
+        // r + copysign(0.5, r), then `as i8`: truncated toward zero.
+        let rounded = |x| {
             let r = _mm256_mul_ps(x, id);
-            // r + copysign(0.5, r), truncated toward zero.
-            let h = _mm256_or_ps(half, _mm256_and_ps(r, sign));
-            _mm256_cvttps_epi32(_mm256_add_ps(r, h))
-        });
+            _mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign)))
+        };
+        let i = if plain {
+            v.map(|x| _mm256_cvttps_epi32(rounded(x)))
+        } else {
+            v.map(|x| {
+                let t = rounded(x);
+                let t = _mm256_and_ps(t, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
+                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi))
+            })
+        };
         let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
         let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
         let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
-        // i32 → i16 → i8 (values fit: |q| ≤ 127); the packs interleave 128-bit lanes,
-        // the permutation restores element order.
+        // i32 → i16 → i8 (exact: every value is in -128..=127); the packs interleave
+        // 128-bit lanes, the permutation restores element order.
         let w = _mm256_packs_epi16(
             _mm256_packs_epi32(i[0], i[1]),
             _mm256_packs_epi32(i[2], i[3]),
         );
         let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+        // SAFETY: `q` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w) };
         (d, sum)
     }
 
@@ -680,14 +748,17 @@ mod avx2 {
     /// `acc + Σ` of the four `u8 × i8` products in each 32-bit lane.
     #[inline(always)]
     unsafe fn dot4<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(acc, w, x)
-        } else {
-            // u8 × i8 pairs summed to i16, then pairs of those to i32. No saturation:
-            // the unsigned side is ≤ 128 (Q4 codes ≤ 15, Q8_0 magnitudes ≤ 128) and the
-            // signed side ≤ 127 in magnitude, so a pair is at most 2·128·127 = 32512.
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-            _mm256_add_epi32(acc, p)
+        // SAFETY: the caller has avx2 (and avx512vnni/vl when `VNNI`); registers only.
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_epi32(acc, w, x)
+            } else {
+                // u8 × i8 pairs summed to i16, then pairs of those to i32. No saturation:
+                // the unsigned side is ≤ 128 (Q4 codes ≤ 15, Q8_0 magnitudes ≤ 128) and the
+                // signed side ≤ 127 in magnitude, so a pair is at most 2·128·127 = 32512.
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+                _mm256_add_epi32(acc, p)
+            }
         }
     }
 
@@ -696,9 +767,11 @@ mod avx2 {
     /// row); each is multiplied with the same 4 activation bytes broadcast to all lanes,
     /// so lane `r` sums row `r`'s block product. One FMA then applies the 8 scales
     /// `dw[r]·dx` (and one more the `Q4_1` minimums `m[r]·dx·Σqx`).
-    /// SAFETY: avx2, fma, f16c (and avx512vnni + avx512vl when `VNNI`); group `g` and
-    /// activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1 exactly when
-    /// `Q4`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c (and avx512vnni + avx512vl when `VNNI`); group
+    /// `g` and activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1
+    /// exactly when `Q4`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn kernel<const Q4: bool, const VNNI: bool, const N: usize>(
@@ -708,96 +781,101 @@ mod avx2 {
         i0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        let nb = m.cols / QK;
-        let cb = if Q4 { QK / 2 } else { QK };
-        let base = g * nb;
-        let wq = m.qs.as_ptr().add(base * GROUP * cb);
-        let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
-        let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
-        let xq = a.q.as_ptr().add(i0 * nb * QK);
-        let xd = a.d.as_ptr().add(i0 * nb);
-        let xs = a.s.as_ptr().add(i0 * nb);
-        let low = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); N];
-        for b in 0..nb {
-            let blk = wq.add(b * GROUP * cb);
-            // Prefetch ~2 KB ahead in the code stream (and the scales as far ahead):
-            // at 8 activation rows a block keeps the core busy long enough that the
-            // hardware prefetcher alone leaves it waiting on memory (measured: the 8-row
-            // product of cold Q4_1 weights ~10% faster). Hints only: an address past the
-            // matrix is never dereferenced.
-            let ahead = blk.wrapping_add(PREFETCH) as *const i8;
-            for line in 0..GROUP * cb / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
-            if b % 4 == 0 {
-                let blocks = PREFETCH / (GROUP * cb);
-                _mm_prefetch::<_MM_HINT_T0>(wd.wrapping_add(b + blocks) as *const i8);
+        // SAFETY: the caller has the features of `VNNI`; group `g` and activation rows `i0..i0 + N`
+        // exist and `out` holds N rows (the contract), so every code, scale and activation read
+        // below is inside `m` and `a`; prefetches are hints.
+        unsafe {
+            let nb = m.cols / QK;
+            let cb = if Q4 { QK / 2 } else { QK };
+            let base = g * nb;
+            let wq = m.qs.as_ptr().add(base * GROUP * cb);
+            let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
+            let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
+            let xq = a.q.as_ptr().add(i0 * nb * QK);
+            let xd = a.d.as_ptr().add(i0 * nb);
+            let xs = a.s.as_ptr().add(i0 * nb);
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let blk = wq.add(b * GROUP * cb);
+                // Prefetch ~2 KB ahead in the code stream (and the scales as far ahead):
+                // at 8 activation rows a block keeps the core busy long enough that the
+                // hardware prefetcher alone leaves it waiting on memory (measured: the 8-row
+                // product of cold Q4_1 weights ~10% faster). Hints only: an address past the
+                // matrix is never dereferenced.
+                let ahead = blk.wrapping_add(PREFETCH) as *const i8;
+                for line in 0..GROUP * cb / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                if b % 4 == 0 {
+                    let blocks = PREFETCH / (GROUP * cb);
+                    _mm_prefetch::<_MM_HINT_T0>(wd.wrapping_add(b + blocks) as *const i8);
+                    if Q4 {
+                        _mm_prefetch::<_MM_HINT_T0>(wm.wrapping_add(b + blocks) as *const i8);
+                    }
+                }
+                // Activation row k's 4-byte group c of this block, in every lane.
+                let xb = |k: usize, c: usize| {
+                    _mm256_set1_epi32(
+                        (xq.add((k * nb + b) * QK) as *const i32)
+                            .add(c)
+                            .read_unaligned(),
+                    )
+                };
+                // One integer accumulator per activation row, all N chains advanced together
+                // (vector-major): each weight vector is loaded once and its N products are
+                // independent, so `vpdpbusd`'s latency hides behind the other rows'.
+                let mut p = [_mm256_setzero_si256(); N];
                 if Q4 {
-                    _mm_prefetch::<_MM_HINT_T0>(wm.wrapping_add(b + blocks) as *const i8);
-                }
-            }
-            // Activation row k's 4-byte group c of this block, in every lane.
-            let xb = |k: usize, c: usize| {
-                _mm256_set1_epi32(
-                    (xq.add((k * nb + b) * QK) as *const i32)
-                        .add(c)
-                        .read_unaligned(),
-                )
-            };
-            // One integer accumulator per activation row, all N chains advanced together
-            // (vector-major): each weight vector is loaded once and its N products are
-            // independent, so `vpdpbusd`'s latency hides behind the other rows'.
-            let mut p = [_mm256_setzero_si256(); N];
-            if Q4 {
-                // Byte group c holds elements 4c.. (low nibbles) and 16 + 4c.. (high).
-                for c in 0..4 {
-                    let raw = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
-                    let lo = _mm256_and_si256(raw, low);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-                    for k in 0..N {
-                        p[k] = dot4::<VNNI>(p[k], lo, xb(k, c));
-                        p[k] = dot4::<VNNI>(p[k], hi, xb(k, c + 4));
-                    }
-                }
-            } else {
-                for c in 0..8 {
-                    // `q + 128` as stored: unsigned for vpdpbusd. AVX2's maddubs sums
-                    // pairs to i16, which `q + 128` (≤ 255) would saturate: there the
-                    // signed code's magnitude |q| meets x with q's sign instead.
-                    let u = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
-                    if VNNI {
+                    // Byte group c holds elements 4c.. (low nibbles) and 16 + 4c.. (high).
+                    for c in 0..4 {
+                        let raw = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                        let lo = _mm256_and_si256(raw, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
                         for k in 0..N {
-                            p[k] = dot4::<VNNI>(p[k], u, xb(k, c));
+                            p[k] = dot4::<VNNI>(p[k], lo, xb(k, c));
+                            p[k] = dot4::<VNNI>(p[k], hi, xb(k, c + 4));
                         }
-                    } else {
-                        let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
-                        let wu = _mm256_sign_epi8(w, w);
-                        for k in 0..N {
-                            p[k] = dot4::<VNNI>(p[k], wu, _mm256_sign_epi8(xb(k, c), w));
+                    }
+                } else {
+                    for c in 0..8 {
+                        // `q + 128` as stored: unsigned for vpdpbusd. AVX2's maddubs sums
+                        // pairs to i16, which `q + 128` (≤ 255) would saturate: there the
+                        // signed code's magnitude |q| meets x with q's sign instead.
+                        let u = _mm256_loadu_si256(blk.add(c * 32) as *const __m256i);
+                        if VNNI {
+                            for k in 0..N {
+                                p[k] = dot4::<VNNI>(p[k], u, xb(k, c));
+                            }
+                        } else {
+                            let w = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
+                            let wu = _mm256_sign_epi8(w, w);
+                            for k in 0..N {
+                                p[k] = dot4::<VNNI>(p[k], wu, _mm256_sign_epi8(xb(k, c), w));
+                            }
                         }
                     }
                 }
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b)));
+                // The per-block constant term's weight-side factor: Q4_1's minimum `m`, or
+                // −128·d for Q8_0's offset codes (`Σ (q + 128)·x = Σ q·x + 128·Σ x`).
+                let mw = if Q4 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b)))
+                } else {
+                    _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
+                };
+                for k in 0..N {
+                    let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[k]), s, acc[k]);
+                    if Q4 || VNNI {
+                        let sx = _mm256_set1_ps(*xs.add(k * nb + b));
+                        acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
+                    }
+                }
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b)));
-            // The per-block constant term's weight-side factor: Q4_1's minimum `m`, or
-            // −128·d for Q8_0's offset codes (`Σ (q + 128)·x = Σ q·x + 128·Σ x`).
-            let mw = if Q4 {
-                _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b)))
-            } else {
-                _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
-            };
             for k in 0..N {
-                let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[k]), s, acc[k]);
-                if Q4 || VNNI {
-                    let sx = _mm256_set1_ps(*xs.add(k * nb + b));
-                    acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
-                }
+                _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
             }
-        }
-        for k in 0..N {
-            _mm256_storeu_ps(out[k].as_mut_ptr(), acc[k]);
         }
     }
 }
@@ -865,7 +943,7 @@ mod tests {
             {
                 let x = data(n * cols, 5 + n as u32);
                 let y = qm.matmul_on(&x, n, isa).unwrap();
-                let a = QActs::new(&x, n, cols);
+                let a = QActs::new(&x, n, cols, isa);
                 for i in 0..n {
                     for r in 0..rows {
                         let got = y[i * rows + r];
@@ -923,25 +1001,129 @@ mod tests {
         }
     }
 
-    /// The AVX2 activation quantizer is bit-exact with the scalar one, ties included.
-    #[test]
-    fn activation_quantization_matches_scalar_exactly() {
-        let mut x = data(5 * 96, 13);
+    /// Blocks of every kind of input: uniform values with ties, zeros, NaNs, ±∞, f32's
+    /// extremes, blocks whose scale `d` is subnormal (its reciprocal finite and imprecise,
+    /// or overflowing to ∞) or rounds to 0, and random bit patterns (every exponent, NaN
+    /// payloads of both signs), seeded.
+    fn hostile_activations() -> Vec<f32> {
+        let mut blocks: Vec<[f32; QK]> = Vec::new();
         // Exact halves after scaling (max 127 → id = 1): ties round away from zero.
-        x[..32].copy_from_slice(&std::array::from_fn::<f32, 32, _>(|i| {
+        blocks.push(std::array::from_fn(|i| {
             if i == 0 {
                 127.0
             } else {
                 (i as f32 - 16.0) + 0.5
             }
         }));
-        x[32..64].fill(0.0);
-        let (a, b) = (QActs::new(&x, 5, 96), QActs::new_scalar(&x, 5, 96));
-        assert_eq!(a.q, b.q);
-        assert_eq!(a.d, b.d);
-        assert_eq!(a.s, b.s);
-        assert_eq!(b.q[1], -15, "-14.5 rounds away from zero");
-        assert_eq!(b.q[17], 2, "1.5 rounds away from zero");
+        blocks.push([0.0; QK]);
+        blocks.push(std::array::from_fn(|i| if i % 2 == 0 { -0.0 } else { 0.0 }));
+        let base = data(QK, 17);
+        let with = |specials: &[(usize, f32)], scale: f32| {
+            let mut b: [f32; QK] = std::array::from_fn(|i| base[i] * scale);
+            for &(i, v) in specials {
+                b[i] = v;
+            }
+            b
+        };
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        for scale in [1.0, 1e30, 1e-30] {
+            blocks.push(with(&[(0, nan)], scale));
+            blocks.push(with(&[(13, nan), (31, -nan)], scale));
+            blocks.push(with(&[(5, inf)], scale));
+            blocks.push(with(&[(7, -inf)], scale));
+            blocks.push(with(&[(1, inf), (2, -inf), (3, nan)], scale));
+            blocks.push(with(&[(9, f32::MAX), (10, f32::MIN)], scale));
+        }
+        blocks.push([nan; QK]);
+        blocks.push([inf; QK]);
+        blocks.push([f32::MAX; QK]);
+        blocks.push(with(&[(4, f32::MAX)], 3e38));
+        // Subnormal and tiny scales: max 1e-36 (d subnormal, 1/d finite), 1e-38 and
+        // 1e-40 (1/d overflows), the smallest subnormal (d rounds to 0), min positive.
+        for amax in [
+            1e-36f32,
+            1.5e-38,
+            1e-38,
+            1e-40,
+            f32::from_bits(1),
+            f32::MIN_POSITIVE,
+        ] {
+            let m = base.iter().fold(0f32, |a, v| a.max(v.abs()));
+            blocks.push(std::array::from_fn(|i| base[i] / m * amax));
+            blocks.push(with(&[(6, amax), (8, -amax), (11, nan)], amax));
+        }
+        let mut rng = crate::rng::Rng::new(0x5eed);
+        for _ in 0..512 {
+            blocks.push(std::array::from_fn(|_| {
+                f32::from_bits(rng.next_u64() as u32)
+            }));
+        }
+        // Random mantissas and signs at every exponent, a few specials sprinkled in.
+        for e in 0..=255u32 {
+            blocks.push(std::array::from_fn(|i| {
+                let r = rng.next_u64() as u32;
+                match r % 41 {
+                    0 => nan,
+                    1 => -inf,
+                    _ => f32::from_bits((r & 0x807f_ffff) | (e.min(254) << 23) | (i as u32 & 1)),
+                }
+            }));
+        }
+        blocks.concat()
+    }
+
+    /// The SIMD activation quantizer (the AVX2 body, which both SIMD bodies use) gives
+    /// the scalar loop's codes, scales and sums bit for bit on every body this CPU has,
+    /// for every kind of input: ties, NaN, ±∞, f32's extremes, subnormal scales.
+    #[test]
+    fn activation_quantization_matches_scalar_exactly() {
+        let x = hostile_activations();
+        let n = x.len() / 96;
+        let x = &x[..n * 96];
+        let want = QActs::new_scalar(x, n, 96);
+        assert_eq!(want.q[1], -15, "-14.5 rounds away from zero");
+        assert_eq!(want.q[17], 2, "1.5 rounds away from zero");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for isa in Isa::available() {
+            let got = QActs::new(x, n, 96, isa);
+            for (b, (g, w)) in got.q.chunks(QK).zip(want.q.chunks(QK)).enumerate() {
+                assert_eq!(g, w, "{isa:?} block {b}: {:?}", &x[b * QK..(b + 1) * QK]);
+            }
+            assert_eq!(bits(&got.d), bits(&want.d), "{isa:?}");
+            assert_eq!(bits(&got.s), bits(&want.s), "{isa:?}");
+        }
+    }
+
+    /// Products with such inputs agree across the bodies too: NaN exactly where the
+    /// scalar body has NaN, the rest within f32 summation order (rows whose finite values
+    /// stay below 1e30, so that no sum overflows in one order and not in another).
+    #[test]
+    fn matmul_of_hostile_activations_agrees_across_bodies() {
+        let cols = 96;
+        let x: Vec<f32> = hostile_activations()
+            .chunks_exact(cols)
+            .filter(|r| r.iter().all(|v| !v.is_finite() || v.abs() < 1e30))
+            .flatten()
+            .copied()
+            .collect();
+        let n = x.len() / cols;
+        assert!(n > 20, "{n} rows");
+        let x = &x[..];
+        for ty in [QType::Q4_1, QType::Q8_0] {
+            let qm = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 19)).unwrap();
+            let want = qm.matmul_on(x, n, Isa::Scalar).unwrap();
+            for isa in Isa::available() {
+                let got = qm.matmul_on(x, n, isa).unwrap();
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let ok = if w.is_finite() {
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs())
+                    } else {
+                        g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan())
+                    };
+                    assert!(ok, "{ty:?} {isa:?} output {k}: {g} vs {w}");
+                }
+            }
+        }
     }
 
     #[test]

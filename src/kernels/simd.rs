@@ -124,7 +124,7 @@ pub fn dot_rows_scalar<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
 /// in one call.
 pub fn dot_rows<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && x.len() >= d && m.len() >= out.len() * d {
+    if has_avx2() && x.len() >= d && super::holds(m.len(), out.len(), d) {
         // SAFETY: the CPU supports avx2, fma and f16c; x holds d and m holds
         // out.len()·d elements (checked above).
         return unsafe { avx2::dot_rows(x, m, d, out) };
@@ -148,7 +148,7 @@ pub fn axpy_rows_scalar<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
 /// registers across the rows). `m` is f32, f16 or bf16.
 pub fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && m.len() >= a.len() * y.len() {
+    if has_avx2() && super::holds(m.len(), a.len(), y.len()) {
         // SAFETY: the CPU supports avx2, fma and f16c; m holds a.len()·y.len() elements
         // (checked above).
         return unsafe { avx2::axpy_rows(y, a, m) };
@@ -234,36 +234,45 @@ pub(crate) mod avx2 {
 
     /// Load 8 elements starting at `p` as f32 lanes.
     ///
-    /// SAFETY: `p` must point to 8 readable `T`s; the CPU must support avx2 + f16c.
+    /// # Safety
+    /// `p` must point to 8 readable `T`s; the CPU must support avx2 + f16c.
     #[inline(always)]
     pub(crate) unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
-        if TypeId::of::<T>() == TypeId::of::<f32>() {
-            _mm256_loadu_ps(p as *const f32)
-        } else if TypeId::of::<T>() == TypeId::of::<f16>() {
-            // 8 halves → 8 floats (F16C).
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        } else if TypeId::of::<T>() == TypeId::of::<bf16>() {
-            // bf16 is the top half of an f32: widen u16 → u32 and shift left 16.
-            let h = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-        } else {
-            let mut tmp = [0f32; 8];
-            for (i, t) in tmp.iter_mut().enumerate() {
-                *t = (*p.add(i)).to_f32();
+        // SAFETY: `p` points to 8 readable `T`s and the caller has avx2/f16c (the contract); each
+        // branch reads them as the type `TypeId` says `T` is.
+        unsafe {
+            if TypeId::of::<T>() == TypeId::of::<f32>() {
+                _mm256_loadu_ps(p as *const f32)
+            } else if TypeId::of::<T>() == TypeId::of::<f16>() {
+                // 8 halves → 8 floats (F16C).
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+            } else if TypeId::of::<T>() == TypeId::of::<bf16>() {
+                // bf16 is the top half of an f32: widen u16 → u32 and shift left 16.
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            } else {
+                let mut tmp = [0f32; 8];
+                for (i, t) in tmp.iter_mut().enumerate() {
+                    *t = (*p.add(i)).to_f32();
+                }
+                _mm256_loadu_ps(tmp.as_ptr())
             }
-            _mm256_loadu_ps(tmp.as_ptr())
         }
     }
 
     /// Horizontal sum of 8 lanes.
     ///
-    /// SAFETY: the CPU must support avx2.
+    /// # Safety
+    /// The CPU must support avx2.
     #[inline(always)]
     pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
+        // SAFETY: the caller has avx2; registers only.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
     }
 
     /// `e^x` for 8 lanes (Cephes' `expf` scheme): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`,
@@ -271,285 +280,325 @@ pub(crate) mod avx2 {
     /// to the exponent bits. `x` is clamped to `[−87.3, 88.7]`, where `2^n` is a normal
     /// f32 (so `e^x` of smaller `x` is `~1e-38`, not 0: callers cut off below).
     ///
-    /// SAFETY: the CPU must support avx2 and fma.
+    /// # Safety
+    /// The CPU must support avx2 and fma.
     #[inline(always)]
     unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
-            _mm256_set1_ps(88.7),
-        );
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        // ln 2 in two parts: n·LN2_HI is exact in f32 for |n| ≤ 128.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        // SAFETY: the caller has avx2 and fma; registers only.
+        unsafe {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+                _mm256_set1_ps(88.7),
+            );
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            // ln 2 in two parts: n·LN2_HI is exact in f32 for |n| ≤ 128.
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let e = _mm256_fmadd_ps(
+                p,
+                _mm256_mul_ps(r, r),
+                _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+            );
+            let pow2n = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n))
         }
-        let e = _mm256_fmadd_ps(
-            p,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let pow2n = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(e, _mm256_castsi256_ps(pow2n))
     }
 
-    /// SAFETY: avx2, fma, f16c; `x.len() >= d`; `m.len() >= out.len()·d`.
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `x.len() >= d`; `m.len() >= out.len()·d`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows<T: Elem>(x: &[f32], m: &[T], d: usize, out: &mut [f32]) {
-        let d8 = d - d % 8;
-        // Rows of a multiple of 16 columns, four at a time: the same FMAs per row as the
-        // loop below, and the four horizontal sums done together (a 4×4 transpose) in the
-        // order `hsum` adds, so the result is bit-identical to one row at a time.
-        let mut j0 = 0;
-        if d.is_multiple_of(16) {
-            let zero = super::dot_scalar::<f32>(&[], &[]);
-            while j0 + 4 <= out.len() {
-                let r = m.as_ptr().add(j0 * d);
-                let mut a0 = [_mm256_setzero_ps(); 4];
-                let mut a1 = [_mm256_setzero_ps(); 4];
-                let mut i = 0;
-                while i < d {
-                    let (x0, x1) = (
-                        _mm256_loadu_ps(x.as_ptr().add(i)),
-                        _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    );
-                    for p in 0..4 {
-                        let rp = r.add(p * d + i);
-                        a0[p] = _mm256_fmadd_ps(x0, load8(rp), a0[p]);
-                        a1[p] = _mm256_fmadd_ps(x1, load8(rp.add(8)), a1[p]);
+        // SAFETY: row j < out.len() of `m` is `m[j·d..(j + 1)·d]`, inside `m`
+        // (`m.len() >= out.len()·d`), every read of it and of `x` is below column `d`
+        // (`x.len() >= d`), and every store into `out` below `out.len()`.
+        unsafe {
+            let d8 = d - d % 8;
+            // Rows of a multiple of 16 columns, four at a time: the same FMAs per row as the
+            // loop below, and the four horizontal sums done together (a 4×4 transpose) in the
+            // order `hsum` adds, so the result is bit-identical to one row at a time.
+            let mut j0 = 0;
+            if d.is_multiple_of(16) {
+                let zero = super::dot_scalar::<f32>(&[], &[]);
+                while j0 + 4 <= out.len() {
+                    let r = m.as_ptr().add(j0 * d);
+                    let mut a0 = [_mm256_setzero_ps(); 4];
+                    let mut a1 = [_mm256_setzero_ps(); 4];
+                    let mut i = 0;
+                    while i < d {
+                        let (x0, x1) = (
+                            _mm256_loadu_ps(x.as_ptr().add(i)),
+                            _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                        );
+                        for p in 0..4 {
+                            let rp = r.add(p * d + i);
+                            a0[p] = _mm256_fmadd_ps(x0, load8(rp), a0[p]);
+                            a1[p] = _mm256_fmadd_ps(x1, load8(rp.add(8)), a1[p]);
+                        }
+                        i += 16;
                     }
+                    // t[p] = low half + high half of a0[p] + a1[p] (hsum's first step).
+                    let t = [0, 1, 2, 3].map(|p| {
+                        let u = _mm256_add_ps(a0[p], a1[p]);
+                        _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1))
+                    });
+                    // Transpose: c[k] holds lane k of every t[p].
+                    let lo01 = _mm_unpacklo_ps(t[0], t[1]);
+                    let hi01 = _mm_unpackhi_ps(t[0], t[1]);
+                    let lo23 = _mm_unpacklo_ps(t[2], t[3]);
+                    let hi23 = _mm_unpackhi_ps(t[2], t[3]);
+                    let c0 = _mm_movelh_ps(lo01, lo23);
+                    let c1 = _mm_movehl_ps(lo23, lo01);
+                    let c2 = _mm_movelh_ps(hi01, hi23);
+                    let c3 = _mm_movehl_ps(hi23, hi01);
+                    // hsum: (t0 + t2) + (t1 + t3), then the (empty) scalar tail.
+                    let v = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
+                    let v = _mm_add_ps(v, _mm_set1_ps(zero));
+                    _mm_storeu_ps(out.as_mut_ptr().add(j0), v);
+                    j0 += 4;
+                }
+            }
+            for (j, o) in out.iter_mut().enumerate().skip(j0) {
+                let r = m.as_ptr().add(j * d);
+                // Two accumulators: two FMA chains in flight.
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut i = 0;
+                while i + 16 <= d8 {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
+                    a1 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                        load8(r.add(i + 8)),
+                        a1,
+                    );
                     i += 16;
                 }
-                // t[p] = low half + high half of a0[p] + a1[p] (hsum's first step).
-                let t = [0, 1, 2, 3].map(|p| {
-                    let u = _mm256_add_ps(a0[p], a1[p]);
-                    _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1))
-                });
-                // Transpose: c[k] holds lane k of every t[p].
-                let lo01 = _mm_unpacklo_ps(t[0], t[1]);
-                let hi01 = _mm_unpackhi_ps(t[0], t[1]);
-                let lo23 = _mm_unpacklo_ps(t[2], t[3]);
-                let hi23 = _mm_unpackhi_ps(t[2], t[3]);
-                let c0 = _mm_movelh_ps(lo01, lo23);
-                let c1 = _mm_movehl_ps(lo23, lo01);
-                let c2 = _mm_movelh_ps(hi01, hi23);
-                let c3 = _mm_movehl_ps(hi23, hi01);
-                // hsum: (t0 + t2) + (t1 + t3), then the (empty) scalar tail.
-                let v = _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3));
-                let v = _mm_add_ps(v, _mm_set1_ps(zero));
-                _mm_storeu_ps(out.as_mut_ptr().add(j0), v);
-                j0 += 4;
+                if i < d8 {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
+                }
+                let tail = std::slice::from_raw_parts(r.add(d8), d - d8);
+                *o = hsum(_mm256_add_ps(a0, a1)) + super::dot_scalar(&x[d8..d], tail);
             }
-        }
-        for (j, o) in out.iter_mut().enumerate().skip(j0) {
-            let r = m.as_ptr().add(j * d);
-            // Two accumulators: two FMA chains in flight.
-            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = 0;
-            while i + 16 <= d8 {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
-                a1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    load8(r.add(i + 8)),
-                    a1,
-                );
-                i += 16;
-            }
-            if i < d8 {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i)), load8(r.add(i)), a0);
-            }
-            let tail = std::slice::from_raw_parts(r.add(d8), d - d8);
-            *o = hsum(_mm256_add_ps(a0, a1)) + super::dot_scalar(&x[d8..d], tail);
         }
     }
 
-    /// SAFETY: avx2, fma, f16c; `m.len() >= a.len()·y.len()`.
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `m.len() >= a.len()·y.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy_rows<T: Elem>(y: &mut [f32], a: &[f32], m: &[T]) {
-        let d = y.len();
-        // Columns in chunks of 64: 8 accumulators stay in registers over all rows.
-        let mut c0 = 0;
-        while c0 + 64 <= d {
-            let yp = y.as_mut_ptr().add(c0);
-            let mut acc = [0, 8, 16, 24, 32, 40, 48, 56].map(|o| _mm256_loadu_ps(yp.add(o)));
-            for (j, &aj) in a.iter().enumerate() {
-                if aj == 0.0 {
-                    continue;
+        // SAFETY: chunks `c0..c0 + 64 <= d` of `y` and of rows j < a.len() of `m`,
+        // inside `m` (`m.len() >= a.len()·d`).
+        unsafe {
+            let d = y.len();
+            // Columns in chunks of 64: 8 accumulators stay in registers over all rows.
+            let mut c0 = 0;
+            while c0 + 64 <= d {
+                let yp = y.as_mut_ptr().add(c0);
+                let mut acc = [0, 8, 16, 24, 32, 40, 48, 56].map(|o| _mm256_loadu_ps(yp.add(o)));
+                for (j, &aj) in a.iter().enumerate() {
+                    if aj == 0.0 {
+                        continue;
+                    }
+                    let s = _mm256_set1_ps(aj);
+                    let r = m.as_ptr().add(j * d + c0);
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(s, load8(r.add(8 * k)), *acc);
+                    }
                 }
-                let s = _mm256_set1_ps(aj);
-                let r = m.as_ptr().add(j * d + c0);
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm256_fmadd_ps(s, load8(r.add(8 * k)), *acc);
+                for (k, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(yp.add(8 * k), *acc);
                 }
+                c0 += 64;
             }
-            for (k, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(yp.add(8 * k), *acc);
-            }
-            c0 += 64;
-        }
-        if c0 < d {
-            for (j, &aj) in a.iter().enumerate() {
-                for k in c0..d {
-                    y[k] += aj * m[j * d + k].to_f32();
+            if c0 < d {
+                for (j, &aj) in a.iter().enumerate() {
+                    for k in c0..d {
+                        y[k] += aj * m[j * d + k].to_f32();
+                    }
                 }
             }
         }
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn scale_max(s: &mut [f32], scale: f32) -> f32 {
-        let n = s.len();
-        let p = s.as_mut_ptr();
-        let sc = _mm256_set1_ps(scale);
-        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), sc);
-            _mm256_storeu_ps(p.add(i), v);
-            // maxps returns its second operand when either is NaN: a NaN product leaves
-            // the running maximum as it is, as `f32::max` does.
-            m = _mm256_max_ps(v, m);
-            i += 8;
+        // SAFETY: every access is below `n = s.len()`.
+        unsafe {
+            let n = s.len();
+            let p = s.as_mut_ptr();
+            let sc = _mm256_set1_ps(scale);
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i + 8 <= n {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), sc);
+                _mm256_storeu_ps(p.add(i), v);
+                // maxps returns its second operand when either is NaN: a NaN product leaves
+                // the running maximum as it is, as `f32::max` does.
+                m = _mm256_max_ps(v, m);
+                i += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            while i < n {
+                *p.add(i) *= scale;
+                max = max.max(*p.add(i));
+                i += 1;
+            }
+            max
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        while i < n {
-            *p.add(i) *= scale;
-            max = max.max(*p.add(i));
-            i += 1;
-        }
-        max
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn softmax_exp(s: &mut [f32], max: f32) -> f32 {
-        let n = s.len();
-        let p = s.as_mut_ptr();
-        let (m, cut) = (_mm256_set1_ps(max), _mm256_set1_ps(super::SOFTMAX_CUTOFF));
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m);
-            let keep = _mm256_cmp_ps(e, cut, _CMP_GT_OQ);
-            let v = _mm256_and_ps(exp8(e), keep);
-            _mm256_storeu_ps(p.add(i), v);
-            acc = _mm256_add_ps(acc, v);
-            i += 8;
+        // SAFETY: every access is below `n = s.len()`.
+        unsafe {
+            let n = s.len();
+            let p = s.as_mut_ptr();
+            let (m, cut) = (_mm256_set1_ps(max), _mm256_set1_ps(super::SOFTMAX_CUTOFF));
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let e = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m);
+                let keep = _mm256_cmp_ps(e, cut, _CMP_GT_OQ);
+                let v = _mm256_and_ps(exp8(e), keep);
+                _mm256_storeu_ps(p.add(i), v);
+                acc = _mm256_add_ps(acc, v);
+                i += 8;
+            }
+            hsum(acc) + super::softmax_exp_scalar(&mut s[i..], max)
         }
-        hsum(acc) + super::softmax_exp_scalar(&mut s[i..], max)
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
-        let n = g.len().min(u.len()).min(out.len());
-        let (gp, up, op) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
-        let one = _mm256_set1_ps(1.0);
-        let mut i = 0;
-        while i + 8 <= n {
-            let gv = _mm256_loadu_ps(gp.add(i));
-            // σ(g) = 1 / (1 + e^−g); e^−g saturates at e^88.7 for very negative g (σ → 0).
-            let den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-            let v = _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(up.add(i)));
-            _mm256_storeu_ps(op.add(i), v);
-            i += 8;
+        // SAFETY: every access is below `n`, the shortest length.
+        unsafe {
+            let n = g.len().min(u.len()).min(out.len());
+            let (gp, up, op) = (g.as_ptr(), u.as_ptr(), out.as_mut_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let mut i = 0;
+            while i + 8 <= n {
+                let gv = _mm256_loadu_ps(gp.add(i));
+                // σ(g) = 1 / (1 + e^−g); e^−g saturates at e^88.7 for very negative g (σ → 0).
+                let den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+                let v = _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(up.add(i)));
+                _mm256_storeu_ps(op.add(i), v);
+                i += 8;
+            }
+            super::silu_mul_scalar(&g[i..n], &u[i..n], &mut out[i..n]);
         }
-        super::silu_mul_scalar(&g[i..n], &u[i..n], &mut out[i..n]);
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot<T: Elem>(x: &[f32], w: &[T]) -> f32 {
-        let n = x.len().min(w.len());
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        // Four independent accumulators hide the FMA latency.
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = i + 8 * j;
-                *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), load8(wp.add(o)), *a);
+        // SAFETY: every access is below `n`, the shorter length.
+        unsafe {
+            let n = x.len().min(w.len());
+            let (xp, wp) = (x.as_ptr(), w.as_ptr());
+            // Four independent accumulators hide the FMA latency.
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * j;
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), load8(wp.add(o)), *a);
+                }
+                i += 32;
             }
-            i += 32;
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load8(wp.add(i)), acc[0]);
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            while i < n {
+                s += *xp.add(i) * (*wp.add(i)).to_f32();
+                i += 1;
+            }
+            s
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load8(wp.add(i)), acc[0]);
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ));
-        while i < n {
-            s += *xp.add(i) * (*wp.add(i)).to_f32();
-            i += 1;
-        }
-        s
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c, and `w[r].len() >= y.len()` for all r.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c, and `w[r].len() >= y.len()` for all r.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy4<T: Elem>(y: &mut [f32], a: [f32; 4], w: [&[T]; 4]) {
-        let n = y.len();
-        let yp = y.as_mut_ptr();
-        let wp = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
-        let av = [
-            _mm256_set1_ps(a[0]),
-            _mm256_set1_ps(a[1]),
-            _mm256_set1_ps(a[2]),
-            _mm256_set1_ps(a[3]),
-        ];
-        let mut i = 0;
-        while i + 8 <= n {
-            let mut v = _mm256_loadu_ps(yp.add(i));
-            v = _mm256_fmadd_ps(av[0], load8(wp[0].add(i)), v);
-            v = _mm256_fmadd_ps(av[1], load8(wp[1].add(i)), v);
-            v = _mm256_fmadd_ps(av[2], load8(wp[2].add(i)), v);
-            v = _mm256_fmadd_ps(av[3], load8(wp[3].add(i)), v);
-            _mm256_storeu_ps(yp.add(i), v);
-            i += 8;
-        }
-        while i < n {
-            *yp.add(i) += a[0] * (*wp[0].add(i)).to_f32()
-                + a[1] * (*wp[1].add(i)).to_f32()
-                + a[2] * (*wp[2].add(i)).to_f32()
-                + a[3] * (*wp[3].add(i)).to_f32();
-            i += 1;
+        // SAFETY: every access is below `n = y.len()`, and every row is at least
+        // that long (the contract).
+        unsafe {
+            let n = y.len();
+            let yp = y.as_mut_ptr();
+            let wp = [w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr()];
+            let av = [
+                _mm256_set1_ps(a[0]),
+                _mm256_set1_ps(a[1]),
+                _mm256_set1_ps(a[2]),
+                _mm256_set1_ps(a[3]),
+            ];
+            let mut i = 0;
+            while i + 8 <= n {
+                let mut v = _mm256_loadu_ps(yp.add(i));
+                v = _mm256_fmadd_ps(av[0], load8(wp[0].add(i)), v);
+                v = _mm256_fmadd_ps(av[1], load8(wp[1].add(i)), v);
+                v = _mm256_fmadd_ps(av[2], load8(wp[2].add(i)), v);
+                v = _mm256_fmadd_ps(av[3], load8(wp[3].add(i)), v);
+                _mm256_storeu_ps(yp.add(i), v);
+                i += 8;
+            }
+            while i < n {
+                *yp.add(i) += a[0] * (*wp[0].add(i)).to_f32()
+                    + a[1] * (*wp[1].add(i)).to_f32()
+                    + a[2] * (*wp[2].add(i)).to_f32()
+                    + a[3] * (*wp[3].add(i)).to_f32();
+                i += 1;
+            }
         }
     }
 
-    /// SAFETY: caller guarantees avx2, fma and f16c.
+    /// # Safety
+    /// The caller guarantees avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn axpy<T: Elem>(y: &mut [f32], a: f32, w: &[T]) {
-        let n = y.len().min(w.len());
-        let (yp, wp) = (y.as_mut_ptr(), w.as_ptr());
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(av, load8(wp.add(i)), _mm256_loadu_ps(yp.add(i)));
-            _mm256_storeu_ps(yp.add(i), v);
-            i += 8;
-        }
-        while i < n {
-            *yp.add(i) += a * (*wp.add(i)).to_f32();
-            i += 1;
+        // SAFETY: every access is below `n`, the shorter length.
+        unsafe {
+            let n = y.len().min(w.len());
+            let (yp, wp) = (y.as_mut_ptr(), w.as_ptr());
+            let av = _mm256_set1_ps(a);
+            let mut i = 0;
+            while i + 8 <= n {
+                let v = _mm256_fmadd_ps(av, load8(wp.add(i)), _mm256_loadu_ps(yp.add(i)));
+                _mm256_storeu_ps(yp.add(i), v);
+                i += 8;
+            }
+            while i < n {
+                *yp.add(i) += a * (*wp.add(i)).to_f32();
+                i += 1;
+            }
         }
     }
 }

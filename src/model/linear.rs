@@ -16,6 +16,8 @@ use crate::kernels::encode::View2;
 use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16};
 use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::{holds, Rows};
 use crate::Result;
 
 /// A weight matrix `[out, in]`: a dense candle tensor or GGUF-style blocks.
@@ -246,10 +248,13 @@ fn dot_tile_bf16(x: &[bf16], w: &[bf16], inp: usize, ys: &mut [f32]) {
     let rows = w.len() / inp.max(1);
     let n = ys.len() / rows.max(1);
     #[cfg(target_arch = "x86_64")]
-    if has_dpbf16() && (1..=8).contains(&n) && x.len() >= n * inp && ys.len() == rows * n {
+    if let (true, Some(nr)) = (
+        has_dpbf16() && holds(x.len(), n, inp) && Some(ys.len()) == rows.checked_mul(n),
+        Rows::new(n),
+    ) {
         // SAFETY: avx512f/vl/bw/bf16 checked; x holds n rows of inp, w `rows` rows of
         // inp, ys rows·n outputs (checked above).
-        unsafe { avx512bf16::tiles(x, w, inp, n, ys) };
+        unsafe { avx512bf16::tiles(x, w, inp, nr, ys) };
         return;
     }
     let xr: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
@@ -295,19 +300,20 @@ fn dot_tile<T: Elem>(x: &[f32], w: &[T], inp: usize, ys: &mut [f32], body: Body)
     let rows = w.len() / inp.max(1);
     let n = ys.len() / rows.max(1);
     #[cfg(target_arch = "x86_64")]
-    if (body == Body::Avx2 || body == Body::Avx512)
-        && Body::detect() != Body::Scalar
-        && (1..=8).contains(&n)
-        && x.len() >= n * inp
-        && ys.len() == rows * n
-    {
+    if let (true, Some(nr)) = (
+        (body == Body::Avx2 || body == Body::Avx512)
+            && Body::detect() != Body::Scalar
+            && holds(x.len(), n, inp)
+            && Some(ys.len()) == rows.checked_mul(n),
+        Rows::new(n),
+    ) {
         if body == Body::Avx512 && Body::detect() == Body::Avx512 {
             // SAFETY: avx2/fma/f16c/avx512f/avx512vl checked; x holds n rows of inp
             // floats, w `rows` rows of inp, ys rows·n outputs (checked above).
-            unsafe { avx2::tiles_avx512(x, w, inp, n, ys) };
+            unsafe { avx2::tiles_avx512(x, w, inp, nr, ys) };
         } else {
             // SAFETY: avx2/fma/f16c checked; sizes as above.
-            unsafe { avx2::tiles_avx2(x, w, inp, n, ys) };
+            unsafe { avx2::tiles_avx2(x, w, inp, nr, ys) };
         }
         return;
     }
@@ -323,45 +329,55 @@ fn dot_tile<T: Elem>(x: &[f32], w: &[T], inp: usize, ys: &mut [f32], body: Body)
 mod avx2 {
     use super::Elem;
     use crate::kernels::simd::avx2::{hsum, load8};
+    use crate::kernels::Rows;
     use std::arch::x86_64::*;
 
     use super::PREFETCH;
 
     /// [`tiles`] one weight row at a time.
-    /// SAFETY: avx2, fma, f16c; `1 <= n <= 8`; `x.len() >= n·inp`; `w` holds
-    /// `ys.len() / n` rows of `inp`.
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c; `x.len() >= n·inp`; `w` holds `ys.len() / n`
+    /// rows of `inp`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tiles_avx2<T: Elem>(
         x: &[f32],
         w: &[T],
         inp: usize,
-        n: usize,
+        n: Rows,
         ys: &mut [f32],
     ) {
-        tiles::<T, 1>(x, w, inp, n, ys)
+        // SAFETY: the features are enabled here; the sizes are this function's contract.
+        unsafe { tiles::<T, 1>(x, w, inp, n, ys) }
     }
 
     /// [`tiles`] two weight rows at a time (16 accumulators need AVX-512VL's registers).
-    /// SAFETY: as [`tiles_avx2`], plus avx512f and avx512vl.
+    ///
+    /// # Safety
+    /// As [`tiles_avx2`], and the CPU has avx512f and avx512vl.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
     pub(super) unsafe fn tiles_avx512<T: Elem>(
         x: &[f32],
         w: &[T],
         inp: usize,
-        n: usize,
+        n: Rows,
         ys: &mut [f32],
     ) {
-        tiles::<T, 2>(x, w, inp, n, ys)
+        // SAFETY: the features are enabled here; the sizes are this function's contract.
+        unsafe { tiles::<T, 2>(x, w, inp, n, ys) }
     }
 
     /// All weight rows, R at a time (the rest one at a time), times the n rows of `x`.
-    /// SAFETY: as [`tiles_avx2`], and the CPU runs what the caller was compiled for.
+    ///
+    /// # Safety
+    /// As [`tiles_avx2`]; inlined only into a function with those features (and
+    /// avx512f/vl when `R = 2`).
     #[inline(always)]
     unsafe fn tiles<T: Elem, const R: usize>(
         x: &[f32],
         w: &[T],
         inp: usize,
-        n: usize,
+        n: Rows,
         ys: &mut [f32],
     ) {
         // A compile-time row count keeps the accumulators in registers.
@@ -370,13 +386,18 @@ mod avx2 {
                 let rows = ys.len() / $n;
                 let (wp, yp) = (w.as_ptr(), ys.as_mut_ptr());
                 let mut o = 0;
-                while o + R <= rows {
-                    tile::<T, R, $n>(x, wp.add(o * inp), inp, yp.add(o * $n));
-                    o += R;
-                }
-                while o < rows {
-                    tile::<T, 1, $n>(x, wp.add(o * inp), inp, yp.add(o * $n));
-                    o += 1;
+                // SAFETY: `o + R <= rows` (then `o < rows`): weight rows `o..o + R` lie
+                // inside `w` (it holds `rows` of them) and outputs `o·N..(o + R)·N`
+                // inside `ys`; `x` holds N rows (the contract).
+                unsafe {
+                    while o + R <= rows {
+                        tile::<T, R, $n>(x, wp.add(o * inp), inp, yp.add(o * $n));
+                        o += R;
+                    }
+                    while o < rows {
+                        tile::<T, 1, $n>(x, wp.add(o * inp), inp, yp.add(o * $n));
+                        o += 1;
+                    }
                 }
             }};
         }
@@ -386,7 +407,9 @@ mod avx2 {
     /// R weight rows (at `w`, `inp` apart) × N rows of `x` into `ys[r·N + i]`: each
     /// 8-wide chunk of a weight row is loaded and widened once for the N rows, each chunk
     /// of `x` once for the R weight rows.
-    /// SAFETY: as [`tiles`], for the weight rows `w .. w + R·inp` and outputs
+    ///
+    /// # Safety
+    /// As [`tiles`], for the weight rows `w .. w + R·inp` and outputs
     /// `ys .. ys + R·N`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
@@ -396,35 +419,41 @@ mod avx2 {
         inp: usize,
         ys: *mut f32,
     ) {
-        let xp = x.as_ptr();
-        let line = 64 / std::mem::size_of::<T>();
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut k = 0;
-        while k + 8 <= inp {
-            if k % line == 0 {
-                // R cache lines per line of each row, one cursor through the adjacent
-                // rows; a hint only: an address past the matrix is never dereferenced.
-                let p = (w as *const i8).wrapping_add(R * k * std::mem::size_of::<T>() + PREFETCH);
-                for r in 0..R {
-                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * r));
+        // SAFETY: inlined into a function with avx2/fma/f16c; k + 8 <= inp (then
+        // j < inp) keeps every load inside weight row r < R and row i < N of `x`, and
+        // `ys .. ys + R·N` is ours (the contract); prefetches are hints.
+        unsafe {
+            let xp = x.as_ptr();
+            let line = 64 / std::mem::size_of::<T>();
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            let mut k = 0;
+            while k + 8 <= inp {
+                if k % line == 0 {
+                    // R cache lines per line of each row, one cursor through the adjacent
+                    // rows; a hint only: an address past the matrix is never dereferenced.
+                    let p =
+                        (w as *const i8).wrapping_add(R * k * std::mem::size_of::<T>() + PREFETCH);
+                    for r in 0..R {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * r));
+                    }
                 }
+                let wv: [__m256; R] = std::array::from_fn(|r| load8(w.add(r * inp + k)));
+                for i in 0..N {
+                    let xv = _mm256_loadu_ps(xp.add(i * inp + k));
+                    for r in 0..R {
+                        acc[r][i] = _mm256_fmadd_ps(xv, wv[r], acc[r][i]);
+                    }
+                }
+                k += 8;
             }
-            let wv: [__m256; R] = std::array::from_fn(|r| load8(w.add(r * inp + k)));
-            for i in 0..N {
-                let xv = _mm256_loadu_ps(xp.add(i * inp + k));
-                for r in 0..R {
-                    acc[r][i] = _mm256_fmadd_ps(xv, wv[r], acc[r][i]);
+            for r in 0..R {
+                for i in 0..N {
+                    let mut s = hsum(acc[r][i]);
+                    for j in k..inp {
+                        s += *xp.add(i * inp + j) * (*w.add(r * inp + j)).to_f32();
+                    }
+                    *ys.add(r * N + i) = s;
                 }
-            }
-            k += 8;
-        }
-        for r in 0..R {
-            for i in 0..N {
-                let mut s = hsum(acc[r][i]);
-                for j in k..inp {
-                    s += *xp.add(i * inp + j) * (*w.add(r * inp + j)).to_f32();
-                }
-                *ys.add(r * N + i) = s;
             }
         }
     }
@@ -433,6 +462,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16 {
     use crate::kernels::simd::avx2::hsum;
+    use crate::kernels::Rows;
     use half::bf16;
     use std::arch::x86_64::*;
 
@@ -441,14 +471,17 @@ mod avx512bf16 {
     /// All weight rows times the n rows of `x`: one row at a time with four accumulators
     /// ([`dot4`]) for a single row of `x`, else two weight rows at a time ([`tile`]; an
     /// odd last row alone).
-    /// SAFETY: avx512f/vl/bw/bf16 (and avx2 for the final sums); `1 <= n <= 8`;
-    /// `x.len() >= n·inp`; `w` holds `ys.len() / n` rows of `inp`.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/vl/bw/bf16 (and avx2 for the final sums); `x.len() >= n·inp`;
+    /// `w` holds `ys.len() / n` rows of `inp`.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16,avx2,fma")]
-    pub(super) unsafe fn tiles(x: &[bf16], w: &[bf16], inp: usize, n: usize, ys: &mut [f32]) {
+    pub(super) unsafe fn tiles(x: &[bf16], w: &[bf16], inp: usize, n: Rows, ys: &mut [f32]) {
         let (xp, wp, yp) = (x.as_ptr(), w.as_ptr(), ys.as_mut_ptr());
-        if n == 1 {
+        if n == Rows::R1 {
             for o in 0..ys.len() {
-                *yp.add(o) = dot4(xp, wp.add(o * inp), inp);
+                // SAFETY: `w` holds `ys.len()` rows of `inp`, `x` one (the contract).
+                unsafe { *yp.add(o) = dot4(xp, wp.add(o * inp), inp) };
             }
             return;
         }
@@ -456,12 +489,16 @@ mod avx512bf16 {
             ($n:literal) => {{
                 let rows = ys.len() / $n;
                 let mut o = 0;
-                while o + 2 <= rows {
-                    tile::<2, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
-                    o += 2;
-                }
-                if o < rows {
-                    tile::<1, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
+                // SAFETY: weight rows `o..o + 2` (then `o`) lie inside `w`, which holds
+                // `rows` of them, outputs `o·N..` inside `ys`; `x` holds N rows.
+                unsafe {
+                    while o + 2 <= rows {
+                        tile::<2, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
+                        o += 2;
+                    }
+                    if o < rows {
+                        tile::<1, $n>(xp, wp.add(o * inp), inp, yp.add(o * $n));
+                    }
                 }
             }};
         }
@@ -469,15 +506,21 @@ mod avx512bf16 {
     }
 
     /// 16 bf16 values from `p`: `count` of them (≤ 16) read, the rest zero.
-    /// SAFETY: avx512bw + avx512vl; `p .. p + count` readable.
+    ///
+    /// # Safety
+    /// The CPU has avx512bw and avx512vl; `p .. p + count` is readable.
     #[inline(always)]
     unsafe fn load16(p: *const bf16, count: usize) -> __m256bh {
-        let v = if count >= 16 {
-            _mm256_loadu_si256(p as *const __m256i)
-        } else {
-            _mm256_maskz_loadu_epi16(((1u32 << count) - 1) as __mmask16, p as *const i16)
-        };
-        std::mem::transmute::<__m256i, __m256bh>(v)
+        // SAFETY: the caller has avx512bw/vl; `p .. p + count` is readable and the
+        // masked load reads no more; `__m256bh` is the 256 bits of a `__m256i`.
+        unsafe {
+            let v = if count >= 16 {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_maskz_loadu_epi16(((1u32 << count) - 1) as __mmask16, p as *const i16)
+            };
+            std::mem::transmute::<__m256i, __m256bh>(v)
+        }
     }
 
     /// `x · w` for one row: four accumulators, each taking every fourth 16-wide chunk
@@ -485,27 +528,33 @@ mod avx512bf16 {
     /// `(a0 + a1) + (a2 + a3)` and the lane sum. A single weight stream, which the
     /// hardware prefetcher follows best, and enough independent chains to hide the
     /// `vdpbf16ps` latency.
-    /// SAFETY: as [`tiles`], for `x .. x + inp` and `w .. w + inp`.
+    ///
+    /// # Safety
+    /// As [`tiles`], for `x .. x + inp` and `w .. w + inp`.
     #[inline(always)]
     unsafe fn dot4(x: *const bf16, w: *const bf16, inp: usize) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut k = 0;
-        while k + 64 <= inp {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let o = k + 16 * j;
-                *a = _mm256_dpbf16_ps(*a, load16(w.add(o), 16), load16(x.add(o), 16));
+        // SAFETY: the caller has the features; every chunk read starts below `inp`
+        // and `load16` reads at most the `count` values left of both rows.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut k = 0;
+            while k + 64 <= inp {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let o = k + 16 * j;
+                    *a = _mm256_dpbf16_ps(*a, load16(w.add(o), 16), load16(x.add(o), 16));
+                }
+                k += 64;
             }
-            k += 64;
+            while k < inp {
+                let count = (inp - k).min(16);
+                acc[0] = _mm256_dpbf16_ps(acc[0], load16(w.add(k), count), load16(x.add(k), count));
+                k += 16;
+            }
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ))
         }
-        while k < inp {
-            let count = (inp - k).min(16);
-            acc[0] = _mm256_dpbf16_ps(acc[0], load16(w.add(k), count), load16(x.add(k), count));
-            k += 16;
-        }
-        hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ))
     }
 
     /// R weight rows (at `w`, `inp` apart) × N rows of `x` (at `x`, `inp` apart) into
@@ -514,7 +563,9 @@ mod avx512bf16 {
     /// prefetch runs one cursor through them at the rate they are consumed (per-row
     /// cursors, two interleaved streams, halved the streaming rate in a
     /// microbenchmark).
-    /// SAFETY: as [`tiles`], for the weight rows `w .. w + R·inp` and outputs
+    ///
+    /// # Safety
+    /// As [`tiles`], for the weight rows `w .. w + R·inp` and outputs
     /// `ys .. ys + R·N`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
@@ -524,30 +575,35 @@ mod avx512bf16 {
         inp: usize,
         ys: *mut f32,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); N]; R];
-        let mut k = 0;
-        while k < inp {
-            let count = (inp - k).min(16);
-            if k % 32 == 0 {
-                // R cache lines per 32 values of each row; a hint only: an address past
-                // the matrix is never dereferenced.
-                let p = (w as *const i8).wrapping_add(R * k * 2 + PREFETCH);
-                for r in 0..R {
-                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * r));
+        // SAFETY: the caller has the features; chunk reads stay below `inp` in weight
+        // rows r < R and rows i < N of `x`, outputs `ys .. ys + R·N` are ours;
+        // prefetches are hints.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); N]; R];
+            let mut k = 0;
+            while k < inp {
+                let count = (inp - k).min(16);
+                if k % 32 == 0 {
+                    // R cache lines per 32 values of each row; a hint only: an address past
+                    // the matrix is never dereferenced.
+                    let p = (w as *const i8).wrapping_add(R * k * 2 + PREFETCH);
+                    for r in 0..R {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * r));
+                    }
                 }
-            }
-            let wv: [__m256bh; R] = std::array::from_fn(|r| load16(w.add(r * inp + k), count));
-            for i in 0..N {
-                let xv = load16(x.add(i * inp + k), count);
-                for r in 0..R {
-                    acc[r][i] = _mm256_dpbf16_ps(acc[r][i], wv[r], xv);
+                let wv: [__m256bh; R] = std::array::from_fn(|r| load16(w.add(r * inp + k), count));
+                for i in 0..N {
+                    let xv = load16(x.add(i * inp + k), count);
+                    for r in 0..R {
+                        acc[r][i] = _mm256_dpbf16_ps(acc[r][i], wv[r], xv);
+                    }
                 }
+                k += 16;
             }
-            k += 16;
-        }
-        for r in 0..R {
-            for i in 0..N {
-                *ys.add(r * N + i) = hsum(acc[r][i]);
+            for r in 0..R {
+                for i in 0..N {
+                    *ys.add(r * N + i) = hsum(acc[r][i]);
+                }
             }
         }
     }
