@@ -101,7 +101,7 @@ fn run(a: Args) -> Result<()> {
     }
     let ids = Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?;
     let clean = m.forward(&ids, 0, &mut Hooks::new())?;
-    let edits = Edits::new(mode).zero(set.ids())?;
+    let edits = Edits::new(mode).zero(set.ids());
     let mut hooks = Hooks::new().with(hook, SaeSplice::new(&sae, &edits, Positions::All)?);
     let edited = m.forward(&ids, 0, &mut hooks)?;
     let (c0, c1) = (ce(&clean, &ids)?, ce(&edited, &ids)?);

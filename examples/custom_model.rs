@@ -20,7 +20,7 @@ use sae_ablate::model::layers::{
 };
 use sae_ablate::model::{Activation, HookedModel, RopeStyle};
 use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
-use sae_ablate::{Error, Result};
+use sae_ablate::{Error, FloatDtype, Result};
 
 const D: usize = 32;
 const HEADS: usize = 4;
@@ -80,7 +80,7 @@ impl TinyLm {
                 Linear::new(randn((D, HEADS * HEAD_DIM), 0.3, dev)?, None)?,
                 None,
                 rope.clone(),
-                KvCache::new(DType::F32, CTX)?,
+                KvCache::new(FloatDtype::F32, CTX),
             )?;
             let mlp = Mlp::new(
                 Linear::new(randn((2 * FF, D), 0.3, dev)?, None)?,
@@ -127,12 +127,7 @@ impl HookedModel for TinyLm {
             self.reset();
         }
         hooks.validate(self.n_layers())?;
-        let ctx = HookContext {
-            start_pos,
-            seq_len: t,
-            prompt_len: hooks.prompt_len(),
-            phase: Phase::Prefill,
-        };
+        let ctx = HookContext::new(start_pos, t, hooks.prompt_len(), Phase::Prefill);
         let ids = tokens.flatten_all()?;
         let x = self.tok.index_select(&ids, 0)?.reshape((b, t, D))?;
         let p = self.pos.narrow(0, start_pos, t)?;
@@ -233,7 +228,7 @@ pub fn main() -> Result<()> {
         .filter(|(_, v)| **v > 0.0)
         .map(|(i, _)| i as u32)
         .collect();
-    let ablate = Edits::new(SpliceMode::ErrorPreserving).zero(&active)?;
+    let ablate = Edits::new(SpliceMode::ErrorPreserving).zero(&active);
     let mut hooks = Hooks::new();
     hooks.add(
         HookPoint::ResidPost(0),

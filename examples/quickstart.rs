@@ -68,7 +68,7 @@ fn main() -> sae_ablate::Result<()> {
     let y = reference::apply(
         &sae,
         &x,
-        &Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?,
+        &Edits::new(SpliceMode::ErrorPreserving).zero(&ids),
     )?;
     let delta = (y - &x)?.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
     println!(

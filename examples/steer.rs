@@ -73,7 +73,7 @@ fn run(a: Args) -> Result<()> {
         if strength != 0.0 {
             hooks.add(hook, AddVector::new(&dir, strength, Positions::All)?);
         }
-        let g = generate(&mut m, &prompt, &params, &mut hooks, &mut |_| Ok(true))?;
+        let g = generate(&mut m, &prompt, &params, &mut hooks)?;
         println!(
             "--- {label} (latent {} × {strength} at {hook})\n{}\n",
             a.latent,

@@ -12,8 +12,9 @@ use rayon::prelude::*;
 
 use crate::edit::EditPlan;
 use crate::edit::{reference, Edits, SpliceMode};
+use crate::rng::Rng;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
-use crate::{Error, Result};
+use crate::{FloatDtype, Result};
 
 /// The operations `bench` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,32 +29,14 @@ pub enum Op {
     Steer,
 }
 
-impl Op {
-    /// The op's name on the command line and in JSON rows.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Op::Encode => "encode",
-            Op::Forward => "forward",
-            Op::Ablate26 => "ablate26",
-            Op::Steer => "steer",
-        }
-    }
-}
-
-impl std::str::FromStr for Op {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "encode" => Ok(Op::Encode),
-            "forward" => Ok(Op::Forward),
-            "ablate26" => Ok(Op::Ablate26),
-            "steer" => Ok(Op::Steer),
-            o => Err(Error::Invalid(format!(
-                "unknown op `{o}` (encode, forward, ablate26, steer)"
-            ))),
-        }
-    }
-}
+names!(
+    Op,
+    "bench op",
+    Encode => "encode",
+    Forward => "forward",
+    Ablate26 => "ablate26",
+    Steer => "steer",
+);
 
 /// Deterministic uniform values in `[-a, a]`, filled in parallel (fast enough for GBs).
 fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
@@ -61,14 +44,9 @@ fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
     v.par_chunks_mut(1 << 16)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let mut s = seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng::with_stream(seed, c as u64);
             for x in chunk.iter_mut() {
-                // xorshift64*
-                s ^= s >> 12;
-                s ^= s << 25;
-                s ^= s >> 27;
-                let r = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
-                *x = ((r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
+                *x = ((rng.uniform() * 2.0 - 1.0) as f32) * a;
             }
         });
     v
@@ -76,23 +54,18 @@ fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
 
 fn tensor(v: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     let dev = Device::Cpu;
-    Ok(match dtype {
-        DType::F32 => Tensor::from_vec(v, shape, &dev)?,
-        DType::F16 => Tensor::from_vec(
+    Ok(match FloatDtype::try_from(dtype)? {
+        FloatDtype::F32 => Tensor::from_vec(v, shape, &dev)?,
+        FloatDtype::F16 => Tensor::from_vec(
             v.par_iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
             shape,
             &dev,
         )?,
-        DType::BF16 => Tensor::from_vec(
+        FloatDtype::BF16 => Tensor::from_vec(
             v.par_iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
             shape,
             &dev,
         )?,
-        other => {
-            return Err(Error::Invalid(format!(
-                "bench: dtype {other:?} not supported"
-            )))
-        }
     })
 }
 
@@ -274,15 +247,7 @@ pub enum Path {
     Reference,
 }
 
-impl Path {
-    /// `fused` or `reference`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Path::Fused => "fused",
-            Path::Reference => "reference",
-        }
-    }
-}
+names!(Path, "bench path", Fused => "fused", Reference => "reference");
 
 /// The edits an op applies (ids chosen deterministically, spread over the dictionary).
 pub fn op_edits(op: Op, d_sae: usize) -> Result<Edits> {
@@ -296,9 +261,9 @@ pub fn op_edits(op: Op, d_sae: usize) -> Result<Edits> {
             let mut ids = ids;
             ids.sort_unstable();
             ids.dedup();
-            Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?
+            Edits::new(SpliceMode::ErrorPreserving).zero(&ids)
         }
-        Op::Steer => Edits::new(SpliceMode::ErrorPreserving).steer((d_sae / 3) as u32, 8.0)?,
+        Op::Steer => Edits::new(SpliceMode::ErrorPreserving).steer((d_sae / 3) as u32, 8.0),
     })
 }
 

@@ -10,7 +10,10 @@ use std::path::Path;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong when loading, editing or writing SAEs.
+///
+/// New variants may be added: a `match` needs a catch-all arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O error on a named file.
     #[error("{path}: {source}")]
@@ -67,9 +70,6 @@ pub enum Error {
         /// The architectures this crate runs.
         supported: String,
     },
-    /// An architecture string this crate does not know.
-    #[error("unknown SAE architecture `{0}` (known: standard, jumprelu, topk, gated)")]
-    UnknownArchitecture(String),
     /// A latent id is not below `d_sae`.
     #[error("latent id {id} out of range: the SAE has d_sae = {d_sae}")]
     LatentOutOfRange {
@@ -89,7 +89,71 @@ pub enum Error {
         /// The SAE's input width.
         d_in: usize,
     },
-    /// An argument that is not valid for the call.
+    /// A name given for a setting (a dtype, a weight format, positions, a splice mode, a
+    /// preset…) is not one this crate knows.
+    #[error("unknown {what} `{got}` (expected {expected})")]
+    UnknownName {
+        /// The setting, e.g. `dtype` or `--weights`.
+        what: String,
+        /// The name given.
+        got: String,
+        /// The names (or the form) accepted.
+        expected: String,
+    },
+    /// A token sequence does not fit in the model's context.
+    #[error("{what}: {tokens} tokens exceed the model's context length of {max} tokens")]
+    ContextLength {
+        /// The sequence, e.g. `prompt of 12 tokens + 64 new tokens`.
+        what: String,
+        /// Its length in tokens (cached positions included).
+        tokens: usize,
+        /// The model's context length.
+        max: usize,
+    },
+    /// A token id is not below the vocabulary size.
+    #[error("token id {id} out of range: the vocabulary has {vocab} tokens")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u64,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// An SAE's input width does not match the activation it is applied to.
+    #[error("{what}: the SAE has d_in = {d_in} but the activation has width {width}")]
+    WidthMismatch {
+        /// Where: the SAE file, the hook point or the call.
+        what: String,
+        /// The SAE's input width.
+        d_in: usize,
+        /// The activation's (the model's) width.
+        width: usize,
+    },
+    /// An input that must hold at least one item holds none.
+    #[error("{what} is empty")]
+    Empty {
+        /// The input, e.g. `the prompt` or `token batch of shape [0, 4]`.
+        what: String,
+    },
+    /// A file's (or extracted text's) SHA-256 is not the one expected.
+    #[error("{what}: sha256 {got}, expected {want}")]
+    Checksum {
+        /// The file or text at fault (and what to do about it).
+        what: String,
+        /// The hash found.
+        got: String,
+        /// The hash expected.
+        want: String,
+    },
+    /// A device or compute backend cannot be used on this machine or in this build.
+    #[error("{backend}: {why}")]
+    Unavailable {
+        /// The backend, e.g. `cuda`.
+        backend: String,
+        /// Why, and how to make it available.
+        why: String,
+    },
+    /// An argument that is not valid for the call (the rare cases without a variant of
+    /// their own).
     #[error("{0}")]
     Invalid(String),
     /// The format of a path could not be recognised.
@@ -147,6 +211,37 @@ impl Error {
     /// candle's backtrace is dropped so the message stays one line.
     pub fn format_candle(format: &'static str, e: candle_core::Error) -> Self {
         Error::format(format, Error::from(e).to_string())
+    }
+
+    /// An [`Error::UnknownName`]: `got` is not one of the names `expected` of `what`.
+    pub fn unknown_name(
+        what: impl Into<String>,
+        got: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::UnknownName {
+            what: what.into(),
+            got: got.into(),
+            expected: expected.into(),
+        }
+    }
+
+    /// Name the setting an [`Error::UnknownName`] is about (e.g. `model_dtype` for a
+    /// dtype read from a config file); any other error is returned unchanged.
+    pub fn for_setting(self, setting: impl Into<String>) -> Self {
+        match self {
+            Error::UnknownName { got, expected, .. } => Error::UnknownName {
+                what: setting.into(),
+                got,
+                expected,
+            },
+            e => e,
+        }
+    }
+
+    /// An [`Error::Empty`] naming `what`.
+    pub fn empty(what: impl Into<String>) -> Self {
+        Error::Empty { what: what.into() }
     }
 
     /// A format error.

@@ -36,6 +36,7 @@ use crate::{Error, Result, Sae};
 
 /// The numbers `sae-ablate eval --json` prints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct EvalReport {
     /// The hook point the SAE was evaluated at.
     pub hook: String,
@@ -61,8 +62,9 @@ pub struct EvalReport {
     pub ce_positions: u64,
 }
 
-/// Settings of [`evaluate`].
+/// Settings of [`evaluate`]: [`EvalConfig::default`], then set the fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EvalConfig {
     /// Contexts per forward pass.
     pub batch_size: usize,
@@ -92,7 +94,7 @@ fn ce_sum(logits: &Tensor, tokens: &Tensor) -> Result<(f64, u64)> {
     let (b, t, v) = logits.dims3()?;
     let lg = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
     let tg = tokens.narrow(1, 1, t - 1)?.reshape(b * (t - 1))?;
-    let lsm = candle_nn::ops::log_softmax(&lg.to_dtype(DType::F32)?, 1)?;
+    let lsm = crate::model::log_probs(&lg)?;
     let picked = lsm.gather(&tg.unsqueeze(1)?, 1)?;
     let s = picked.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok((-s, (b * (t - 1)) as u64))
@@ -116,14 +118,17 @@ pub fn evaluate(
     };
     hook.validate(model.n_layers())?;
     if model.d_model() != sae.d_in() {
-        return Err(Error::Invalid(format!(
-            "the model has d_model = {}, the SAE has d_in = {}",
-            model.d_model(),
-            sae.d_in()
-        )));
+        return Err(Error::WidthMismatch {
+            what: format!("evaluation at {hook}"),
+            d_in: sae.d_in(),
+            width: model.d_model(),
+        });
+    }
+    if contexts.is_empty() {
+        return Err(Error::empty("the list of evaluation contexts"));
     }
     let t = contexts.first().map_or(0, |c| c.len());
-    if contexts.is_empty() || t < cfg.prefix_len + 2 || contexts.iter().any(|c| c.len() != t) {
+    if t < cfg.prefix_len + 2 || contexts.iter().any(|c| c.len() != t) {
         return Err(Error::Invalid(format!(
             "evaluation needs at least one context, all of one length ≥ {} tokens",
             cfg.prefix_len + 2

@@ -19,7 +19,7 @@
 //!
 //! # Output
 //! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`
-//! activation shards (below; f16 by default, or f32). Every file is written to a temporary
+//! activation shards (below; f16 by default, or f32 or bf16). Every file is written to a temporary
 //! name and renamed.
 //!
 //! # Activation shards
@@ -53,7 +53,7 @@ use crate::io::sha256::{self, Sha256};
 use crate::io::write_atomic;
 use crate::model::{HookedModel, Tokenizer};
 use crate::progress::Reporter;
-use crate::{Error, Result};
+use crate::{Error, FloatDtype, Result};
 
 /// The tensor every activation shard holds (see "Activation shards" in the module docs).
 pub const ACTIVATIONS_TENSOR: &str = "activations";
@@ -68,8 +68,8 @@ pub fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no *.safetensors activation shards",
+        return Err(Error::empty(format!(
+            "{}: the folder's list of *.safetensors activation shards",
             dir.display()
         )));
     }
@@ -97,8 +97,8 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no .txt files in the corpus folder (run scripts/fetch-assets.sh for the Austen default)",
+        return Err(Error::empty(format!(
+            "{}: the corpus folder's list of .txt files (run scripts/fetch-assets.sh for the Austen default)",
             path.display()
         )));
     }
@@ -174,8 +174,9 @@ impl Contexts {
     }
 }
 
-/// What to harvest and where.
+/// What to harvest and where: [`HarvestConfig::default`], then set the fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HarvestConfig {
     /// Hook points to capture (TransformerLens names).
     pub hooks: Vec<String>,
@@ -187,8 +188,8 @@ pub struct HarvestConfig {
     pub max_tokens: Option<u64>,
     /// Contexts at the end of the corpus reserved for evaluation.
     pub holdout_contexts: usize,
-    /// `f16` or `f32`.
-    pub dtype: String,
+    /// The shards' dtype.
+    pub dtype: FloatDtype,
     /// Rows per shard.
     pub shard_rows: usize,
     /// Where progress goes (nothing by default); not part of the cached settings.
@@ -206,7 +207,7 @@ impl Default for HarvestConfig {
             batch_size: 8,
             max_tokens: None,
             holdout_contexts: 64,
-            dtype: "f16".into(),
+            dtype: FloatDtype::F16,
             shard_rows: 65536,
             progress: Reporter::none(),
         }
@@ -215,6 +216,7 @@ impl Default for HarvestConfig {
 
 /// The shards of one hook point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ShardEntry {
     /// File name inside the hook's folder.
     pub name: String,
@@ -226,6 +228,7 @@ pub struct ShardEntry {
 
 /// One hook point's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HookEntry {
     /// The hook point's name.
     pub hook: String,
@@ -241,6 +244,7 @@ pub struct HookEntry {
 
 /// `manifest.json`: the settings of a harvest and what it wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Manifest {
     /// The model file or directory as given.
     pub model: String,
@@ -297,14 +301,15 @@ impl Manifest {
                 }
                 let got = sha256::file_hex(&p)?;
                 if got != s.sha256 {
-                    return Err(Error::Invalid(format!(
-                        "cached shard {} is corrupted: sha256 {got} does not match {} in {}; \
-                         delete {} to harvest again",
-                        p.display(),
-                        s.sha256,
-                        MANIFEST,
-                        dir.display()
-                    )));
+                    return Err(Error::Checksum {
+                        what: format!(
+                            "cached shard {} is corrupted (delete {} to harvest again)",
+                            p.display(),
+                            dir.display()
+                        ),
+                        got,
+                        want: format!("{} in {MANIFEST}", s.sha256),
+                    });
                 }
             }
         }
@@ -314,6 +319,7 @@ impl Manifest {
 
 /// What [`ActivationStore::harvest`] did.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HarvestReport {
     /// The manifest (read from the cache or just written).
     pub manifest: Manifest,
@@ -336,41 +342,12 @@ pub struct ActivationStore {
     dir: PathBuf,
 }
 
-/// SHA-256 identifying a model path: the file's hash, or for a directory the hash of its
-/// files' names and hashes.
-pub(crate) fn model_sha256(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return sha256::file_hex(path);
-    }
-    let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for e in rd {
-        let p = e.map_err(|e| Error::io(path, e))?.path();
-        if p.is_file() {
-            files.push(p);
-        }
-    }
-    files.sort();
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(
-            f.file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .as_bytes(),
-        );
-        h.update(sha256::file_hex(&f)?.as_bytes());
-    }
-    Ok(h.finalize_hex())
-}
-
-fn out_dtype(s: &str) -> Result<(DType, safetensors::Dtype)> {
-    match s {
-        "f16" => Ok((DType::F16, safetensors::Dtype::F16)),
-        "f32" => Ok((DType::F32, safetensors::Dtype::F32)),
-        _ => Err(Error::Invalid(format!(
-            "harvest dtype `{s}`: expected f16 or f32"
-        ))),
+/// The safetensors dtype of shards of `d`.
+fn st_dtype(d: FloatDtype) -> safetensors::Dtype {
+    match d {
+        FloatDtype::F32 => safetensors::Dtype::F32,
+        FloatDtype::F16 => safetensors::Dtype::F16,
+        FloatDtype::BF16 => safetensors::Dtype::BF16,
     }
 }
 
@@ -439,14 +416,14 @@ impl ActivationStore {
                 "harvest needs at least one hook, batch size ≥ 1 and shard rows ≥ 1".into(),
             ));
         }
-        let (dt, st_dt) = out_dtype(&cfg.dtype)?;
+        let (dt, st_dt) = (DType::from(cfg.dtype), st_dtype(cfg.dtype));
         let points: Vec<HookPoint> = cfg.hooks.iter().map(|h| h.parse()).collect::<Result<_>>()?;
         for p in &points {
             p.validate(model.n_layers())?;
         }
         let files = corpus_files(corpus)?;
         let ctx = Contexts::build(tok, &files, cfg.context_len)?;
-        let model_sha = model_sha256(model_path)?;
+        let model_sha = crate::model::model_sha256(model_path)?;
         if let Some(m) = self.manifest()? {
             if m.config == *cfg
                 && m.model_sha256 == model_sha
@@ -562,14 +539,20 @@ impl ActivationStore {
                     else {
                         continue;
                     };
-                    match dt {
-                        DType::F16 => buf.extend(
+                    match cfg.dtype {
+                        FloatDtype::F16 => buf.extend(
                             a.flatten_all()?
                                 .to_vec1::<half::f16>()?
                                 .iter()
                                 .flat_map(|v| v.to_le_bytes()),
                         ),
-                        _ => buf.extend(
+                        FloatDtype::BF16 => buf.extend(
+                            a.flatten_all()?
+                                .to_vec1::<half::bf16>()?
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes()),
+                        ),
+                        FloatDtype::F32 => buf.extend(
                             a.flatten_all()?
                                 .to_vec1::<f32>()?
                                 .iter()
@@ -650,7 +633,7 @@ fn harvested_contexts<'a>(ctx: &'a Contexts, cfg: &HarvestConfig) -> Result<(&'a
     };
     let train = train.get(..n_ctx).unwrap_or(train);
     if train.is_empty() {
-        return Err(Error::Invalid("nothing to harvest: zero contexts".into()));
+        return Err(Error::empty("the harvest's training split (zero contexts)"));
     }
     Ok((train, per_ctx))
 }

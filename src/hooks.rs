@@ -133,12 +133,14 @@ impl std::str::FromStr for HookPoint {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let bad = || {
-            Error::Invalid(format!(
-                "unknown hook point `{s}` (expected hook_embed, blocks.{{i}}.hook_resid_pre, \
-                 blocks.{{i}}.attn.hook_z, blocks.{{i}}.hook_attn_out, blocks.{{i}}.hook_resid_mid, \
-                 blocks.{{i}}.hook_mlp_in, blocks.{{i}}.ln2.hook_normalized, blocks.{{i}}.hook_mlp_out, \
-                 blocks.{{i}}.hook_resid_post or ln_final.hook_normalized)"
-            ))
+            Error::unknown_name(
+                "hook point",
+                s,
+                "hook_embed, blocks.{i}.hook_resid_pre, blocks.{i}.attn.hook_z, \
+                 blocks.{i}.hook_attn_out, blocks.{i}.hook_resid_mid, blocks.{i}.hook_mlp_in, \
+                 blocks.{i}.ln2.hook_normalized, blocks.{i}.hook_mlp_out, \
+                 blocks.{i}.hook_resid_post or ln_final.hook_normalized",
+            )
         };
         match s {
             "hook_embed" => return Ok(HookPoint::Embed),
@@ -167,6 +169,7 @@ impl std::str::FromStr for HookPoint {
 
 /// Whether a forward call processes prompt tokens or one generation step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// The prompt (or a plain forward pass).
     Prefill,
@@ -174,8 +177,10 @@ pub enum Phase {
     Decode,
 }
 
-/// What a hook knows about the tokens it sees.
+/// What a hook knows about the tokens it sees. Models build it with [`HookContext::new`]
+/// (and [`HookContext::with_left_pad`] for left-padded batches).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct HookContext {
     /// Absolute position of the first token of `act` along its sequence axis.
     pub start_pos: usize,
@@ -186,9 +191,32 @@ pub struct HookContext {
     pub prompt_len: Option<usize>,
     /// Prefill or decode step.
     pub phase: Phase,
+    /// In a left-padded batch ([`generate_batch`](crate::model::generate_batch)), the
+    /// number of padding positions before each row's first token (row `b`'s text starts
+    /// at absolute position `left_pad[b]`); `None` when no row is padded.
+    pub left_pad: Option<Vec<usize>>,
 }
 
 impl HookContext {
+    /// The context of a forward call over `seq_len` positions starting at `start_pos`,
+    /// with no left padding.
+    pub fn new(start_pos: usize, seq_len: usize, prompt_len: Option<usize>, phase: Phase) -> Self {
+        HookContext {
+            start_pos,
+            seq_len,
+            prompt_len,
+            phase,
+            left_pad: None,
+        }
+    }
+
+    /// The same context for a batch whose row `b` starts with `left_pad[b]` padding
+    /// positions (an all-zero list is stored as `None`).
+    pub fn with_left_pad(mut self, left_pad: &[usize]) -> Self {
+        self.left_pad = left_pad.iter().any(|&p| p > 0).then(|| left_pad.to_vec());
+        self
+    }
+
     /// The absolute positions covered by the activation.
     pub fn positions(&self) -> Range<usize> {
         self.start_pos..self.start_pos + self.seq_len
@@ -455,11 +483,12 @@ impl Hook for SaeSplice {
     ) -> Result<Option<Tensor>> {
         let d = act.dim(candle_core::D::Minus1)?;
         if d != self.d_in() {
-            return Err(Error::Invalid(format!(
-                "SAE splice at {point}: the activation has d_model = {d}, the SAE has d_in = {}",
-                self.d_in()
-            )));
+            return Err(Error::WidthMismatch {
+                what: format!("SAE splice at {point}"),
+                d_in: self.d_in(),
+                width: d,
+            });
         }
-        self.apply(act, ctx.start_pos, ctx.prompt_len)
+        self.apply(act, ctx.start_pos, ctx.prompt_len, ctx.left_pad.as_deref())
     }
 }

@@ -11,6 +11,8 @@
 //! * [`io`]: memory-mapped safetensors, `.npy`/`.npz`, PyTorch pickles, atomic writes.
 //! * [`train`]: training TopK and L1 SAEs on activations (candle autograd), metrics.
 //! * [`harvest`]: activations of a model over a corpus, streamed to cached safetensors shards.
+//! * [`rng`]: the one seeded random number generator (sampling, training, bootstraps).
+//! * [`FloatDtype`]: the f32/f16/bf16 dtype names every option and flag parses.
 //! * [`eval`]: FVU, L0, dead latents, CE loss recovered on held-out text.
 //! * `ndarray` (feature `ndarray`): encode, decode and splice `ndarray` views
 //!   (f32, f16, bf16) into `Array2<f32>`.
@@ -23,16 +25,20 @@
 //! let sae = Sae::load("path/to/release", &Device::Cpu)?;
 //! let x = Tensor::randn(0f32, 1.0, (4, sae.d_in()), &Device::Cpu)?;
 //! let latents = LatentSet::new(&[3, 7, 12], sae.d_sae())?;
-//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(latents.ids())?;
+//! let edits = Edits::new(SpliceMode::ErrorPreserving).zero(latents.ids());
 //! let y = reference::apply(&sae, &x, &edits)?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
+#[macro_use]
+mod names;
+
 #[doc(hidden)]
 pub mod bench;
 #[cfg(feature = "corpus")]
 pub mod corpus;
+mod dtype;
 pub mod edit;
 mod error;
 #[cfg(feature = "esr")]
@@ -49,9 +55,12 @@ pub mod ndarray;
 #[cfg(feature = "plot")]
 mod plot;
 pub mod progress;
+pub mod rng;
 pub mod sae;
+mod topk;
 pub mod train;
 
+pub use dtype::FloatDtype;
 pub use error::{Error, Result};
 
 /// The README's Rust examples, compiled as doctests.

@@ -42,7 +42,7 @@
 //! let x = array![[3f32, 1.], [-1., 2.]];
 //! let f = sae_ablate::ndarray::encode(&sae, x.view())?;
 //! assert_eq!(f, array![[3f32, 1.], [0., 2.]]);
-//! let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0])?)?;
+//! let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0]))?;
 //! let y = sae_ablate::ndarray::apply_plan(&plan, x.view())?;
 //! assert_eq!(y, array![[0f32, 1.], [-1., 2.]]);
 //! # Ok(()) }
@@ -221,7 +221,7 @@ pub fn decode<T: Element>(sae: &Sae, f: ArrayView2<'_, T>) -> Result<Array2<f32>
 /// # let z = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
 /// # let sae = Sae::new(SaeConfig::new(Architecture::Standard, 2, 2),
 /// #     SaeWeights::new(eye.clone(), z.clone(), eye, z))?;
-/// let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&[1])?;
+/// let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&[1]);
 /// let y = sae_ablate::ndarray::apply_reference(&sae, array![[3f32, 1.]].view(), &edits)?;
 /// assert_eq!(y, array![[3f32, 0.]]);
 /// # Ok(()) }
@@ -253,7 +253,7 @@ pub fn apply_reference<T: Element>(
 /// # let z = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
 /// # let sae = Sae::new(SaeConfig::new(Architecture::Standard, 2, 2),
 /// #     SaeWeights::new(eye.clone(), z.clone(), eye, z))?;
-/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).steer(0, 0.5)?)?;
+/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).steer(0, 0.5))?;
 /// let x = array![[1f32, 2.], [3., 4.]];
 /// let y = sae_ablate::ndarray::apply_plan(&plan, x.view())?;
 /// assert_eq!(y, array![[1.5f32, 2.], [3.5, 4.]]);

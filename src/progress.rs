@@ -16,7 +16,8 @@
 //!         log.lock().unwrap().push(format!("{step}: {done}/{total}"));
 //!     }
 //! });
-//! let cfg = sae_ablate::harvest::HarvestConfig { progress: reporter, ..Default::default() };
+//! let mut cfg = sae_ablate::harvest::HarvestConfig::default();
+//! cfg.progress = reporter;
 //! # let _ = (cfg, seen);
 //! ```
 

@@ -59,7 +59,7 @@ fn edits(mode: SpliceMode, d_sae: usize, n_s: usize, steer: bool) -> Edits {
         e = e.with(id, edit).unwrap_or_else(|_| Edits::new(mode));
     }
     if steer {
-        e = e.steer((d_sae / 2) as u32, 2.0).unwrap();
+        e = e.steer((d_sae / 2) as u32, 2.0);
     }
     e
 }
@@ -283,7 +283,7 @@ fn dense_encode_matches_the_cpu_plan() {
 fn same_validation_as_the_cpu_plan_and_half_inputs() {
     let dev = gpu();
     let sae = random(Architecture::JumpRelu, 48, 64, DType::F32, 31);
-    let bad = Edits::new(SpliceMode::ErrorPreserving).zero(&[64]).unwrap();
+    let bad = Edits::new(SpliceMode::ErrorPreserving).zero(&[64]);
     let cpu_err = EditPlan::new(&sae, &bad).err().map(|e| e.to_string());
     let gpu_err = CudaEditPlan::new(&dev, &sae, &bad)
         .err()

@@ -4,7 +4,7 @@
 mod small;
 
 use candle_core::{DType, Device, Tensor};
-use sae_ablate::edit::{reference, Edits, LatentEdit, LatentSet, SpliceMode};
+use sae_ablate::edit::{reference, EditPlan, Edits, LatentEdit, LatentSet, SpliceMode};
 use sae_ablate::sae::{Architecture, Normalization};
 use small::*;
 
@@ -22,31 +22,28 @@ fn each_edit_by_hand() {
     let near = |a: Vec<f32>, b: [f32; 2]| assert_close(&[a], &[b.to_vec()], 1e-6);
     near(apply1(Edits::new(EP)), [2., 1.]);
     // zero latent 1 (f=1): x − 1·[0,2].
-    near(apply1(Edits::new(EP).zero(&[1]).unwrap()), [2., -1.]);
+    near(apply1(Edits::new(EP).zero(&[1])), [2., -1.]);
     // clamp latent 2 (f=0.25) to 1.25: x + 1·[1,1].
     near(
-        apply1(Edits::new(EP).with(2, LatentEdit::Clamp(1.25)).unwrap()),
+        apply1(Edits::new(EP).with(2, LatentEdit::Clamp(1.25))),
         [3., 2.],
     );
     // scale latent 0 (f=1.5) by 3: x + 3·[1,0].
     near(
-        apply1(Edits::new(EP).with(0, LatentEdit::Scale(3.)).unwrap()),
+        apply1(Edits::new(EP).with(0, LatentEdit::Scale(3.))),
         [5., 1.],
     );
     // add 1 to latent 0: x + [1,0].
     near(
-        apply1(Edits::new(EP).with(0, LatentEdit::Add(1.)).unwrap()),
+        apply1(Edits::new(EP).with(0, LatentEdit::Add(1.))),
         [3., 1.],
     );
     // mean-ablate latent 1 to 0.5: x − 0.5·[0,2].
-    near(
-        apply1(Edits::new(EP).mean_ablate(&[1], &[0.5]).unwrap()),
-        [2., 0.],
-    );
+    near(apply1(Edits::new(EP).mean_ablate(&[1], &[0.5])), [2., 0.]);
     // steer by W_dec[1] with c = 0.5: x + [0,1].
-    near(apply1(Edits::new(EP).steer(1, 0.5).unwrap()), [2., 2.]);
+    near(apply1(Edits::new(EP).steer(1, 0.5)), [2., 2.]);
     // Reconstruction, zero latent 1: f' = [1.5,0,0.25] -> [1.75, 0.25] + b_dec = [2.25, -0.25].
-    let rec = Edits::new(SpliceMode::Reconstruction).zero(&[1]).unwrap();
+    let rec = Edits::new(SpliceMode::Reconstruction).zero(&[1]);
     near(apply1(rec), [2.25, -0.25]);
     // Reconstruction with no edit is the SAE's reconstruction.
     near(apply1(Edits::new(SpliceMode::Reconstruction)), [2.25, 1.75]);
@@ -89,7 +86,7 @@ fn zero_ablation_subtracts_the_latents_contribution() {
                 }
             }
         }
-        let y = reference::apply(&sae, &x, &Edits::new(EP).zero(&s).unwrap()).unwrap();
+        let y = reference::apply(&sae, &x, &Edits::new(EP).zero(&s)).unwrap();
         assert_close(&rows(&y), &expect, 1e-5);
     }
 }
@@ -99,7 +96,7 @@ fn error_preserving_scales_the_delta_by_the_denormalization() {
     // constant_norm_rescale on the identity SAE: zeroing latent 0 of x = [3,4]
     // removes f_0 · ‖x‖/√2 · W_dec[0] = 0.848528 · 5/√2 · [1,0] = [3, 0].
     let sae = identity(Normalization::ConstantNormRescale);
-    let y = reference::apply(&sae, &t2(&[&[3., 4.]]), &Edits::new(EP).zero(&[0]).unwrap()).unwrap();
+    let y = reference::apply(&sae, &t2(&[&[3., 4.]]), &Edits::new(EP).zero(&[0])).unwrap();
     assert_close(&rows(&y), &[vec![0., 4.]], 1e-5);
 }
 
@@ -108,11 +105,7 @@ fn edits_on_inactive_latents_change_nothing() {
     // x = [-1,0]: every latent of the small SAE is inactive.
     let sae = sae(Architecture::Standard);
     let x = t2(&[&[-1., 0.]]);
-    let e = Edits::new(EP)
-        .zero(&[0, 1])
-        .unwrap()
-        .with(2, LatentEdit::Scale(4.))
-        .unwrap();
+    let e = Edits::new(EP).zero(&[0, 1]).with(2, LatentEdit::Scale(4.));
     assert_close(
         &rows(&reference::apply(&sae, &x, &e).unwrap()),
         &[vec![-1., 0.]],
@@ -124,7 +117,7 @@ fn edits_on_inactive_latents_change_nothing() {
 fn shapes_are_kept_and_empty_batches_work() {
     let sae = sae(Architecture::TopK);
     let x = Tensor::zeros((3, 4, 2), DType::F32, &Device::Cpu).unwrap();
-    let e = Edits::new(EP).zero(&[0]).unwrap();
+    let e = Edits::new(EP).zero(&[0]);
     assert_eq!(reference::apply(&sae, &x, &e).unwrap().dims(), &[3, 4, 2]);
     let x = Tensor::zeros((0, 2), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(reference::apply(&sae, &x, &e).unwrap().dims(), &[0, 2]);
@@ -132,16 +125,24 @@ fn shapes_are_kept_and_empty_batches_work() {
 
 #[test]
 fn bad_edits_are_rejected() {
-    let err = Edits::new(EP).zero(&[1, 1]).unwrap_err().to_string();
+    // The builder never fails; the checks run once, when the edits meet an SAE.
+    let sae3 = sae(Architecture::Standard);
+    let x = t2(&[&[1., 1.]]);
+    let err = reference::apply(&sae3, &x, &Edits::new(EP).zero(&[1, 1]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("latent id 1"), "{err}");
-    let err = Edits::new(EP)
-        .steer(2, 1.)
-        .unwrap()
-        .steer(2, 3.)
+    let twice = Edits::new(EP).steer(2, 1.).steer(2, 3.);
+    let err = twice.validate(3).unwrap_err().to_string();
+    assert!(err.contains("latent id 2"), "{err}");
+    let err = EditPlan::new(&sae3, &twice)
+        .map(|_| ())
         .unwrap_err()
         .to_string();
     assert!(err.contains("latent id 2"), "{err}");
-    let e = Edits::new(EP).zero(&[3]).unwrap();
+    // An edit and a steer of the same latent are allowed.
+    assert!(Edits::new(EP).zero(&[2]).steer(2, 1.).validate(3).is_ok());
+    let e = Edits::new(EP).zero(&[3]);
     let err = reference::apply(&sae(Architecture::Standard), &t2(&[&[1., 1.]]), &e)
         .unwrap_err()
         .to_string();
@@ -151,6 +152,7 @@ fn bad_edits_are_rejected() {
     );
     let err = Edits::new(EP)
         .mean_ablate(&[0, 1], &[0.5])
+        .validate(3)
         .unwrap_err()
         .to_string();
     assert!(err.contains("2 ids but 1 means"), "{err}");

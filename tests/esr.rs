@@ -145,14 +145,14 @@ fn restart_language_splits_real_looking_answers() {
     );
 }
 
-/// The ESR layer's per-sequence splice in a left-padded batch computes what each
-/// sequence computes alone with the library's `Positions::Range(1..)`: the attention
-/// sink (each sequence's first real position) is left out, wherever the padding puts it.
+/// The ESR layer's per-row splices in a left-padded batch compute what each sequence
+/// computes alone with its own edit and `Positions::Range(1..)`: the attention sink (each
+/// sequence's first real position) is left out, wherever the padding puts it.
 #[test]
-fn padded_batch_splices_each_sequence_from_its_own_second_position() {
+fn padded_batch_splices_each_row_with_its_own_edit_from_its_second_position() {
     use candle_core::{DType, Device, Tensor};
-    use sae_ablate::edit::{Edits, SpliceMode};
-    use sae_ablate::esr::sites::SequenceSplice;
+    use sae_ablate::edit::{Edits, LatentEdit, SpliceMode};
+    use sae_ablate::esr::sites::RowSplices;
     use sae_ablate::hooks::{HookPoint, Hooks, Positions, SaeSplice};
     use sae_ablate::model::HookedModel;
     use sae_ablate::sae::Architecture;
@@ -160,33 +160,40 @@ fn padded_batch_splices_each_sequence_from_its_own_second_position() {
     let tok = smollm::tokenizer();
     let mut model = smollm::model();
     let point: HookPoint = "blocks.15.hook_resid_post".parse().unwrap();
-    let sae = small::random(Architecture::TopK, model.d_model(), 64, DType::F32, 11);
+    let mut sae = small::random(Architecture::TopK, model.d_model(), 64, DType::F32, 11);
+    sae.set_first_trained_position(1);
     let all: Vec<u32> = (0..64).collect();
-    let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&all).unwrap();
-    let splice = |pos: Positions| SaeSplice::new(&sae, &edits, pos).unwrap();
+    let edits = [
+        Edits::new(SpliceMode::ErrorPreserving).zero(&all),
+        all.iter().fold(Edits::new(SpliceMode::ErrorPreserving), |e, &i| {
+            e.with(i, LatentEdit::Scale(3.0))
+        }),
+    ];
+    let splice = |k: usize, pos: Positions| SaeSplice::new(&sae, &edits[k], pos).unwrap();
     let long = tok.encode(&tok.chat_prompt(TIRE).unwrap()).unwrap();
     let short = tok.encode("Bread:").unwrap();
     assert!(long.len() > short.len() + 2);
     let pad = long.len() - short.len();
     let dev = Device::Cpu;
-    let alone = |model: &mut sae_ablate::model::Model, ids: &[u32], pos: Positions| {
+    // Reference: each sequence alone, the range given explicitly, no first-position rule.
+    let alone = |model: &mut sae_ablate::model::Model, ids: &[u32], k: usize, pos: Positions| {
         let t = Tensor::from_slice(ids, (1, ids.len()), &dev).unwrap();
-        let mut h = Hooks::new().with(point, splice(pos));
+        let mut h = Hooks::new().with(point, splice(k, pos).including_untrained_positions());
         let l = model.forward_last(&t, 0, &mut h).unwrap();
         l.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
     };
-    let want_long = alone(&mut model, &long, Positions::Range(1..usize::MAX));
-    let want_short = alone(&mut model, &short, Positions::Range(1..usize::MAX));
-    let sink_too = alone(&mut model, &short, Positions::All);
+    let want_long = alone(&mut model, &long, 0, Positions::Range(1..usize::MAX));
+    let want_short = alone(&mut model, &short, 1, Positions::Range(1..usize::MAX));
+    let sink_too = alone(&mut model, &short, 1, Positions::All);
+    let other_edit = alone(&mut model, &short, 0, Positions::Range(1..usize::MAX));
 
     let mut flat = long.clone();
     flat.extend(std::iter::repeat_n(short[0], pad));
     flat.extend_from_slice(&short);
     let toks = Tensor::from_vec(flat, (2, long.len()), &dev).unwrap();
-    let hook = SequenceSplice::new(
-        vec![splice(Positions::All)],
-        vec![Some(0), Some(0)],
-        vec![1, pad + 1],
+    let hook = RowSplices::new(
+        vec![splice(0, Positions::All), splice(1, Positions::All)],
+        vec![0, 1],
     )
     .unwrap();
     let mut h = Hooks::new().with(point, hook);
@@ -209,13 +216,14 @@ fn padded_batch_splices_each_sequence_from_its_own_second_position() {
         d_long < 2e-2 && d_short < 2e-2,
         "batched vs alone: {d_long} {d_short}"
     );
-    // Splicing the sink as well changes the logits far beyond that tolerance, so the
-    // comparison above can tell where the splice starts.
+    // Splicing the sink as well, or the other row's edit, changes the logits far beyond
+    // that tolerance, so the comparison above can tell where the splice starts and which
+    // edit each row got.
     let d_sink = max_diff(&sink_too, &want_short);
-    assert!(
-        d_sink > 0.5,
-        "splicing the sink moved the logits by only {d_sink}"
-    );
+    assert!(d_sink > 0.5, "splicing the sink moved the logits by only {d_sink}");
+    let d_edit = max_diff(&other_edit, &want_short);
+    assert!(d_edit > 0.5, "the two edits differ by only {d_edit}");
+    assert!(RowSplices::new(vec![splice(0, Positions::All)], vec![0, 1]).is_err());
 }
 
 fn read_json(p: &Path) -> serde_json::Value {

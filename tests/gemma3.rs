@@ -182,10 +182,7 @@ fn greedy_continuation_matches_transformers() {
 fn quantized_weights_track_dense() {
     let r = reference();
     let ids = prompt_ids(&r);
-    let opts = LoadOptions {
-        weights: WeightFormat::Quantized,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default().with_weights(WeightFormat::Quantized);
     let mut q = Model::from_gguf(gguf_path(), &opts).unwrap();
     assert_eq!(q.weight_format(), WeightFormat::Quantized);
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
@@ -287,9 +284,7 @@ fn sae_splice_on_a_gemma3_hook_point() {
 
     // Zero-ablate latents 0..64: fused splice = reference splice fed in by a hook.
     let ids64: Vec<u32> = (0..64).collect();
-    let edits = Edits::new(SpliceMode::ErrorPreserving)
-        .zero(&ids64)
-        .unwrap();
+    let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids64);
     let mut hooks = Hooks::new();
     hooks.add(point, SaeSplice::new(&sae, &edits, Positions::All).unwrap());
     let spliced = m.forward(&x, 0, &mut hooks).unwrap();

@@ -75,10 +75,7 @@ fn write(name: &str, bytes: &[u8]) -> TmpFile {
 }
 
 fn load(path: &std::path::Path, weights: WeightFormat) -> Model {
-    let opts = LoadOptions {
-        weights,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default().with_weights(weights);
     Model::from_gguf(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -368,10 +365,7 @@ fn quantized_rejects_rows_not_a_multiple_of_32() {
         "ff48.gguf",
         &gguf_bytes(&metadata(&spec), &quantize(&ts, GgmlDType::F32, &[])),
     );
-    let opts = LoadOptions {
-        weights: WeightFormat::Quantized,
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default().with_weights(WeightFormat::Quantized);
     let e = Model::from_gguf(&file, &opts).unwrap_err().to_string();
     assert!(
         e.contains("blk.0.ffn_down.weight")

@@ -14,6 +14,7 @@ use sae_ablate::hooks::HookPoint;
 use sae_ablate::model::HookedModel;
 use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use sae_ablate::train::{ActivationSource, ShardSource};
+use sae_ablate::FloatDtype;
 
 const CTX: usize = 32;
 const HOLDOUT: usize = 2;
@@ -54,19 +55,18 @@ fn corpus_slice(dir: &Path) -> PathBuf {
 }
 
 fn harvest_cfg() -> HarvestConfig {
-    HarvestConfig {
-        hooks: vec![
-            "blocks.3.hook_resid_post".into(),
-            "blocks.1.hook_mlp_out".into(),
-        ],
-        context_len: CTX,
-        batch_size: 4,
-        max_tokens: Some(300),
-        holdout_contexts: HOLDOUT,
-        dtype: "f16".into(),
-        shard_rows: 128,
-        progress: Default::default(),
-    }
+    let mut c = HarvestConfig::default();
+    c.hooks = vec![
+        "blocks.3.hook_resid_post".into(),
+        "blocks.1.hook_mlp_out".into(),
+    ];
+    c.context_len = CTX;
+    c.batch_size = 4;
+    c.max_tokens = Some(300);
+    c.holdout_contexts = HOLDOUT;
+    c.dtype = FloatDtype::F16;
+    c.shard_rows = 128;
+    c
 }
 
 #[test]
@@ -178,12 +178,10 @@ fn harvest_writes_shards_caches_and_detects_corruption() {
         "{e}"
     );
     // Different settings re-harvest (no stale cache).
-    let cfg2 = HarvestConfig {
-        max_tokens: Some(100),
-        hooks: vec!["blocks.1.hook_mlp_out".into()],
-        dtype: "f32".into(),
-        ..cfg
-    };
+    let mut cfg2 = cfg.clone();
+    cfg2.max_tokens = Some(100);
+    cfg2.hooks = vec!["blocks.1.hook_mlp_out".into()];
+    cfg2.dtype = FloatDtype::F32;
     let r3 = {
         let mut m = smollm::model();
         store.harvest(&mut *m, tok, &gguf, &corpus, &cfg2).unwrap()
@@ -267,12 +265,9 @@ fn held_out(dir: &Path) -> (Vec<Vec<u32>>, usize) {
 
 fn eval(sae: &Sae, held: &[Vec<u32>], prefix_len: usize) -> EvalReport {
     let mut m = smollm::model();
-    let cfg = EvalConfig {
-        batch_size: 2,
-        prefix_len,
-        hook: None,
-        ..Default::default()
-    };
+    let mut cfg = EvalConfig::default();
+    cfg.batch_size = 2;
+    cfg.prefix_len = prefix_len;
     evaluate(&mut *m, sae, held, &cfg).unwrap().0
 }
 

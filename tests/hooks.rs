@@ -304,9 +304,7 @@ fn generation_with_splice_equals_stepwise_forward() {
     // Ablate the latents most active on the prompt so the edit matters.
     let edits = Edits::new(SpliceMode::ErrorPreserving)
         .zero(&(0..64).collect::<Vec<u32>>())
-        .unwrap()
-        .steer(100, 300.0)
-        .unwrap();
+        .steer(100, 300.0);
     let point = HookPoint::ResidPost(5);
     let mk = || {
         Hooks::new().with(
@@ -320,9 +318,8 @@ fn generation_with_splice_equals_stepwise_forward() {
     let g = generate(
         &mut *m,
         &p,
-        &SamplingParams::greedy(n_new, &[]),
+        &SamplingParams::greedy_exactly(n_new),
         &mut mk(),
-        &mut |_| Ok(true),
     )
     .unwrap();
     assert_eq!(g.ids.len(), n_new);
@@ -357,9 +354,8 @@ fn generation_with_splice_equals_stepwise_forward() {
     let plain = generate(
         &mut *m,
         &p,
-        &SamplingParams::greedy(n_new, &[]),
+        &SamplingParams::greedy_exactly(n_new),
         &mut Hooks::new(),
-        &mut |_| Ok(true),
     )
     .unwrap();
     println!(
@@ -388,14 +384,7 @@ fn hook_context_reports_prompt_and_decode() {
     );
     let mut m = model();
     let p = prompt();
-    generate(
-        &mut *m,
-        &p,
-        &SamplingParams::greedy(3, &[]),
-        &mut hooks,
-        &mut |_| Ok(true),
-    )
-    .unwrap();
+    generate(&mut *m, &p, &SamplingParams::greedy_exactly(3), &mut hooks).unwrap();
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[0].phase, Phase::Prefill);

@@ -217,10 +217,7 @@ fn gguf_claiming_a_huge_context_in_a_tiny_file() {
         "{e}"
     );
     // Capped by the caller, the same file loads.
-    let opts = LoadOptions {
-        max_seq_len: Some(64),
-        ..LoadOptions::default()
-    };
+    let opts = LoadOptions::default().with_max_seq_len(64);
     assert!(model::load(&p, &opts).is_ok());
 }
 

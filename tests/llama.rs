@@ -7,7 +7,10 @@ mod smollm;
 
 use candle_core::{DType, Device, Tensor, D};
 use sae_ablate::hooks::Hooks;
-use sae_ablate::model::{generate, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams};
+use sae_ablate::model::{
+    generate, generate_streaming, HookedModel, LoadOptions, Model, RopeStyle, SamplingParams,
+};
+use sae_ablate::FloatDtype;
 use smollm::{gguf_path, model, tokenizer, AUSTEN};
 
 fn ids_tensor(ids: &[u32]) -> Tensor {
@@ -67,10 +70,10 @@ fn greedy_continuation_is_paris() {
     let mut m = model();
     let prompt = tok.encode("The capital of France is").unwrap();
     let mut streamed = Vec::new();
-    let g = generate(
+    let g = generate_streaming(
         &mut *m,
         &prompt,
-        &SamplingParams::greedy(6, tok.stop_tokens()),
+        &SamplingParams::greedy(6, tok),
         &mut Hooks::new(),
         &mut |id| {
             streamed.push(id);
@@ -195,11 +198,9 @@ fn austen_nll_and_rope_convention() {
     assert!((2.5..3.1).contains(&nll), "NLL {nll}");
     // The same weights with rotate-half RoPE: GGUF Q/K are permuted for interleaved
     // RoPE, so the wrong convention must be far worse.
-    let opts = LoadOptions {
-        rope_style: Some(RopeStyle::Half),
-        max_seq_len: Some(512),
-        ..Default::default()
-    };
+    let opts = LoadOptions::default()
+        .with_rope_style(RopeStyle::Half)
+        .with_max_seq_len(512);
     let mut wrong = Model::from_gguf(gguf_path(), &opts).unwrap();
     let bad = mean_nll(&mut wrong, ids);
     println!("the same with rotate-half RoPE: {bad:.4}");
@@ -322,8 +323,8 @@ fn bad_inputs_are_errors() {
         .to_string();
     assert!(e.contains("start_pos"), "{e}");
     // Generation that would run past the context.
-    let p = SamplingParams::greedy(m.max_seq_len(), &[]);
-    let e = generate(&mut *m, &[1, 2], &p, &mut Hooks::new(), &mut |_| Ok(true))
+    let p = SamplingParams::greedy_exactly(m.max_seq_len());
+    let e = generate(&mut *m, &[1, 2], &p, &mut Hooks::new())
         .unwrap_err()
         .to_string();
     assert!(e.contains("context length"), "{e}");
@@ -704,7 +705,7 @@ fn cli_generate_batch_matches_single_prompts() {
 /// Left-padded batch generation reproduces each prompt's own greedy generation.
 #[test]
 fn batch_generation_matches_single_prompts() {
-    use sae_ablate::model::generate_batch;
+    use sae_ablate::model::generate_batch_streaming;
     let tok = tokenizer();
     let prompts: Vec<Vec<u32>> = [
         "The capital of France is",
@@ -714,10 +715,10 @@ fn batch_generation_matches_single_prompts() {
     .iter()
     .map(|p| tok.encode(p).unwrap())
     .collect();
-    let params = SamplingParams::greedy(6, &[]);
+    let params = SamplingParams::greedy_exactly(6);
     let mut m = model();
     let mut streamed = vec![Vec::new(); prompts.len()];
-    let batch = generate_batch(
+    let batch = generate_batch_streaming(
         &mut *m,
         &prompts,
         &params,
@@ -729,7 +730,7 @@ fn batch_generation_matches_single_prompts() {
     )
     .unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&mut *m, p, &params, &mut Hooks::new(), &mut |_| Ok(true)).unwrap();
+        let single = generate(&mut *m, p, &params, &mut Hooks::new()).unwrap();
         println!(
             "{:?} → {:?}",
             tok.decode(p, false).unwrap(),
@@ -877,15 +878,13 @@ fn kv_cache_continuations_match_full_forward() {
     };
     let argmax = |t: &Tensor| t.argmax(D::Minus1).unwrap().flatten_all().unwrap();
     for (kv, tol) in [
-        (DType::F32, 1e-3f32),
-        (DType::F16, 0.05),
-        (DType::BF16, 0.4),
+        (FloatDtype::F32, 1e-3f32),
+        (FloatDtype::F16, 0.05),
+        (FloatDtype::BF16, 0.4),
     ] {
-        let opts = LoadOptions {
-            kv_cache: kv,
-            max_seq_len: Some(256),
-            ..Default::default()
-        };
+        let opts = LoadOptions::default()
+            .with_kv_cache(kv)
+            .with_max_seq_len(256);
         let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let same = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
         assert_eq!(max_diff(&same, &full), 0.0, "{kv:?}: prefill from 0");
@@ -906,7 +905,7 @@ fn kv_cache_continuations_match_full_forward() {
         for (what, got, want) in [("steps", &steps, &full), ("chunk", &chunk, &tail)] {
             let d = max_diff(got, want);
             println!("{kv:?} cache, {what}: max |Δ logit| = {d}");
-            if kv != DType::F32 {
+            if kv != FloatDtype::F32 {
                 assert!(d > 0.0, "{kv:?} {what}: the cache was not rounded");
             }
             assert!(d < tol, "{kv:?} {what}: logits differ by {d}");
@@ -917,14 +916,8 @@ fn kv_cache_continuations_match_full_forward() {
             );
         }
     }
-    let opts = LoadOptions {
-        kv_cache: DType::U8,
-        ..Default::default()
-    };
-    let e = Model::from_gguf(gguf_path(), &opts)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("KV cache dtype") && e.contains("U8"), "{e}");
+    let e = FloatDtype::try_from(DType::U8).unwrap_err().to_string();
+    assert!(e.contains("dtype") && e.contains("U8"), "{e}");
 }
 
 /// Dense f16 and bf16 weights (the GGUF dequantized, then rounded) track the f32 model:
@@ -941,12 +934,8 @@ fn half_precision_weights_track_f32() {
     let nll32 = mean_nll(&mut m32, ids);
     let full32 = m32.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
     let p = 48;
-    for (dt, tol) in [(DType::F16, 0.1f32), (DType::BF16, 0.5)] {
-        let opts = LoadOptions {
-            dtype: dt,
-            max_seq_len: Some(256),
-            ..Default::default()
-        };
+    for (dt, tol) in [(FloatDtype::F16, 0.1f32), (FloatDtype::BF16, 0.5)] {
+        let opts = LoadOptions::default().with_dtype(dt).with_max_seq_len(256);
         let mut m = Model::from_gguf(gguf_path(), &opts).unwrap();
         let nll = mean_nll(&mut m, ids);
         let full = m.forward(&ids_tensor(ids), 0, &mut Hooks::new()).unwrap();
@@ -988,9 +977,8 @@ fn half_precision_weights_track_f32() {
         let g = generate(
             &mut m,
             &prompt,
-            &SamplingParams::greedy(4, tok.stop_tokens()),
+            &SamplingParams::greedy(4, tok),
             &mut Hooks::new(),
-            &mut |_| Ok(true),
         )
         .unwrap();
         let text = tok.decode(&g.ids, true).unwrap();

@@ -16,10 +16,7 @@ use sae_ablate::model::{
 use smollm::{gguf_path, model, tokenizer};
 
 fn quantized() -> Model {
-    let opts = LoadOptions {
-        weights: WeightFormat::Quantized,
-        ..Default::default()
-    };
+    let opts = LoadOptions::default().with_weights(WeightFormat::Quantized);
     Model::from_gguf(gguf_path(), &opts).unwrap()
 }
 
@@ -165,14 +162,11 @@ fn quantized_batch_generation_matches_single_prompts() {
         .iter()
         .map(|p| tok.encode(p).unwrap())
         .collect();
-    let params = SamplingParams::greedy(6, &[]);
+    let params = SamplingParams::greedy_exactly(6);
     let mut m = quantized();
-    let batch = generate_batch(&mut m, &prompts, &params, &mut Hooks::new(), &mut |_, _| {
-        Ok(true)
-    })
-    .unwrap();
+    let batch = generate_batch(&mut m, &prompts, &params, &mut Hooks::new()).unwrap();
     for (i, p) in prompts.iter().enumerate() {
-        let single = generate(&mut m, p, &params, &mut Hooks::new(), &mut |_| Ok(true)).unwrap();
+        let single = generate(&mut m, p, &params, &mut Hooks::new()).unwrap();
         assert_eq!(batch[i].ids[..4], single.ids[..4], "prompt {i}");
     }
     let text = tok.decode(&batch[0].ids, false).unwrap();

@@ -108,21 +108,15 @@ fn edit_sets() -> Vec<(&'static str, Edits)> {
             "error-preserving",
             Edits::new(ep)
                 .zero(&[1, 5, 9, 30])
-                .unwrap()
                 .with(12, LatentEdit::Clamp(1.5))
-                .unwrap()
                 .with(40, LatentEdit::Scale(2.0))
-                .unwrap()
-                .steer(7, 0.75)
-                .unwrap(),
+                .steer(7, 0.75),
         ),
         (
             "reconstruction",
             Edits::new(SpliceMode::Reconstruction)
                 .zero(&[2, 3])
-                .unwrap()
-                .with(20, LatentEdit::Add(0.5))
-                .unwrap(),
+                .with(20, LatentEdit::Add(0.5)),
         ),
     ]
 }
@@ -268,9 +262,7 @@ fn wrong_widths_are_errors_naming_the_shape() {
     let m = msg(decode(&sae, Array2::<f32>::zeros((2, D_IN)).view()));
     assert!(m.contains("[2, 16]") && m.contains("d_sae = 48"), "{m}");
     // Latent ids out of range are the edits' error, not a panic.
-    let far = Edits::new(SpliceMode::ErrorPreserving)
-        .zero(&[D_SAE as u32])
-        .unwrap();
+    let far = Edits::new(SpliceMode::ErrorPreserving).zero(&[D_SAE as u32]);
     let m = msg(apply_reference(
         &sae,
         Array2::<f32>::zeros((1, D_IN)).view(),

@@ -128,6 +128,12 @@ fn bos_stop_tokens_and_no_template() {
     assert_eq!(tok.encode("").unwrap(), [2]);
     let hi = tok.encode("Hello").unwrap();
     assert_eq!(hi, [2, 9259]);
+    // A single-token lookup does not count the BOS; SentencePiece spells the space `▁`.
+    assert_eq!(tok.single_token("Hello").unwrap(), 9259);
+    assert_eq!(
+        Some(tok.single_token(" Paris").unwrap()),
+        tok.token_to_id("▁Paris")
+    );
     // A text that starts with <bos> gets no second one.
     assert_eq!(tok.encode("<bos>Hello").unwrap(), hi);
     assert_eq!(tok.token_to_id("<end_of_turn>"), Some(106));

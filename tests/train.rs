@@ -226,6 +226,8 @@ fn outputs_round_trip_through_saelens() {
     assert_eq!(tensors_bits(&loaded), tensors_bits(&t.sae));
     assert_eq!(loaded.config().k, 4);
     assert_eq!(loaded.hook_name(), Some("blocks.3.hook_resid_post"));
+    // Harvested activations never hold a context's first position: the SAE says so.
+    assert_eq!(loaded.config().first_trained_position, 1);
     for step in ["10", "20"] {
         let ck = Sae::load(dir.path().join("checkpoints").join(step), &Device::Cpu).unwrap();
         assert_eq!(ck.d_sae(), 128);

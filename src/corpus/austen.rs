@@ -138,11 +138,15 @@ pub fn extract_austen(deb_or_dir: &Path, out_dir: &Path) -> Result<Vec<PathBuf>>
         let text = book_text(&db, name).map_err(|e| e.in_file(&rdx))?;
         let got = crate::io::sha256::hex_digest(&text);
         if got != want {
-            return Err(Error::Invalid(format!(
-                "{}: book `{name}` extracts to {} bytes with sha256 {got}, expected {want}",
-                rdx.display(),
-                text.len()
-            )));
+            return Err(Error::Checksum {
+                what: format!(
+                    "{}: book `{name}` ({} bytes extracted)",
+                    rdx.display(),
+                    text.len()
+                ),
+                got,
+                want: want.to_string(),
+            });
         }
         let path = out_dir.join(format!("{name}.txt"));
         crate::io::atomic::write_bytes(&path, &text)?;
@@ -161,10 +165,11 @@ pub fn verify_austen(dir: &Path) -> Result<Vec<PathBuf>> {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let got = crate::io::sha256::hex_digest(&bytes);
             if &got != want {
-                return Err(Error::Invalid(format!(
-                    "{}: sha256 {got}, expected {want}",
-                    path.display()
-                )));
+                return Err(Error::Checksum {
+                    what: path.display().to_string(),
+                    got,
+                    want: want.to_string(),
+                });
             }
             Ok(path)
         })

@@ -111,6 +111,7 @@ pub fn sexptype_name(code: u32) -> &'static str {
 
 /// The declared encoding of one string (the `levels` bits of a `CHARSXP`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Encoding {
     /// No flag: the writer's native encoding (see [`Unserialized::native_encoding`]).
     Native,
@@ -183,6 +184,7 @@ fn is_latin1_name(enc: &str) -> bool {
 
 /// The value of an R object, without its attributes.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum RValue {
     /// `NULL`.
     Null,
@@ -739,6 +741,7 @@ pub fn read_rds(path: &Path) -> Result<Unserialized> {
 
 /// How the blobs of an `.rdb` file are compressed (the index's `compressed` entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Compression {
     /// `compressed = FALSE`: each blob is a bare serialization stream.
     None,

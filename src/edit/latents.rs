@@ -1,5 +1,8 @@
 //! Validated sets of latent ids.
 
+use candle_core::{DType, Tensor};
+
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// A set of distinct latent ids, each below `d_sae`, kept sorted.
@@ -50,5 +53,84 @@ impl LatentSet {
     /// Whether `id` is in the set.
     pub fn contains(&self, id: u32) -> bool {
         self.ids.binary_search(&id).is_ok()
+    }
+
+    /// Every latent of an SAE with `d_sae` latents (the pool for [`LatentSet::sample`]).
+    pub fn all(d_sae: usize) -> Result<Self> {
+        let n = u32::try_from(d_sae).map_err(|_| {
+            Error::Invalid(format!("d_sae = {d_sae} does not fit latent ids (u32)"))
+        })?;
+        Ok(LatentSet {
+            ids: (0..n).collect(),
+        })
+    }
+
+    /// The latents that fire (are non-zero) on at least one token of `latents`, an
+    /// encoding `[..., d_sae]` (e.g. [`Sae::encode`](crate::Sae::encode)'s output).
+    pub fn active(latents: &Tensor) -> Result<Self> {
+        let d_sae = latents.dims().last().copied().unwrap_or(0);
+        if d_sae == 0 || latents.elem_count() == 0 {
+            return Err(Error::Invalid(format!(
+                "active latents: an encoding of shape {:?} has no latents",
+                latents.dims()
+            )));
+        }
+        let f = latents
+            .to_dtype(DType::F32)?
+            .reshape((latents.elem_count() / d_sae, d_sae))?
+            .ne(0f32)?
+            .max(0)?
+            .to_vec1::<u8>()?;
+        Ok(LatentSet {
+            ids: (0u32..)
+                .zip(f)
+                .filter(|&(_, on)| on != 0)
+                .map(|(i, _)| i)
+                .collect(),
+        })
+    }
+
+    /// The ids of `self` that are not in `other`.
+    pub fn difference(&self, other: &LatentSet) -> LatentSet {
+        LatentSet {
+            ids: self
+                .ids
+                .iter()
+                .copied()
+                .filter(|&i| !other.contains(i))
+                .collect(),
+        }
+    }
+
+    /// `n` distinct ids drawn uniformly from this set with `seed` (the same seed gives the
+    /// same set on every platform): the random control of an ablation, e.g.
+    /// `LatentSet::active(&f)?.difference(&ablated).sample(ablated.len(), seed)`.
+    ///
+    /// ```
+    /// use sae_ablate::edit::LatentSet;
+    /// let otd = LatentSet::new(&[1, 5], 16)?;
+    /// let control = LatentSet::all(16)?.difference(&otd).sample(2, 42)?;
+    /// assert_eq!(control.len(), 2);
+    /// assert!(!control.contains(1) && !control.contains(5));
+    /// assert_eq!(control, LatentSet::all(16)?.difference(&otd).sample(2, 42)?);
+    /// # Ok::<(), sae_ablate::Error>(())
+    /// ```
+    pub fn sample(&self, n: usize, seed: u64) -> Result<LatentSet> {
+        if n > self.ids.len() {
+            return Err(Error::Invalid(format!(
+                "cannot draw {n} distinct latents from a set of {}",
+                self.ids.len()
+            )));
+        }
+        // Partial Fisher–Yates: the first `n` slots end up a uniform random n-subset.
+        let mut pool = self.ids.clone();
+        let mut rng = Rng::new(seed);
+        for i in 0..n {
+            let j = i + rng.below(pool.len() - i);
+            pool.swap(i, j);
+        }
+        pool.truncate(n);
+        pool.sort_unstable();
+        Ok(LatentSet { ids: pool })
     }
 }

@@ -28,6 +28,7 @@ use crate::{Error, Result};
 
 /// What to do to one latent's activation `f_i`.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum LatentEdit {
     /// `f'_i = 0` (zero-ablation).
     Zero,
@@ -54,6 +55,7 @@ impl LatentEdit {
 
 /// How the edited latents are put back into the activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum SpliceMode {
     /// `y = x + denorm(decode(f')) − denorm(decode(f))`: the SAE's error is kept.
     #[default]
@@ -62,41 +64,40 @@ pub enum SpliceMode {
     Reconstruction,
 }
 
-impl std::str::FromStr for SpliceMode {
-    type Err = Error;
-    /// `error` / `error-preserving` or `reconstruct` / `reconstruction`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "error" | "error-preserving" | "error_preserving" => Ok(SpliceMode::ErrorPreserving),
-            "reconstruct" | "reconstruction" => Ok(SpliceMode::Reconstruction),
-            other => Err(Error::Invalid(format!(
-                "unknown splice mode `{other}` (expected error or reconstruct)"
-            ))),
-        }
-    }
-}
+names!(
+    SpliceMode,
+    "splice mode",
+    ErrorPreserving => "error" | "error-preserving" | "error_preserving",
+    Reconstruction => "reconstruct" | "reconstruction",
+);
 
 /// A set of latent edits plus decoder-direction steering, with the splice mode.
 ///
 /// Each latent may carry at most one [`LatentEdit`] and at most one steering
-/// coefficient; a second one is an error ([`Error::DuplicateLatent`]) rather than a
-/// silent override. Ids are checked against `d_sae` when the edits are applied.
+/// coefficient. The builder methods never fail; the edits are checked once, when they
+/// are applied ([`Edits::validate`], called by [`EditPlan::new`] and
+/// [`SaeSplice::new`]): a second edit of the same latent is an error
+/// ([`Error::DuplicateLatent`]) rather than a silent override, and every id must be below
+/// the SAE's `d_sae`.
 ///
 /// ```
 /// use sae_ablate::edit::{Edits, LatentEdit, SpliceMode};
-/// # fn main() -> sae_ablate::Result<()> {
 /// let edits = Edits::new(SpliceMode::ErrorPreserving)
-///     .zero(&[3, 7])?
-///     .with(12, LatentEdit::Clamp(2.5))?
-///     .steer(40, 8.0)?;
+///     .zero(&[3, 7])
+///     .with(12, LatentEdit::Clamp(2.5))
+///     .steer(40, 8.0);
 /// assert_eq!(edits.latent_edits().len(), 3);
-/// # Ok(()) }
+/// assert!(edits.validate(64).is_ok());
+/// assert!(edits.clone().zero(&[7]).validate(64).is_err()); // 7 is edited twice
+/// assert!(edits.validate(32).is_err()); // 40 is not below d_sae = 32
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Edits {
     mode: SpliceMode,
     edits: Vec<(u32, LatentEdit)>,
     steers: Vec<(u32, f32)>,
+    /// `mean_ablate` calls whose ids and means differ in length: `(ids, means)`.
+    mismatched_means: Option<(usize, usize)>,
 }
 
 impl Edits {
@@ -104,47 +105,42 @@ impl Edits {
     pub fn new(mode: SpliceMode) -> Self {
         Edits {
             mode,
-            edits: Vec::new(),
-            steers: Vec::new(),
+            ..Default::default()
         }
     }
 
     /// Add one latent edit.
-    pub fn with(mut self, id: u32, edit: LatentEdit) -> Result<Self> {
-        if self.edits.iter().any(|(i, _)| *i == id) {
-            return Err(Error::DuplicateLatent(id));
-        }
+    pub fn with(mut self, id: u32, edit: LatentEdit) -> Self {
         self.edits.push((id, edit));
-        Ok(self)
+        self
     }
 
     /// Zero-ablate every latent in `ids`.
-    pub fn zero(self, ids: &[u32]) -> Result<Self> {
-        ids.iter()
-            .try_fold(self, |e, &id| e.with(id, LatentEdit::Zero))
+    pub fn zero(self, ids: &[u32]) -> Self {
+        ids.iter().fold(self, |e, &id| e.with(id, LatentEdit::Zero))
     }
 
-    /// Mean-ablate: clamp each latent in `ids` to its given mean.
-    pub fn mean_ablate(self, ids: &[u32], means: &[f32]) -> Result<Self> {
-        if ids.len() != means.len() {
-            return Err(Error::Invalid(format!(
-                "mean_ablate: {} ids but {} means",
-                ids.len(),
-                means.len()
-            )));
+    /// Mean-ablate: clamp each latent in `ids` to its given mean (`ids` and `means` must
+    /// have the same length, checked by [`Edits::validate`]).
+    pub fn mean_ablate(mut self, ids: &[u32], means: &[f32]) -> Self {
+        if ids.len() != means.len() && self.mismatched_means.is_none() {
+            self.mismatched_means = Some((ids.len(), means.len()));
         }
         ids.iter()
             .zip(means)
-            .try_fold(self, |e, (&id, &m)| e.with(id, LatentEdit::Clamp(m)))
+            .fold(self, |e, (&id, &m)| e.with(id, LatentEdit::Clamp(m)))
     }
 
-    /// Steer by a decoder direction: `y += c · W_dec[id]` (residual units).
-    pub fn steer(mut self, id: u32, c: f32) -> Result<Self> {
-        if self.steers.iter().any(|(i, _)| *i == id) {
-            return Err(Error::DuplicateLatent(id));
-        }
+    /// Steer by a decoder direction: `y += c · W_dec[id]`, in the residual stream's own
+    /// units. Most SAEs' decoder rows have unit norm (check with
+    /// [`Sae::decoder_direction`](crate::Sae::decoder_direction)), so `c` is the length of
+    /// the added vector: compare it with the norm of the activations at the hook (SmolLM2's
+    /// middle-layer residual has norms of a few tens; the first position, an attention
+    /// sink, far more). Steering that visibly changes a generation takes `c` of the order
+    /// of that norm.
+    pub fn steer(mut self, id: u32, c: f32) -> Self {
         self.steers.push((id, c));
-        Ok(self)
+        self
     }
 
     /// The splice mode.
@@ -167,8 +163,24 @@ impl Edits {
         self.edits.is_empty() && self.steers.is_empty()
     }
 
-    /// Check every id against `d_sae`.
+    /// Check the edits against an SAE with `d_sae` latents: every id below `d_sae`, no
+    /// latent edited or steered twice, `mean_ablate`'s ids and means of one length.
     pub fn validate(&self, d_sae: usize) -> Result<()> {
+        if let Some((ids, means)) = self.mismatched_means {
+            return Err(Error::Invalid(format!(
+                "mean_ablate: {ids} ids but {means} means"
+            )));
+        }
+        for ids in [
+            self.edits.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            self.steers.iter().map(|(i, _)| *i).collect(),
+        ] {
+            let mut sorted = ids;
+            sorted.sort_unstable();
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::DuplicateLatent(w[0]));
+            }
+        }
         for id in self
             .edits
             .iter()

@@ -12,8 +12,7 @@
 //!
 //! The reference splice ([`crate::edit::reference`]) is the oracle in the tests.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::cmp::Reverse;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
@@ -23,6 +22,7 @@ use crate::edit::{Edits, SpliceMode};
 use crate::kernels::encode::{encode_dense, View2};
 use crate::kernels::simd::{axpy, dot, Elem};
 use crate::sae::{Architecture, Normalization, Sae};
+use crate::topk::{top_k, Cand, TopKHeap};
 use crate::{Error, Result};
 
 /// Everything a splice needs, gathered once from an [`Sae`] and [`Edits`]
@@ -40,7 +40,7 @@ use crate::{Error, Result};
 /// # let sae = Sae::new(SaeConfig::new(Architecture::Standard, 2, 2), SaeWeights {
 /// #     w_enc: eye.clone(), b_enc: z.clone(), w_dec: eye, b_dec: z,
 /// #     threshold: None, r_mag: None, b_mag: None, w_skip: None })?;
-/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0])?)?;
+/// let plan = EditPlan::new(&sae, &Edits::new(SpliceMode::ErrorPreserving).zero(&[0]))?;
 /// let y = plan.apply(&Tensor::new(&[[3f32, 1.]], &dev)?)?;
 /// assert_eq!(y.to_vec2::<f32>()?, vec![vec![0.0, 1.0]]);
 /// # Ok(()) }
@@ -336,7 +336,7 @@ impl EditPlan {
 
     /// Normalize every token and run the dense encode: returns the pre-activations
     /// `[n, d_sae]` and each token's denormalization `(scale, shift)`.
-    fn encode_pre(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<Denorm>)> {
+    fn encode_pre(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<TokenDenorm>)> {
         let (d, n_lat) = (self.d_in, self.sae.d_sae());
         let n = x.len() / d;
         let mut xs = vec![0f32; n * d];
@@ -363,7 +363,12 @@ impl EditPlan {
             DType::F32 => encode_dense(&xs, n, d, cpu.as_slice::<f32>()?, v, b, &mut pre),
             DType::F16 => encode_dense(&xs, n, d, cpu.as_slice::<f16>()?, v, b, &mut pre),
             DType::BF16 => encode_dense(&xs, n, d, cpu.as_slice::<bf16>()?, v, b, &mut pre),
-            other => return Err(Error::Invalid(format!("EditPlan: W_enc dtype {other:?}"))),
+            other => {
+                return Err(Error::Dtype {
+                    name: "W_enc".into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         }
         Ok((pre, denorm))
     }
@@ -382,7 +387,12 @@ impl EditPlan {
             DType::F32 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<f32>()?, ds),
             DType::F16 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<f16>()?, ds),
             DType::BF16 => self.decode_full(x, y, &mut pre, &denorm, cpu.as_slice::<bf16>()?, ds),
-            other => return Err(Error::Invalid(format!("EditPlan: W_dec dtype {other:?}"))),
+            other => {
+                return Err(Error::Dtype {
+                    name: "W_dec".into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         }
         Ok(())
     }
@@ -393,7 +403,7 @@ impl EditPlan {
         x: &[f32],
         y: &mut [f32],
         pre: &mut [f32],
-        denorm: &[Denorm],
+        denorm: &[TokenDenorm],
         dec: &[TD],
         dec_s: Strided,
     ) {
@@ -504,20 +514,13 @@ impl EditPlan {
                     pre.iter_mut().zip(&fp.norm).for_each(|(p, n)| *p *= n);
                 }
                 // Bounded min-heap of the k best (value desc, id asc): O(d_sae log k).
-                let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(c.k + 1);
-                for (i, &p) in pre.iter().enumerate() {
-                    let key = if c.signed { p.abs() } else { p };
-                    let cand = Cand { key, id: i as u32 };
-                    if heap.len() < c.k {
-                        heap.push(cand);
-                    } else if let Some(top) = heap.peek() {
-                        if cand.better(top) {
-                            heap.pop();
-                            heap.push(cand);
-                        }
-                    }
-                }
-                active.extend(heap.into_iter().filter_map(|cd| {
+                let mut heap = TopKHeap::with_capacity(c.k + 1);
+                let cands = pre.iter().enumerate().map(|(i, &p)| Cand {
+                    key: if c.signed { p.abs() } else { p },
+                    id: i as u32,
+                });
+                top_k(cands, c.k, &mut heap);
+                active.extend(heap.into_iter().filter_map(|Reverse(cd)| {
                     let v = pre[cd.id as usize];
                     let v = if c.signed { v } else { v.max(0.0) };
                     (v != 0.0).then_some((cd.id, v))
@@ -528,47 +531,11 @@ impl EditPlan {
     }
 }
 
-/// A token's denormalization `(scale, shift)`: SAE space → input space.
-type Denorm = (f32, f32);
-
-/// A TopK candidate; the heap's top is the *worst* kept candidate.
-#[derive(Clone, Copy)]
-struct Cand {
-    key: f32,
-    id: u32,
-}
-impl Cand {
-    fn better(&self, o: &Cand) -> bool {
-        match self.key.total_cmp(&o.key) {
-            Ordering::Greater => true,
-            Ordering::Less => false,
-            Ordering::Equal => self.id < o.id,
-        }
-    }
-}
-impl PartialEq for Cand {
-    fn eq(&self, o: &Self) -> bool {
-        self.key.total_cmp(&o.key) == Ordering::Equal && self.id == o.id
-    }
-}
-impl Eq for Cand {}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Cand {
-    /// "Greater" = worse, so the max-heap's top is the worst kept candidate.
-    fn cmp(&self, o: &Self) -> Ordering {
-        if self.better(o) {
-            Ordering::Less
-        } else if o.better(self) {
-            Ordering::Greater
-        } else {
-            Ordering::Equal
-        }
-    }
-}
+/// One token's denormalization `(scale, shift)`: SAE space → input space. The scalar
+/// form of [`crate::sae::Denorm`] (tensors, for the reference path), computed here from
+/// the token's own row so that the fused kernels stay independent of the oracle they are
+/// tested against.
+type TokenDenorm = (f32, f32);
 
 /// Strides and offset of a 2-D weight view.
 #[derive(Clone, Copy)]

@@ -50,7 +50,7 @@
 //!      prompts, to measure what leaving the sink out changes.
 //!
 //!    Ablations act only where the SAE was trained: from each sequence's position
-//!    `sae_skip` on (see [`sites`]). Generation is batched with the hooks live.
+//!    `sae_skip` on, which becomes the SAE's first trained position (see [`sites`]). Generation is batched with the hooks live.
 //! 8. **Second judge.** A seeded sample of `judge2_attempts` judged attempts (unsteered
 //!    and main conditions) is scored again by `judge2_model` (or, without one, by the same
 //!    model with the plain `judge2_template`) under the same relative log-prob rule;
@@ -96,11 +96,11 @@ use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
 use crate::hooks::{ActivationCache, HookPoint, Hooks};
 use crate::io::atomic::{write_bytes, write_json};
-use crate::model::generate::Rng;
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
 };
 use crate::progress::{Reporter, Step};
+use crate::rng::Rng;
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 
@@ -403,7 +403,7 @@ impl EsrConfig {
             meta: false,
             boost: 1.0,
             ablate,
-            skip: self.sae_skip,
+            all_positions: false,
             prompts,
             samples,
         };
@@ -438,11 +438,11 @@ impl EsrConfig {
         if self.sites_prompts > 0 {
             let m = self.sites_prompts;
             v.push(Arm {
-                skip: 0,
+                all_positions: true,
                 ..arm("otd_ablated_all_positions", Ablate::Set(otd.to_vec()), m, 1)
             });
             v.push(Arm {
-                skip: 0,
+                all_positions: true,
                 ..arm("steer_ablated_all_positions", Ablate::SteeringLatent, m, 1)
             });
         }
@@ -455,25 +455,12 @@ fn boost_name(f: f64) -> String {
     format!("boost_x{f:.2}")
 }
 
-fn dtype(s: &str) -> Result<candle_core::DType> {
-    match s {
-        "f32" => Ok(candle_core::DType::F32),
-        "f16" => Ok(candle_core::DType::F16),
-        "bf16" => Ok(candle_core::DType::BF16),
-        _ => Err(Error::Invalid(format!(
-            "model dtype `{s}`: expected f32, f16 or bf16"
-        ))),
-    }
+fn dtype(s: &str) -> Result<crate::FloatDtype> {
+    s.parse().map_err(|e: Error| e.for_setting("model_dtype"))
 }
 
 fn weights(s: &str) -> Result<WeightFormat> {
-    match s {
-        "dense" => Ok(WeightFormat::Dense),
-        "quantized" => Ok(WeightFormat::Quantized),
-        _ => Err(Error::Invalid(format!(
-            "model weights `{s}`: expected dense or quantized"
-        ))),
-    }
+    s.parse().map_err(|e: Error| e.for_setting("model_weights"))
 }
 
 /// Seconds per stage and throughput.
@@ -642,7 +629,7 @@ fn bar(cfg: &EsrConfig, len: u64, what: &str) -> Step {
 }
 
 /// Builds the hooks of one batch from its rows' prompt indices and left paddings.
-type BatchHooks<'h> = dyn FnMut(&[usize], &[usize]) -> Result<Hooks> + 'h;
+type BatchHooks<'h> = dyn FnMut(&[usize]) -> Result<Hooks> + 'h;
 
 impl Ctx<'_> {
     fn params(&self, max_new_tokens: usize, seed: u64) -> SamplingParams {
@@ -658,8 +645,8 @@ impl Ctx<'_> {
 
     /// Generate for prompts `which` (with the meta-prompt when `meta`) in fixed batches;
     /// prompt `which[j]` samples with seed `seed + j` whatever the hooks, so conditions
-    /// see identical random numbers. `hooks(rows, pads)` builds each batch's hooks from
-    /// its prompt indices and left paddings.
+    /// see identical random numbers. `hooks(rows)` builds each batch's hooks from its
+    /// prompt indices.
     fn generate(
         &mut self,
         meta: bool,
@@ -681,14 +668,9 @@ impl Ctx<'_> {
                 .iter()
                 .map(|&i| table.get(i).cloned().unwrap_or_default())
                 .collect();
-            // The left padding generate_batch gives each row.
-            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-            let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-            let mut h = hooks(chunk, &pads)?;
+            let mut h = hooks(chunk)?;
             let params = self.params(max_new_tokens, seed + (c * self.cfg.batch_size) as u64);
-            let gens = generate_batch(&mut self.model, &prompts, &params, &mut h, &mut |_, _| {
-                Ok(true)
-            })?;
+            let gens = generate_batch(&mut self.model, &prompts, &params, &mut h)?;
             for g in gens {
                 let mut ids = g.ids;
                 if g.stopped {
@@ -772,7 +754,9 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
 
     // 2. The SAE.
     let t0 = Instant::now();
-    let (sae, sae_eval, fire_counts, sae_dir) = prepare_sae(&mut cx, &answers, &sae_point)?;
+    let (mut sae, sae_eval, fire_counts, sae_dir) = prepare_sae(&mut cx, &answers, &sae_point)?;
+    // Splices leave the positions before `sae_skip` alone (see `sites`).
+    sae.set_first_trained_position(cfg.sae_skip);
     stage(&mut cx.timings, "sae", t0);
     let d_sae = sae.d_sae();
 
@@ -1264,30 +1248,6 @@ fn draw(pool: &[u32], k: usize, rng: &mut Rng) -> Vec<u32> {
     v
 }
 
-/// A fingerprint of the model files (file names, sizes, modification times): cheap even
-/// for a 140 GB checkpoint, the same whichever path reaches the files, and it changes when
-/// the files do.
-fn model_fingerprint(path: &Path) -> Result<String> {
-    let mut files = vec![path.to_path_buf()];
-    if path.is_dir() {
-        files = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        files.sort();
-    }
-    let mut s = String::new();
-    for f in files {
-        let m = std::fs::metadata(&f).map_err(|e| Error::io(&f, e))?;
-        let t = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
-        s.push_str(&format!("{}:{}:{};", name.unwrap_or_default(), m.len(), t));
-    }
-    Ok(s)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1305,7 +1265,7 @@ fn read_cache<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     let cfg = cx.cfg;
     let key = serde_json::json!({
-        "model": model_fingerprint(&cfg.model)?,
+        "model": crate::model::model_sha256(&cfg.model)?,
         "weights": [&cfg.model_weights, &cfg.model_dtype],
         "prompts": cx.prompts,
         "samples": cfg.chat_samples,
@@ -1360,8 +1320,8 @@ fn prepare_sae(
             let sae = Sae::load(p, &Device::Cpu)?;
             let key = format!(
                 "{}|{}|{}|{}",
-                model_fingerprint(p)?,
-                model_fingerprint(&cfg.model)?,
+                crate::model::model_sha256(p)?,
+                crate::model::model_sha256(&cfg.model)?,
                 cfg.model_weights,
                 cfg.model_dtype
             );
@@ -1412,7 +1372,7 @@ fn prepare_sae(
                 batch_size: cfg.batch_size,
                 max_tokens: Some(spec.tokens),
                 holdout_contexts: spec.holdout_contexts,
-                dtype: "f16".into(),
+                dtype: crate::FloatDtype::F16,
                 shard_rows: 65536,
                 progress: cfg.progress.clone(),
             };
@@ -1683,8 +1643,8 @@ fn calibrate(
     let mut hidden = Step::hidden();
     let mut probes: Vec<(f32, f64)> = Vec::new();
     let mut probe = |cx: &mut Ctx<'_>, v: f32| -> Result<f64> {
-        let mut hooks = |rows: &[usize], pads: &[usize]| {
-            trials::batch_hooks(sae, point, point, Some((latent, v)), &[], 0, 0, rows, pads)
+        let mut hooks = |rows: &[usize]| {
+            trials::batch_hooks(sae, point, point, Some((latent, v)), &[], 0, false, rows)
         };
         let gens = cx.generate(
             false,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::generate::Rng;
+use crate::rng::Rng;
 
 /// The standard normal quantile of 0.975 (two-sided 95%).
 pub const Z95: f64 = 1.959_963_984_540_054;

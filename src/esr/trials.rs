@@ -7,7 +7,7 @@ use crate::progress::Step;
 use crate::{Result, Sae};
 
 use super::judge::{self, Judge};
-use super::sites::SequenceSplice;
+use super::sites::RowSplices;
 use super::stats::Trial;
 use super::{Ctx, SteeringLatent};
 
@@ -38,8 +38,8 @@ pub(super) struct Arm {
     pub boost: f32,
     /// What is ablated.
     pub ablate: Ablate,
-    /// Positions at the start of each sequence left unedited (the SAE's untrained ones).
-    pub skip: usize,
+    /// Splice also the positions the SAE was not trained on (the attention sink).
+    pub all_positions: bool,
     /// The first `prompts` prompts.
     pub prompts: usize,
     /// Samples per prompt × latent (sample `s` has its own seed).
@@ -61,7 +61,8 @@ pub(super) fn trial_seed(seed: u64, latent: usize, sample: usize) -> u64 {
 
 /// The hooks of one batch: steering by `steer = (latent, strength)` at `steer_point`,
 /// then, at `sae_point`, row `b` (prompt `rows[b]`, left-padded by `pads[b]`) zero-ablates
-/// `sets[(rows[b] + rot) % sets.len()]` from its position `pads[b] + skip` on.
+/// `sets[(rows[b] + rot) % sets.len()]` at the positions the SAE was trained on (every
+/// position when `all_positions`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn batch_hooks(
     sae: &Sae,
@@ -70,9 +71,8 @@ pub(super) fn batch_hooks(
     steer: Option<(u32, f32)>,
     sets: &[Vec<u32>],
     rot: usize,
-    skip: usize,
+    all_positions: bool,
     rows: &[usize],
-    pads: &[usize],
 ) -> Result<Hooks> {
     let mut hooks = Hooks::new();
     if let Some((latent, strength)) = steer {
@@ -86,13 +86,17 @@ pub(super) fn batch_hooks(
         let splices = sets
             .iter()
             .map(|s| {
-                let edits = Edits::new(SpliceMode::ErrorPreserving).zero(s)?;
-                SaeSplice::new(sae, &edits, Positions::All)
+                let edits = Edits::new(SpliceMode::ErrorPreserving).zero(s);
+                let splice = SaeSplice::new(sae, &edits, Positions::All)?;
+                Ok(if all_positions {
+                    splice.including_untrained_positions()
+                } else {
+                    splice
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        let which = rows.iter().map(|&p| Some((p + rot) % sets.len())).collect();
-        let first = pads.iter().map(|&p| p + skip).collect();
-        hooks.add(*sae_point, SequenceSplice::new(splices, which, first)?);
+        let which = rows.iter().map(|&p| (p + rot) % sets.len()).collect();
+        hooks.add(*sae_point, RowSplices::new(splices, which)?);
     }
     Ok(hooks)
 }
@@ -120,7 +124,7 @@ pub(super) fn generate_arm(
         let strength = st.strength * arm.boost;
         for s in 0..arm.samples {
             let seed = trial_seed(cfg.seed, li, s);
-            let mut hooks = |rows: &[usize], pads: &[usize]| {
+            let mut hooks = |rows: &[usize]| {
                 batch_hooks(
                     sae,
                     steer_point,
@@ -128,9 +132,8 @@ pub(super) fn generate_arm(
                     Some((st.latent, strength)),
                     &sets,
                     li,
-                    arm.skip,
+                    arm.all_positions,
                     rows,
-                    pads,
                 )
             };
             let gens = cx.generate(arm.meta, &which, cfg.max_new_tokens, seed, &mut hooks, pb)?;

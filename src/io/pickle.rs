@@ -50,6 +50,7 @@ fn err(msg: impl Into<String>) -> Error {
 
 /// Element type of a stored tensor, named after its torch storage class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum PtDtype {
     /// `torch.FloatStorage` (float32).
     F32,
@@ -161,6 +162,7 @@ impl TensorInfo {
 
 /// A non-tensor entry of a state dict (e.g. a Python int or float).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Scalar {
     /// A Python `bool`.
     Bool(bool),

@@ -301,7 +301,7 @@ impl QMatrix {
     /// Stack matrices of equal width along the rows (`Q8_0` unless all share one format).
     pub fn cat_rows(parts: &[&QMatrix]) -> Result<Self> {
         let Some(first) = parts.first() else {
-            return Err(Error::Invalid("nothing to stack".into()));
+            return Err(Error::empty("the list of matrices to stack"));
         };
         let cols = first.cols;
         if parts.iter().any(|p| p.cols != cols) {

@@ -23,9 +23,10 @@ use super::source::{GgufSource, StSource, WeightSource};
 use super::HookedModel;
 use crate::hooks::{HookContext, HookPoint, Hooks, Phase};
 use crate::kernels::quant::QMatrix;
-use crate::{Error, Result};
+use crate::{Error, FloatDtype, Result};
 
-/// How the weight matrices are kept in memory.
+/// How the weight matrices are kept in memory. Parses from and prints as `dense` or
+/// `quantized`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WeightFormat {
@@ -45,39 +46,90 @@ pub enum WeightFormat {
     Quantized,
 }
 
-/// Options for loading a model.
+names!(WeightFormat, "weight format", Dense => "dense", Quantized => "quantized");
+
+/// Options for loading a model: [`LoadOptions::default`] and the `with_` methods.
+///
+/// ```
+/// use sae_ablate::model::{LoadOptions, WeightFormat};
+/// use sae_ablate::FloatDtype;
+/// let opts = LoadOptions::default()
+///     .with_weights(WeightFormat::Dense)
+///     .with_dtype(FloatDtype::BF16)
+///     .with_max_seq_len(4096);
+/// assert_eq!(opts.dtype, FloatDtype::BF16);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LoadOptions {
-    /// The dtype the weight matrices are kept in (`F32`, `F16` or `BF16`) with
-    /// [`WeightFormat::Dense`]; norms stay f32 and every activation is f32. Default `F32`.
+    /// The dtype the weight matrices are kept in with [`WeightFormat::Dense`]; norms stay
+    /// f32 and every activation is f32. Default `f32`.
     /// A product with `BF16` weights rounds its input to bf16 first, as a bf16 PyTorch
     /// model does (each product of two bf16 values is exact, the sums are f32): on CPUs
     /// with AVX512-BF16 it then runs as `vdpbf16ps`.
-    pub dtype: DType,
+    pub dtype: FloatDtype,
     /// Dense (default) or block-quantized weight matrices.
     pub weights: WeightFormat,
     /// Override the RoPE convention (default: the family's and source's).
     pub rope_style: Option<super::RopeStyle>,
     /// Cap the context length (saves the RoPE tables of 128k-context models).
     pub max_seq_len: Option<usize>,
-    /// The dtype the KV cache stores past positions in: `F32` (default: exact), or
-    /// `F16`/`BF16` (half the cache memory and half the attention reads of a long or
+    /// The dtype the KV cache stores past positions in: `f32` (default: exact), or
+    /// `f16`/`bf16` (half the cache memory and half the attention reads of a long or
     /// batched decode, as llama.cpp's default f16 cache). Attention computes in f32 either
     /// way, and a forward pass always uses its own positions' keys and values unrounded,
     /// so a prefill from position 0 is the same in every cache dtype.
-    pub kv_cache: DType,
+    pub kv_cache: FloatDtype,
     /// Device.
     pub device: Device,
+}
+
+impl LoadOptions {
+    /// With the dense weights' dtype.
+    pub fn with_dtype(mut self, dtype: FloatDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// With dense or block-quantized weights.
+    pub fn with_weights(mut self, weights: WeightFormat) -> Self {
+        self.weights = weights;
+        self
+    }
+
+    /// With a RoPE convention other than the family's and source's.
+    pub fn with_rope_style(mut self, style: super::RopeStyle) -> Self {
+        self.rope_style = Some(style);
+        self
+    }
+
+    /// With the context length capped at `max_seq_len` tokens.
+    pub fn with_max_seq_len(mut self, max_seq_len: usize) -> Self {
+        self.max_seq_len = Some(max_seq_len);
+        self
+    }
+
+    /// With the KV cache's dtype.
+    pub fn with_kv_cache(mut self, dtype: FloatDtype) -> Self {
+        self.kv_cache = dtype;
+        self
+    }
+
+    /// On `device`.
+    pub fn with_device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
-            dtype: DType::F32,
+            dtype: FloatDtype::F32,
             weights: WeightFormat::Dense,
             rope_style: None,
             max_seq_len: None,
-            kv_cache: DType::F32,
+            kv_cache: FloatDtype::F32,
             device: Device::Cpu,
         }
     }
@@ -256,21 +308,16 @@ impl Model {
         if let Some(m) = opts.max_seq_len {
             cfg.max_seq_len = cfg.max_seq_len.min(m.max(1));
         }
-        let dtype = match opts.dtype {
-            DType::F32 | DType::F16 | DType::BF16 => opts.dtype,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "weight dtype {other:?} not supported (use f32, f16 or bf16)"
-                )))
-            }
-        };
-        // Checked here so that the error comes before any weight is read.
-        KvCache::new(opts.kv_cache, 1)?;
+        let dtype = DType::from(opts.dtype);
         let quant = opts.weights == WeightFormat::Quantized;
         if quant && !opts.device.is_cpu() {
-            return Err(Error::Invalid(
-                "the quantized weight format runs on the CPU only".into(),
-            ));
+            return Err(Error::Unavailable {
+                backend: "the quantized weight format".into(),
+                why: format!(
+                    "runs on the CPU only, not on {:?} (load it on the CPU or use the dense format)",
+                    opts.device.location()
+                ),
+            });
         }
         let c = &cfg;
         // `validate` has checked every product below.
@@ -351,7 +398,7 @@ impl Model {
                 o,
                 qk_norm,
                 rope,
-                KvCache::new(opts.kv_cache, c.max_seq_len)?,
+                KvCache::new(opts.kv_cache, c.max_seq_len),
             )?;
             let mlp = Mlp::new(
                 Linear::from_weight(cat_rows(&[gate, up])?, None, 2 * c.d_ff)?,
@@ -432,7 +479,10 @@ impl Model {
                 let mut x = vec![0f32; ids.len() * d];
                 for (row, &id) in x.chunks_exact_mut(d).zip(&ids) {
                     q.dequantize_row(id as usize, row)
-                        .ok_or_else(|| Error::Invalid(format!("token id {id} out of range")))?;
+                        .ok_or(Error::TokenOutOfRange {
+                            id: id.into(),
+                            vocab: self.cfg.vocab_size,
+                        })?;
                 }
                 Tensor::from_vec(x, (ids.len(), d), &self.device)?
             }
@@ -523,18 +573,18 @@ impl Model {
             ))
         })?;
         if b == 0 || t == 0 {
-            return Err(Error::Invalid(format!(
-                "empty token batch of shape {:?}",
+            return Err(Error::empty(format!(
+                "the token batch of shape {:?}",
                 tokens.dims()
             )));
         }
         let ids = tokens.to_dtype(DType::U32)?.flatten_all()?;
         let max_id = ids.to_vec1::<u32>()?.into_iter().max().unwrap_or(0);
         if max_id as usize >= self.cfg.vocab_size {
-            return Err(Error::Invalid(format!(
-                "token id {max_id} out of range: the vocabulary has {} tokens",
-                self.cfg.vocab_size
-            )));
+            return Err(Error::TokenOutOfRange {
+                id: max_id.into(),
+                vocab: self.cfg.vocab_size,
+            });
         }
         if start_pos == 0 {
             self.reset();
@@ -545,11 +595,11 @@ impl Model {
             )));
         }
         if start_pos + t > self.cfg.max_seq_len {
-            return Err(Error::Invalid(format!(
-                "sequence of {} tokens exceeds the model's context length of {} tokens",
-                start_pos + t,
-                self.cfg.max_seq_len
-            )));
+            return Err(Error::ContextLength {
+                what: format!("{t} tokens at position {start_pos}"),
+                tokens: start_pos + t,
+                max: self.cfg.max_seq_len,
+            });
         }
         hooks.validate(self.cfg.n_layers)?;
         if let Some(p) = left_pad {
@@ -562,15 +612,14 @@ impl Model {
         }
         let pads = left_pad.filter(|p| p.iter().any(|&x| x > 0));
         let prompt_len = hooks.prompt_len();
-        let ctx = HookContext {
-            start_pos,
-            seq_len: t,
-            prompt_len,
-            phase: match prompt_len {
-                Some(p) if start_pos >= p && start_pos > 0 => Phase::Decode,
-                _ => Phase::Prefill,
-            },
+        let phase = match prompt_len {
+            Some(p) if start_pos >= p && start_pos > 0 => Phase::Decode,
+            _ => Phase::Prefill,
         };
+        let mut ctx = HookContext::new(start_pos, t, prompt_len, phase);
+        if let Some(p) = pads {
+            ctx = ctx.with_left_pad(p);
+        }
         if t == 1 && self.device.is_cpu() {
             let ids = ids.to_vec1::<u32>()?;
             // The whole step runs on a pool worker: its parallel sections then fork from

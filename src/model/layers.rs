@@ -25,7 +25,7 @@ use super::config::Activation;
 use super::linear::Weight;
 use super::RopeStyle;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::{Error, Result};
+use crate::{Error, FloatDtype, Result};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w` over the last dimension (candle's formula).
 /// Gemma's `(1 + w)` is stored as its sum.
@@ -271,20 +271,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache storing `dtype` (`F32`, `F16` or `BF16`) for up to `max_len`
-    /// positions.
-    pub fn new(dtype: DType, max_len: usize) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Invalid(format!(
-                "KV cache dtype {dtype:?} not supported (use f32, f16 or bf16)"
-            )));
-        }
-        Ok(KvCache {
+    /// An empty cache storing `dtype` for up to `max_len` positions.
+    pub fn new(dtype: FloatDtype, max_len: usize) -> Self {
+        KvCache {
             k: None,
             v: None,
-            dtype,
+            dtype: dtype.into(),
             max_len,
-        })
+        }
     }
 
     /// Forget every position.

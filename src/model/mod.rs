@@ -8,7 +8,8 @@
 //! * [`layers`]: the decoder's pieces (norms, attention, MLP, KV cache, block), public so
 //!   that other models can be built from them and hooked.
 //! * [`tokenizer`]: tokenizers from GGUF metadata or `tokenizer.json`, chat templates.
-//! * [`generate`](mod@generate): sampling and generation with hooks live at every step.
+//! * [`generate`] / [`generate_batch`] (module [`sampling`]): generation with hooks live at
+//!   every step; [`SamplingParams`], the sampler.
 //!
 //! # Adding a family
 //! A family is one file under `src/model/families/` (see `gemma.rs` or `qwen.rs`):
@@ -31,10 +32,11 @@
 pub mod config;
 pub mod decoder;
 mod families;
-pub mod generate;
 mod gguf;
+mod identity;
 pub mod layers;
 mod linear;
+pub mod sampling;
 mod source;
 mod spm;
 pub mod tokenizer;
@@ -46,8 +48,59 @@ use crate::Result;
 
 pub use config::{Activation, Family, LayerKind, ModelConfig, RopeScaling, RopeStyle};
 pub use decoder::{LoadOptions, Model, WeightFormat};
-pub use generate::{generate, generate_batch, Generation, SamplingParams};
+pub use identity::model_sha256;
+pub use sampling::{
+    generate, generate_batch, generate_batch_streaming, generate_streaming, Generation,
+    SamplingParams,
+};
 pub use tokenizer::{ChatTemplate, Tokenizer};
+
+/// Log-probabilities `log softmax(logits)` over the last dimension, in f32 (any float
+/// input dtype; the shape is kept): e.g. `[batch, seq, vocab]` from
+/// [`HookedModel::forward`].
+pub fn log_probs(logits: &Tensor) -> Result<Tensor> {
+    let last = logits.rank().checked_sub(1).ok_or_else(|| {
+        crate::Error::Invalid("log_probs: the logits are a scalar, not a vector".into())
+    })?;
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(candle_core::DType::F32)?,
+        last,
+    )?)
+}
+
+/// `log p(token)` at `position` of row `row` of `logits [batch, seq, vocab]`: the natural
+/// log of the softmax probability the model gives `token` as the next token after that
+/// position.
+///
+/// ```no_run
+/// use sae_ablate::hooks::Hooks;
+/// use sae_ablate::model::{self, HookedModel};
+/// # fn main() -> sae_ablate::Result<()> {
+/// let (mut m, tok) = model::load("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+///     &Default::default())?;
+/// let x = tok.encode_tensor("The capital of France is", m.device())?;
+/// let logits = m.forward(&x, 0, &mut Hooks::new())?;
+/// let last = x.dim(1)? - 1;
+/// let lp = model::token_log_prob(&logits, 0, last, tok.single_token(" Paris")?)?;
+/// assert!(lp < 0.0);
+/// # Ok(()) }
+/// ```
+pub fn token_log_prob(logits: &Tensor, row: usize, position: usize, token: u32) -> Result<f32> {
+    let (b, t, v) = logits.dims3().map_err(|_| {
+        crate::Error::Invalid(format!(
+            "token_log_prob: logits must be [batch, seq, vocab], got {:?}",
+            logits.dims()
+        ))
+    })?;
+    if row >= b || position >= t || token as usize >= v {
+        return Err(crate::Error::Invalid(format!(
+            "token_log_prob: row {row}, position {position}, token {token} outside logits \
+             of shape [{b}, {t}, {v}]"
+        )));
+    }
+    let l = logits.get(row)?.get(position)?;
+    Ok(log_probs(&l)?.get(token as usize)?.to_scalar::<f32>()?)
+}
 
 /// Load a model of any supported family and its tokenizer: a GGUF file (family from
 /// `general.architecture`, tokenizer from its metadata) or an HF directory (family from

@@ -482,10 +482,10 @@ impl Spm {
         let mut first = true;
         for &id in ids {
             let (Some(piece), Some(kind)) = (self.id_to_token(id), self.kind(id)) else {
-                return Err(Error::Invalid(format!(
-                    "token id {id} is not below the vocabulary size {}",
-                    self.len()
-                )));
+                return Err(Error::TokenOutOfRange {
+                    id: id.into(),
+                    vocab: self.len(),
+                });
             };
             let start = bytes.len();
             match kind {

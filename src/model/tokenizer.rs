@@ -505,9 +505,61 @@ impl Tokenizer {
         }
     }
 
-    /// The id of a token string, if it is in the vocabulary.
+    /// The id of a token string as the vocabulary spells it, if it is in the vocabulary:
+    /// byte-level BPE vocabularies (SmolLM2, Llama 3) write a leading space as `Ġ`
+    /// (`"ĠParis"`), SentencePiece ones (Gemma) as `▁`. To look up a piece of text, use
+    /// [`Tokenizer::single_token`].
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.backend.token_to_id(token)
+    }
+
+    /// The id of `text` when it is exactly one token (`" Paris"`, with its leading space as
+    /// it follows another word), e.g. to read `log p(" Paris")` from the logits. The BOS and
+    /// EOS that [`Tokenizer::encode`] adds are not counted. When `text` is several tokens
+    /// (or none) the error lists them, so the caller can pick one or change the text.
+    ///
+    /// ```no_run
+    /// # fn main() -> sae_ablate::Result<()> {
+    /// let (_, tok) = sae_ablate::model::load("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ///     &Default::default())?;
+    /// let paris = tok.single_token(" Paris")?;
+    /// assert_eq!(tok.id_to_token(paris).as_deref(), Some("ĠParis"));
+    /// # Ok(()) }
+    /// ```
+    pub fn single_token(&self, text: &str) -> Result<u32> {
+        let mut ids = self.encode(text)?;
+        if self.eos.is_some() && ids.last() == self.eos.as_ref() {
+            ids.pop();
+        }
+        if self.bos.is_some() && ids.first() == self.bos.as_ref() {
+            ids.remove(0);
+        }
+        match ids.as_slice() {
+            [id] => Ok(*id),
+            _ => {
+                let pieces: Vec<String> = ids
+                    .iter()
+                    .map(|&i| format!("{i} {:?}", self.id_to_token(i).unwrap_or_default()))
+                    .collect();
+                Err(Error::Invalid(format!(
+                    "{text:?} is not a single token: it encodes to {} token(s) [{}] \
+                     (a word after a space needs its leading space, e.g. \" Paris\")",
+                    ids.len(),
+                    pieces.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// `text`'s token ids (as [`Tokenizer::encode`]) as a `[1, n]` `u32` tensor on
+    /// `device`: the input of [`HookedModel::forward`](crate::model::HookedModel::forward).
+    pub fn encode_tensor(
+        &self,
+        text: &str,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::Tensor> {
+        let ids = self.encode(text)?;
+        Ok(candle_core::Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
     }
 
     /// The string of a token id as the vocabulary stores it (`▁the`, `<0x0A>`), if any.

@@ -241,6 +241,46 @@ impl Sae {
         Self::unflatten(&f, &lead, self.cfg.d_sae)
     }
 
+    /// The `k` strongest latents of each token of `x [..., d_in]`: per token (in row-major
+    /// order of the leading dimensions), the non-zero `(latent id, activation)` pairs of
+    /// [`Sae::encode`], largest activation first (ties: lower id first), at most `k`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use sae_ablate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
+    /// # fn main() -> sae_ablate::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let eye = Tensor::new(&[[1f32, 0., 0.], [0., 1., 0.], [0., 0., 1.]], &dev)?;
+    /// let zeros = Tensor::zeros(3, candle_core::DType::F32, &dev)?;
+    /// let sae = Sae::new(SaeConfig::new(Architecture::Standard, 3, 3),
+    ///     SaeWeights::new(eye.clone(), zeros.clone(), eye, zeros))?;
+    /// let top = sae.top_latents(&Tensor::new(&[[0.5f32, -1., 2.]], &dev)?, 2)?;
+    /// assert_eq!(top, vec![vec![(2, 2.0), (0, 0.5)]]);
+    /// # Ok(()) }
+    /// ```
+    pub fn top_latents(&self, x: &Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let d_sae = self.cfg.d_sae;
+        let f = self.encode(x)?;
+        let rows = f.elem_count() / d_sae;
+        let f = f.reshape((rows, d_sae))?.to_vec2::<f32>()?;
+        Ok(f.iter()
+            .map(|row| {
+                let mut nz: Vec<(u32, f32)> = (0u32..)
+                    .zip(row.iter().copied())
+                    .filter(|&(_, v)| v != 0.0)
+                    .collect();
+                let by_value =
+                    |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+                if nz.len() > k {
+                    nz.select_nth_unstable_by(k, by_value);
+                    nz.truncate(k);
+                }
+                nz.sort_unstable_by(by_value);
+                nz
+            })
+            .collect())
+    }
+
     /// Decode latents `[..., d_sae]` to `f W_dec + b_dec`, f32 `[..., d_in]`.
     ///
     /// A constant (`expected_average_only_in`) normalization is undone, as SAELens does

@@ -32,6 +32,7 @@ use crate::{Error, Result};
 
 /// The SAE's activation function family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Architecture {
     /// ReLU SAE (SAELens `standard`).
     Standard,
@@ -43,41 +44,18 @@ pub enum Architecture {
     Gated,
 }
 
-impl Architecture {
-    /// The SAELens name of the architecture.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Architecture::Standard => "standard",
-            Architecture::JumpRelu => "jumprelu",
-            Architecture::TopK => "topk",
-            Architecture::Gated => "gated",
-        }
-    }
-}
-
-impl std::fmt::Display for Architecture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Architecture {
-    type Err = Error;
-    /// Parses SAELens names (`standard`, `jumprelu`, `topk`, `gated`), plus the
-    /// aliases `relu` and `jump_relu`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "standard" | "relu" => Ok(Architecture::Standard),
-            "jumprelu" | "jump_relu" => Ok(Architecture::JumpRelu),
-            "topk" => Ok(Architecture::TopK),
-            "gated" => Ok(Architecture::Gated),
-            other => Err(Error::UnknownArchitecture(other.to_string())),
-        }
-    }
-}
+names!(
+    Architecture,
+    "SAE architecture",
+    Standard => "standard" | "relu",
+    JumpRelu => "jumprelu" | "jump_relu",
+    TopK => "topk",
+    Gated => "gated",
+);
 
 /// How the SAE normalizes its input (SAELens `normalize_activations`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Normalization {
     /// No normalization.
     None,
@@ -108,6 +86,7 @@ impl Normalization {
 
 /// Static description of an SAE, independent of its weights.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SaeConfig {
     /// Activation function family.
     pub architecture: Architecture,
@@ -129,6 +108,16 @@ pub struct SaeConfig {
     pub hook_name: Option<String>,
     /// Name of the model the SAE was trained on.
     pub model_name: Option<String>,
+    /// The first position of each context the SAE was trained on: `0` when it saw every
+    /// position; `1` when the first one was left out — the BOS token, or in a model
+    /// without one (SmolLM2) the first text token, which the model uses as an attention
+    /// sink with a norm far above the others. On such a position the SAE's code is
+    /// meaningless (a TopK SAE fires its `k` latents at huge values), so
+    /// [`SaeSplice`](crate::edit::SaeSplice) leaves positions below this one unchanged.
+    /// SAEs trained by this crate's [`train`](crate::train) set `1` (harvesting skips
+    /// the first position); the SAELens `cfg.json` stores it as
+    /// `metadata.first_trained_position`; other formats load `0`.
+    pub first_trained_position: usize,
 }
 
 impl SaeConfig {
@@ -145,6 +134,7 @@ impl SaeConfig {
             normalization: Normalization::None,
             hook_name: None,
             model_name: None,
+            first_trained_position: 0,
         }
     }
 }
@@ -304,6 +294,13 @@ impl Sae {
     /// The config.
     pub fn config(&self) -> &SaeConfig {
         &self.cfg
+    }
+
+    /// Record the first position of each context the SAE was trained on (see
+    /// [`SaeConfig::first_trained_position`]), e.g. `1` for a release trained without
+    /// the BOS position whose format does not say so.
+    pub fn set_first_trained_position(&mut self, position: usize) {
+        self.cfg.first_trained_position = position;
     }
     /// The weights.
     pub fn weights(&self) -> &SaeWeights {

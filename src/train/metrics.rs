@@ -43,7 +43,7 @@ fn f64_sum(t: &Tensor) -> Result<f64> {
 pub fn mse(x: &Tensor, x_hat: &Tensor) -> Result<f64> {
     let (n, d) = same_shape(x, x_hat)?;
     if n * d == 0 {
-        return Err(Error::Invalid("mse of an empty set".into()));
+        return Err(Error::empty("the token set of mse"));
     }
     let e = (x.to_dtype(DType::F64)? - x_hat.to_dtype(DType::F64)?)?;
     Ok(f64_sum(&e.sqr()?)? / (n * d) as f64)
@@ -82,7 +82,7 @@ fn ratio(err: f64, var: f64) -> Result<f64> {
 pub fn mean_l0(f: &Tensor) -> Result<f64> {
     let (n, _) = dims2("latents", f)?;
     if n == 0 {
-        return Err(Error::Invalid("mean L0 of an empty set".into()));
+        return Err(Error::empty("the token set of mean L0"));
     }
     let active = f.to_dtype(DType::F32)?.gt(0f64)?.to_dtype(DType::F64)?;
     Ok(f64_sum(&active)? / n as f64)
@@ -102,7 +102,7 @@ pub fn fire_counts(f: &Tensor) -> Result<Vec<f64>> {
 /// summed over batches). Errors on an empty slice.
 pub fn dead_fraction(counts: &[f64]) -> Result<f64> {
     if counts.is_empty() {
-        return Err(Error::Invalid("dead fraction of zero latents".into()));
+        return Err(Error::empty("the latent set of the dead fraction"));
     }
     Ok(counts.iter().filter(|&&c| c.is_nan() || c <= 0.0).count() as f64 / counts.len() as f64)
 }
@@ -173,7 +173,7 @@ impl MetricsAccumulator {
     pub fn mse(&self) -> Result<f64> {
         let m = self.tokens as f64 * self.d_in as f64;
         if m == 0.0 {
-            return Err(Error::Invalid("mse of an empty set".into()));
+            return Err(Error::empty("the token set of mse"));
         }
         Ok(self.sq_err / m)
     }
@@ -190,7 +190,7 @@ impl MetricsAccumulator {
     /// Mean L0 over all tokens seen.
     pub fn mean_l0(&self) -> Result<f64> {
         if self.tokens == 0 {
-            return Err(Error::Invalid("mean L0 of an empty set".into()));
+            return Err(Error::empty("the token set of mean L0"));
         }
         Ok(self.active / self.tokens as f64)
     }

@@ -54,7 +54,6 @@ mod init;
 pub mod metrics;
 #[cfg(feature = "plot")]
 mod plot;
-mod rng;
 mod source;
 mod topk;
 
@@ -72,14 +71,16 @@ pub use source::{ActivationSource, InMemorySource, ShardSource};
 
 use crate::io::atomic::write_json;
 use crate::progress::Reporter;
+use crate::rng::Rng;
 use crate::sae::{Architecture, Sae, SaeConfig, SaeWeights};
 use crate::{Error, Result};
 use adamw::{Hyper, Moments};
-use rng::Rng;
 use topk::{SparseDecode, SparseEncGrad, TopKIndices};
 
-/// The SAE architectures the trainer supports.
+/// The SAE architectures the trainer supports. Parses from and prints as `topk` or
+/// `standard` (also read: `l1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum TrainArchitecture {
     /// TopK with AuxK (sparsify).
     #[serde(rename = "topk")]
@@ -89,9 +90,17 @@ pub enum TrainArchitecture {
     Standard,
 }
 
+names!(
+    TrainArchitecture,
+    "training architecture",
+    TopK => "topk",
+    Standard => "standard" | "l1",
+);
+
 /// How `b_dec` is initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum BDecInit {
     /// Geometric median of a sample (Weiszfeld iterations).
     GeometricMedian,
@@ -160,6 +169,10 @@ pub struct TrainConfig {
     pub hook_name: Option<String>,
     /// Model the activations came from (saved in the SAE's metadata).
     pub model_name: Option<String>,
+    /// The first position of each context the activations come from, saved as the SAE's
+    /// [`SaeConfig::first_trained_position`]: `1` for [`harvest`](crate::harvest)'s shards
+    /// (it never writes a context's first position); `0` for activations of every position.
+    pub first_trained_position: usize,
     /// Where progress goes (nothing by default); not saved.
     #[serde(skip)]
     pub progress: Reporter,
@@ -199,6 +212,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             hook_name: None,
             model_name: None,
+            first_trained_position: 1,
             progress: Reporter::none(),
         }
     }
@@ -348,6 +362,7 @@ impl TrainConfig {
 
 /// One step's numbers, as written to `train_log.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StepLog {
     /// Step number, starting at 1.
     pub step: usize,
@@ -375,6 +390,7 @@ pub struct StepLog {
 
 /// The result of [`train`]: the SAE and the per-step log.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TrainedSae {
     /// The trained SAE (f32, CPU).
     pub sae: Sae,
@@ -421,7 +437,7 @@ impl<'a> Trainer<'a> {
             )));
         }
         let (d, n) = (cfg.d_in, cfg.d_sae);
-        let mut rng = Rng::new(cfg.seed, 1);
+        let mut rng = Rng::with_stream(cfg.seed, 1);
         let mut w_dec = vec![0f32; n * d];
         for row in w_dec.chunks_exact_mut(d) {
             row.iter_mut().for_each(|v| *v = rng.normal() as f32);
@@ -502,6 +518,7 @@ impl<'a> Trainer<'a> {
         }
         sc.hook_name = c.hook_name.clone();
         sc.model_name = c.model_name.clone();
+        sc.first_trained_position = c.first_trained_position;
         let snap = |v: &Var| -> Result<Tensor> { Ok(v.as_tensor().copy()?.detach()) };
         Sae::new(
             sc,

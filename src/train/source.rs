@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::rng::Rng;
 use crate::harvest::{shard_paths, ACTIVATIONS_TENSOR};
 use crate::io::TensorFile;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// A never-ending stream of shuffled activation batches.
@@ -45,7 +45,7 @@ impl InMemorySource {
         let n = data.len() / d_in;
         let n32 = u32::try_from(n)
             .map_err(|_| Error::Invalid(format!("in-memory activations: {n} rows is too many")))?;
-        let mut rng = Rng::new(seed, 0x5055_5243);
+        let mut rng = Rng::with_stream(seed, 0x5055_5243);
         let mut order: Vec<u32> = (0..n32).collect();
         rng.shuffle(&mut order);
         Ok(InMemorySource {
@@ -120,7 +120,7 @@ impl ShardSource {
     /// present, 2-D, of a float dtype, non-empty, and share one `d_in`.
     pub fn new(paths: Vec<PathBuf>, buffer_rows: usize, seed: u64) -> Result<Self> {
         if paths.is_empty() {
-            return Err(Error::Invalid("no activation shards given".into()));
+            return Err(Error::empty("the list of activation shards"));
         }
         let mut d_in = None;
         for p in &paths {
@@ -157,7 +157,7 @@ impl ShardSource {
             }
         }
         let d_in = d_in.unwrap_or(0);
-        let mut rng = Rng::new(seed, 0x0053_4841_5244);
+        let mut rng = Rng::with_stream(seed, 0x0053_4841_5244);
         let mut shard_order: Vec<usize> = (0..paths.len()).collect();
         rng.shuffle(&mut shard_order);
         Ok(ShardSource {

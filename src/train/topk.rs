@@ -12,9 +12,6 @@
 //!   is `∂/∂W_enc = x'ᵀ g` computed over the non-zero entries of `g` only. With TopK, `g`
 //!   has at most `k (+ k_aux)` non-zeros per token, so this replaces a dense product.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
-
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -44,15 +41,9 @@ fn u32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: bad layout")))
 }
 
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(a, b)| a * b).sum()
-}
+// The scalar kernels: the training results stay bit-identical on every CPU.
+use crate::kernels::simd::{axpy_scalar as axpy, dot_scalar as dot};
+use crate::topk::{top_k, Cand, TopKHeap};
 
 /// The ids of the `k` largest entries of each row, `u32 [N, k]`.
 pub(crate) struct TopKIndices {
@@ -75,31 +66,20 @@ impl CustomOp1 for TopKIndices {
         let mut out = vec![0u32; n * k];
         if k > 0 {
             out.par_chunks_mut(k).zip(src.par_chunks(d)).for_each_init(
-                || BinaryHeap::<Reverse<Cand>>::with_capacity(k + 1),
+                || TopKHeap::with_capacity(k + 1),
                 |heap, (o, row)| {
-                    top_k(row, k, heap);
-                    for (slot, Reverse(c)) in o.iter_mut().zip(heap.iter()) {
-                        *slot = c.1;
+                    let cands = row
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &key)| Cand { key, id: i as u32 });
+                    top_k(cands, k, heap);
+                    for (slot, c) in o.iter_mut().zip(heap.iter()) {
+                        *slot = c.0.id;
                     }
                 },
             );
         }
         Ok((CpuStorage::U32(out), Shape::from((n, k))))
-    }
-}
-
-/// Fill `heap` with the `k` best entries of `row`.
-fn top_k(row: &[f32], k: usize, heap: &mut BinaryHeap<Reverse<Cand>>) {
-    heap.clear();
-    for (i, &v) in row.iter().enumerate() {
-        let c = Cand(v, i as u32);
-        if heap.len() < k {
-            heap.push(Reverse(c));
-        } else if let Some(mut worst) = heap.peek_mut() {
-            if c > worst.0 {
-                *worst = Reverse(c);
-            }
-        }
     }
 }
 
@@ -261,27 +241,6 @@ impl CustomOp3 for GradW {
         Ok((CpuStorage::F32(out), Shape::from((n, d))))
     }
 }
-
-#[derive(Clone, Copy)]
-struct Cand(f32, u32);
-
-impl Ord for Cand {
-    /// Greater = better: larger value, then lower index.
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
-    }
-}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl PartialEq for Cand {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Cand {}
 
 /// `(x' [N, d_in], W_enc [d_in, d_sae]) → zeros [N, d_sae]` whose backward gives
 /// `∂/∂W_enc = x'ᵀ g` from the non-zeros of `g` (see the module docs).

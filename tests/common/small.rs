@@ -39,7 +39,7 @@ pub fn sae(arch: Architecture) -> Sae {
             w.r_mag = Some(t1(&[0., std::f32::consts::LN_2, 0.]));
             w.b_mag = Some(t1(&[-1., 0., 0.5]));
         }
-        Architecture::Standard => {}
+        _ => {}
     }
     Sae::new(c, w).unwrap()
 }
@@ -102,7 +102,7 @@ pub fn random(arch: Architecture, d_in: usize, d_sae: usize, dtype: DType, seed:
             w.r_mag = Some(cast(next(d_sae, 0.3)));
             w.b_mag = Some(cast(next(d_sae, 0.1)));
         }
-        Architecture::Standard => {}
+        _ => {}
     }
     Sae::new(c, w).unwrap()
 }

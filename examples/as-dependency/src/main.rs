@@ -74,9 +74,9 @@ fn run() -> Result<()> {
     // Edits through the fused plan, against the reference splice.
     let ablate = LatentSet::new(&[3, 17, 99, 200], sae.d_sae())?;
     let edits = Edits::new(SpliceMode::ErrorPreserving)
-        .zero(ablate.ids())?
-        .with(5, LatentEdit::Clamp(1.5))?
-        .steer(42, 2.0)?;
+        .zero(ablate.ids())
+        .with(5, LatentEdit::Clamp(1.5))
+        .steer(42, 2.0);
     let x = Tensor::from_vec(values(8 * d, 5, 1.0), (8, d), &dev)?;
     let plan = EditPlan::new(&sae, &edits)?;
     let fused = plan.apply(&x)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::Args;
 use sae_ablate::bench::{measure_ceilings, op_work, random_sae, Op, Path, Prepared};
-use sae_ablate::{Error, Result, Sae};
+use sae_ablate::{Error, FloatDtype, Result, Sae};
 
 /// Arguments of `sae-ablate bench`.
 #[derive(Args)]
@@ -18,7 +18,7 @@ pub struct BenchArgs {
     random: Option<String>,
     /// Weight dtype of the random SAE: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: FloatDtype,
     /// Batch sizes (tokens per call).
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     batch: Vec<usize>,
@@ -43,8 +43,17 @@ pub struct BenchArgs {
     no_ceilings: bool,
     /// Where the fused kernels run: `cpu`, or `cuda` (experimental: a build with the `cuda`
     /// feature, an NVIDIA driver, NVRTC and cuBLAS 12; rows are always JSON).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    device: BenchDevice,
+}
+
+/// Where `bench` runs the fused kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchDevice {
+    /// The CPU kernels.
+    Cpu,
+    /// The experimental CUDA kernels.
+    Cuda,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
@@ -70,17 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         (Some(p), None) => Sae::load(p, &Device::Cpu)?,
         (None, Some(s)) => {
             let (d_in, d_sae) = parse_size(s)?;
-            let dtype = match args.dtype.as_str() {
-                "f32" => DType::F32,
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                o => {
-                    return Err(Error::Invalid(format!(
-                        "bad --dtype `{o}` (f32, f16, bf16)"
-                    )))
-                }
-            };
-            random_sae(d_in, d_sae, dtype, 75.0, 42)?
+            random_sae(d_in, d_sae, args.dtype.into(), 75.0, 42)?
         }
         _ => {
             return Err(Error::Invalid(
@@ -88,14 +87,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ))
         }
     };
-    match args.device.as_str() {
-        "cpu" => {}
-        "cuda" => return run_cuda(&args, &sae),
-        other => {
-            return Err(Error::Invalid(format!(
-                "bad --device `{other}` (cpu, cuda)"
-            )))
-        }
+    if args.device == BenchDevice::Cuda {
+        return run_cuda(&args, &sae);
     }
     let size = format!("{}x{}", sae.d_in(), sae.d_sae());
     let dtype = format!("{:?}", sae.dtype()).to_lowercase();
@@ -227,8 +220,9 @@ fn run_cuda(args: &BenchArgs, sae: &Sae) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: &BenchArgs, _: &Sae) -> Result<()> {
-    Err(Error::Invalid(
-        "--device cuda: this binary was built without the `cuda` feature (cargo build --release --features cuda)"
+    Err(Error::Unavailable {
+        backend: "--device cuda".into(),
+        why: "this binary was built without the `cuda` feature (cargo build --release --features cuda)"
             .into(),
-    ))
+    })
 }

@@ -60,21 +60,21 @@ impl EditArgs {
 
     /// The edits, validated against an SAE with `d_sae` latents when applied.
     pub fn edits(&self, d_sae: usize) -> Result<Edits> {
-        let mut edits = Edits::new(self.mode).zero(&self.zero)?;
+        let mut edits = Edits::new(self.mode).zero(&self.zero);
         if let Some(name) = &self.zero_preset {
-            edits = edits.zero(sae_ablate::esr::latent_preset(name, d_sae)?.ids())?;
+            edits = edits.zero(sae_ablate::esr::latent_preset(name, d_sae)?.ids());
         }
         for (id, v) in pairs("clamp", &self.clamp)? {
-            edits = edits.with(id, LatentEdit::Clamp(v))?;
+            edits = edits.with(id, LatentEdit::Clamp(v));
         }
         for (id, v) in pairs("scale", &self.scale)? {
-            edits = edits.with(id, LatentEdit::Scale(v))?;
+            edits = edits.with(id, LatentEdit::Scale(v));
         }
         for (id, v) in pairs("add", &self.add)? {
-            edits = edits.with(id, LatentEdit::Add(v))?;
+            edits = edits.with(id, LatentEdit::Add(v));
         }
         for (id, c) in pairs("steer", &self.steer)? {
-            edits = edits.steer(id, c)?;
+            edits = edits.steer(id, c);
         }
         Ok(edits)
     }

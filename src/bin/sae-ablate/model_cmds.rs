@@ -7,9 +7,9 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use sae_ablate::hooks::{HookContext, HookPoint, Hooks, Positions, SaeSplice};
 use sae_ablate::io::npy;
-use sae_ablate::model::{self, HookedModel, LoadOptions, SamplingParams};
+use sae_ablate::model::{self, HookedModel, LoadOptions, SamplingParams, WeightFormat};
 use sae_ablate::sae::Sae;
-use sae_ablate::{Error, Result};
+use sae_ablate::{Error, FloatDtype, Result};
 
 /// An SAE splice with latent edits (all optional: no `--sae`, no splice).
 #[derive(Args, Debug)]
@@ -22,9 +22,15 @@ pub struct SpliceArgs {
     hook: Option<String>,
     #[command(flatten)]
     edit: crate::edit_args::EditArgs,
-    /// Positions the splice acts on: `all`, `prompt`, `generated` or an absolute range `A..B`.
+    /// Positions the splice acts on: `all`, `prompt`, `generated`, an absolute range `A..B`
+    /// or `A..`. Positions before the SAE's first trained position are never spliced.
     #[arg(long, default_value = "all")]
-    positions: String,
+    positions: Positions,
+    /// The first position of each context the SAE was trained on (default: what its config
+    /// says, `1` for SAEs trained by this crate, else `0`); positions before it are left
+    /// unchanged (`0`: splice every position, the attention sink included).
+    #[arg(long, value_name = "N")]
+    sae_first_position: Option<usize>,
 }
 
 /// How the model's weights are kept in memory.
@@ -34,40 +40,28 @@ pub struct LoadArgs {
     /// input rounded to bf16, as a bf16 PyTorch model does; with AVX512-BF16 the fastest
     /// dense batched decode).
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: FloatDtype,
     /// `dense` (dequantized to --dtype; the reference) or `quantized` (GGUF Q4_1/Q8_0
     /// blocks as stored, other tensors as Q8_0, 8-bit activations: the fastest decode).
     #[arg(long, default_value = "dense")]
-    weights: String,
+    weights: WeightFormat,
     /// What the KV cache stores past positions in: f32 (default, exact), f16 or bf16
     /// (half the cache memory and attention reads; llama.cpp's default is f16).
     #[arg(long, default_value = "f32")]
-    kv_cache: String,
+    kv_cache: FloatDtype,
 }
 
 impl LoadArgs {
     fn describe(&self) -> String {
-        let w = match self.weights.as_str() {
-            "quantized" => "quantized".into(),
-            _ => self.dtype.clone(),
+        let w = match self.weights {
+            WeightFormat::Quantized => self.weights.to_string(),
+            _ => self.dtype.to_string(),
         };
-        if self.kv_cache == "f32" {
+        if self.kv_cache == FloatDtype::F32 {
             w
         } else {
             format!("{w}, {} KV cache", self.kv_cache)
         }
-    }
-}
-
-/// `f32`, `f16` or `bf16` → the dtype; `what` names the flag in the error.
-fn parse_dtype(s: &str, what: &str) -> Result<candle_core::DType> {
-    match s {
-        "f32" => Ok(candle_core::DType::F32),
-        "f16" => Ok(candle_core::DType::F16),
-        "bf16" => Ok(candle_core::DType::BF16),
-        other => Err(Error::Invalid(format!(
-            "bad {what} `{other}`: f32, f16 or bf16"
-        ))),
     }
 }
 
@@ -149,7 +143,10 @@ fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
         }
         return Ok(hooks);
     };
-    let sae = Sae::load(path, &Device::Cpu)?;
+    let mut sae = Sae::load(path, &Device::Cpu)?;
+    if let Some(p) = s.sae_first_position {
+        sae.set_first_trained_position(p);
+    }
     let hook = match (&s.hook, &sae.config().hook_name) {
         (Some(h), _) => h.clone(),
         (None, Some(h)) => h.clone(),
@@ -162,17 +159,15 @@ fn build_hooks(s: &SpliceArgs, m: &dyn HookedModel) -> Result<Hooks> {
     };
     let point: HookPoint = hook.parse()?;
     point.validate(m.n_layers())?;
-    if sae.d_in() != m.d_model() {
-        return Err(Error::Invalid(format!(
-            "{}: the SAE has d_in = {} but the model's residual width is {}",
-            path.display(),
-            sae.d_in(),
-            m.d_model()
-        )));
+    if sae.d_in() != m.hook_width(&point) {
+        return Err(Error::WidthMismatch {
+            what: format!("{} at {point}", path.display()),
+            d_in: sae.d_in(),
+            width: m.hook_width(&point),
+        });
     }
     let edits = s.edit.edits(sae.d_sae())?;
-    let positions: Positions = s.positions.parse()?;
-    hooks.add(point, SaeSplice::new(&sae, &edits, positions)?);
+    hooks.add(point, SaeSplice::new(&sae, &edits, s.positions.clone())?);
     Ok(hooks)
 }
 
@@ -184,7 +179,7 @@ fn prompt_ids(tok: &model::Tokenizer, prompt: &str, chat: bool) -> Result<Vec<u3
     };
     let ids = tok.encode(&text)?;
     if ids.is_empty() {
-        return Err(Error::Invalid("the prompt has no tokens".into()));
+        return Err(Error::empty("the prompt's token sequence"));
     }
     Ok(ids)
 }
@@ -202,38 +197,26 @@ fn pin_thread_count() {
     }
 }
 
-pub(crate) fn load_opts(a: &LoadArgs) -> Result<LoadOptions> {
-    load_opts_from((&a.dtype, "--dtype"), &a.weights, &a.kv_cache)
+pub(crate) fn load_opts(a: &LoadArgs) -> LoadOptions {
+    load_opts_from(a.dtype, a.weights, a.kv_cache)
 }
 
-/// [`LoadOptions`] from the flags' strings: dense dtype (and its flag's name, for the
-/// error), weight format, KV cache dtype.
+/// [`LoadOptions`] from the flags: dense dtype, weight format, KV cache dtype.
 pub(crate) fn load_opts_from(
-    dtype: (&str, &str),
-    weights: &str,
-    kv_cache: &str,
-) -> Result<LoadOptions> {
+    dtype: FloatDtype,
+    weights: WeightFormat,
+    kv_cache: FloatDtype,
+) -> LoadOptions {
     pin_thread_count();
-    let weights = match weights {
-        "dense" => model::WeightFormat::Dense,
-        "quantized" => model::WeightFormat::Quantized,
-        other => {
-            return Err(Error::Invalid(format!(
-                "bad --weights `{other}`: dense or quantized"
-            )))
-        }
-    };
-    Ok(LoadOptions {
-        dtype: parse_dtype(dtype.0, dtype.1)?,
-        weights,
-        kv_cache: parse_dtype(kv_cache, "--kv-cache")?,
-        ..Default::default()
-    })
+    LoadOptions::default()
+        .with_dtype(dtype)
+        .with_weights(weights)
+        .with_kv_cache(kv_cache)
 }
 
 /// `sae-ablate logits`.
 pub fn logits(a: LogitsArgs) -> Result<()> {
-    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load)?)?;
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load))?;
     let mut hooks = build_hooks(&a.splice, &m)?;
     let ids = prompt_ids(&tok, &a.prompt, a.chat)?;
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
@@ -256,13 +239,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                 .map(str::to_string),
         );
         if prompts.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: no prompt (every line is empty)",
+            return Err(Error::empty(format!(
+                "{}: the list of prompts (every line is blank)",
                 f.display()
             )));
         }
     }
-    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load)?)?;
+    let (mut m, tok) = model::load(&a.model, &load_opts(&a.load))?;
     let mut hooks = build_hooks(&a.splice, &m)?;
     let params = SamplingParams {
         max_new_tokens: a.max_new_tokens,
@@ -281,7 +264,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             .iter()
             .map(|p| prompt_ids(&tok, p, a.chat))
             .collect::<Result<_>>()?;
-        let gens = model::generate_batch(&mut m, &ids, &params, &mut hooks, &mut |_, _| Ok(true))?;
+        let gens = model::generate_batch(&mut m, &ids, &params, &mut hooks)?;
         for (p, g) in prompts.iter().zip(&gens) {
             let text = tok.decode(&g.ids, true)?;
             if a.json {
@@ -303,7 +286,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut printed = 0usize;
     let stream = !a.json;
     let stdout = std::io::stdout();
-    let g = model::generate(&mut m, &ids, &params, &mut hooks, &mut |id| {
+    let g = model::generate_streaming(&mut m, &ids, &params, &mut hooks, &mut |id| {
         if stream {
             out.push(id);
             // Decode everything so far and print the new suffix (multi-byte safe).
@@ -390,11 +373,9 @@ fn harvest_vs_forward(
 ) -> Result<(f64, f64)> {
     use sae_ablate::harvest::{self, ActivationStore, Contexts, HarvestConfig};
     let point = HookPoint::ResidPost(m.n_layers() / 2);
-    let cfg = HarvestConfig {
-        hooks: vec![point.to_string()],
-        max_tokens: Some(tokens),
-        ..Default::default()
-    };
+    let mut cfg = HarvestConfig::default();
+    cfg.hooks = vec![point.to_string()];
+    cfg.max_tokens = Some(tokens);
     let ctx = Contexts::build(tok, &harvest::corpus_files(corpus)?, cfg.context_len)?;
     let before = plain_forward_rows_per_s(m, &ctx, &cfg, point)?;
     let dir = std::env::temp_dir().join(format!("sae-ablate-bench-harvest-{}", std::process::id()));
@@ -483,13 +464,20 @@ fn read_bandwidth_gbs() -> f64 {
 /// `sae-ablate bench-model`: prefill and decode tokens/s without hooks, with a no-op hook at
 /// every hook point, and with the SAE splice when `--sae` is given.
 pub fn bench_model(a: BenchModelArgs) -> Result<()> {
-    let opts = load_opts(&a.load)?;
+    let opts = load_opts(&a.load);
     let (mut m, tok) = model::load(&a.model, &opts)?;
-    if a.prefill_tokens == 0 || a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
-        return Err(Error::Invalid(format!(
-            "--prefill-tokens must be positive and prefill + decode ≤ the context length {}",
-            m.max_seq_len()
-        )));
+    if a.prefill_tokens == 0 {
+        return Err(Error::empty("--prefill-tokens 0: the prefill"));
+    }
+    if a.prefill_tokens + a.decode_tokens > m.max_seq_len() {
+        return Err(Error::ContextLength {
+            what: format!(
+                "--prefill-tokens {} + --decode-tokens {}",
+                a.prefill_tokens, a.decode_tokens
+            ),
+            tokens: a.prefill_tokens + a.decode_tokens,
+            max: m.max_seq_len(),
+        });
     }
     let bytes = m.weight_bytes();
     // Measured before and after the timed runs, the better of the two kept: on a shared
@@ -524,7 +512,7 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
             ),
         )?;
         let ids: Vec<u32> = (0..26).map(|i| (i * ds / 26) as u32).collect();
-        let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids)?;
+        let edits = Edits::new(SpliceMode::ErrorPreserving).zero(&ids);
         let point = HookPoint::ResidPost(m.n_layers() / 2);
         let splice = SaeSplice::new(&sae, &edits, Positions::All)?;
         configs.push(("esr26_splice", Hooks::new().with(point, splice)));

@@ -6,10 +6,11 @@ use candle_core::Device;
 use clap::Args;
 use sae_ablate::eval::{evaluate, plot_latent_density, EvalConfig};
 use sae_ablate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig, Manifest};
-use sae_ablate::model::{self, LoadOptions};
+use sae_ablate::hooks::HookPoint;
+use sae_ablate::model::{self, LoadOptions, WeightFormat};
 use sae_ablate::sae::Sae;
 use sae_ablate::train::{self, ActivationSource, ShardSource, TrainArchitecture, TrainConfig};
-use sae_ablate::{Error, Result};
+use sae_ablate::{Error, FloatDtype, Result};
 
 use crate::model_cmds::{load_opts, load_opts_from, LoadArgs};
 
@@ -46,17 +47,17 @@ pub struct HarvestArgs {
     /// Contexts at the end of the corpus held out for `eval` (use the same value there).
     #[arg(long, default_value_t = 64)]
     holdout_contexts: usize,
-    /// Shard dtype: f16 or f32.
+    /// Shard dtype: f16, f32 or bf16.
     #[arg(long, default_value = "f16")]
-    dtype: String,
+    dtype: FloatDtype,
     /// The model's dense weight dtype after loading: f32 (default), f16 or bf16 (bf16
     /// products round their input to bf16, as a bf16 PyTorch model does; with
     /// AVX512-BF16 the fastest batched forward). `--dtype` here is the shards'.
     #[arg(long, default_value = "f32")]
-    model_dtype: String,
+    model_dtype: FloatDtype,
     /// `dense` (dequantized to --model-dtype) or `quantized` (GGUF blocks as stored).
     #[arg(long, default_value = "dense")]
-    weights: String,
+    weights: WeightFormat,
     /// Rows per shard.
     #[arg(long, default_value_t = 65536)]
     shard_rows: usize,
@@ -83,7 +84,7 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
     /// `topk` or `standard` (L1).
     #[arg(long)]
-    architecture: Option<String>,
+    architecture: Option<TrainArchitecture>,
     /// Number of latents.
     #[arg(long)]
     d_sae: Option<usize>,
@@ -130,7 +131,7 @@ pub struct EvalArgs {
     corpus: PathBuf,
     /// Hook point (default: the SAE's hook_name).
     #[arg(long)]
-    hook: Option<String>,
+    hook: Option<HookPoint>,
     /// Tokens per context (as in harvest).
     #[arg(long, default_value_t = 128)]
     context_len: usize,
@@ -159,18 +160,17 @@ fn load_model(path: &Path, opts: &LoadOptions) -> Result<(model::Model, model::T
 }
 
 pub fn harvest(a: HarvestArgs) -> Result<()> {
-    let opts = load_opts_from((&a.model_dtype, "--model-dtype"), &a.weights, "f32")?;
+    let opts = load_opts_from(a.model_dtype, a.weights, FloatDtype::F32);
     let (mut m, tok) = load_model(&a.model, &opts)?;
-    let cfg = HarvestConfig {
-        hooks: a.hooks,
-        context_len: a.context_len,
-        batch_size: a.batch_size,
-        max_tokens: a.max_tokens,
-        holdout_contexts: a.holdout_contexts,
-        dtype: a.dtype,
-        shard_rows: a.shard_rows,
-        progress: crate::progress::reporter(a.quiet),
-    };
+    let mut cfg = HarvestConfig::default();
+    cfg.hooks = a.hooks;
+    cfg.context_len = a.context_len;
+    cfg.batch_size = a.batch_size;
+    cfg.max_tokens = a.max_tokens;
+    cfg.holdout_contexts = a.holdout_contexts;
+    cfg.dtype = a.dtype;
+    cfg.shard_rows = a.shard_rows;
+    cfg.progress = crate::progress::reporter(a.quiet);
     let r = ActivationStore::new(&a.out).harvest(&mut m, &tok, &a.model, &a.corpus, &cfg)?;
     let shards: usize = r.manifest.outputs.iter().map(|o| o.shards.len()).sum();
     println!(
@@ -202,11 +202,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let m = Manifest::read(&a.activations)?;
         let hook = match &a.hook {
             Some(h) => h.clone(),
-            None => m
-                .outputs
-                .first()
-                .map(|o| o.hook.clone())
-                .ok_or_else(|| Error::Invalid("the harvest has no outputs".into()))?,
+            None => m.outputs.first().map(|o| o.hook.clone()).ok_or_else(|| {
+                Error::empty(format!(
+                    "{}: the harvest's list of outputs",
+                    a.activations.display()
+                ))
+            })?,
         };
         let rows = m
             .outputs
@@ -224,16 +225,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let mut src = ShardSource::from_dir(&dir, a.buffer_rows, cfg.seed)?;
     cfg.d_in = src.d_in();
-    if let Some(s) = &a.architecture {
-        cfg.architecture = match s.as_str() {
-            "topk" => TrainArchitecture::TopK,
-            "standard" | "l1" => TrainArchitecture::Standard,
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "--architecture `{s}`: expected topk or standard"
-                )))
-            }
-        };
+    if let Some(arch) = a.architecture {
+        cfg.architecture = arch;
     }
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
@@ -282,7 +275,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let (mut m, tok) = load_model(&a.model, &load_opts(&a.load)?)?;
+    let (mut m, tok) = load_model(&a.model, &load_opts(&a.load))?;
     let sae = Sae::load(&a.sae, &Device::Cpu)?;
     let files = corpus_files(&a.corpus)?;
     let ctx = Contexts::build(&tok, &files, a.context_len)?;
@@ -291,12 +284,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         Some(n) => held.get(..n.min(held.len())).unwrap_or(held),
         None => held,
     };
-    let cfg = EvalConfig {
-        batch_size: a.batch_size,
-        prefix_len: ctx.prefix_len,
-        hook: a.hook.as_deref().map(str::parse).transpose()?,
-        progress: crate::progress::reporter(false),
-    };
+    let mut cfg = EvalConfig::default();
+    cfg.batch_size = a.batch_size;
+    cfg.prefix_len = ctx.prefix_len;
+    cfg.hook = a.hook;
+    cfg.progress = crate::progress::reporter(false);
     let (r, acc) = evaluate(&mut m, &sae, held, &cfg)?;
     if let Some(p) = &a.histogram {
         plot_latent_density(acc.fire_counts(), acc.tokens(), p)?;

@@ -79,16 +79,21 @@ fn blas_err(what: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error
 pub fn preload_library(path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
     if !path.is_file() {
-        return Err(Error::Invalid(format!(
-            "cuda: {} does not exist (scripts/fetch-cuda-tools.sh installs NVRTC under assets/cuda/lib)",
-            path.display()
-        )));
+        return Err(Error::Unavailable {
+            backend: "cuda".into(),
+            why: format!(
+                "{} does not exist (scripts/fetch-cuda-tools.sh installs NVRTC under assets/cuda/lib)",
+                path.display()
+            ),
+        });
     }
     // SAFETY: loading a library runs its initializers; the CUDA libraries named here are
     // plain C libraries whose initializers have no preconditions. The handle is leaked on
     // purpose: the library must stay loaded while the bindings hold its symbols.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| Error::Invalid(format!("cuda: cannot load {}: {e}", path.display())))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| Error::Unavailable {
+        backend: "cuda".into(),
+        why: format!("cannot load {}: {e}", path.display()),
+    })?;
     std::mem::forget(lib);
     Ok(())
 }
@@ -109,11 +114,12 @@ pub fn driver_available() -> bool {
 /// (e.g. 80 for A100, 90 for H100). Needs NVRTC only: no driver, no GPU.
 pub fn compile_ptx(arch: u32) -> Result<String> {
     if !nvrtc_available() {
-        return Err(Error::Invalid(
-            "cuda: NVRTC (libnvrtc.so.12) cannot be loaded: put it on LD_LIBRARY_PATH, call \
-             edit::cuda::preload_library, or run scripts/fetch-cuda-tools.sh"
+        return Err(Error::Unavailable {
+            backend: "cuda".into(),
+            why: "NVRTC (libnvrtc.so.12) cannot be loaded: put it on LD_LIBRARY_PATH, call \
+                  edit::cuda::preload_library, or run scripts/fetch-cuda-tools.sh"
                 .into(),
-        ));
+        });
     }
     let opts = cudarc::nvrtc::CompileOptions {
         options: vec![
@@ -155,18 +161,20 @@ impl CudaDevice {
     /// Open GPU `ordinal` and compile the kernels for its compute capability.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
         if !driver_available() {
-            return Err(Error::Invalid(
-                "cuda: the CUDA driver (libcuda.so) cannot be loaded: no NVIDIA driver on this machine"
+            return Err(Error::Unavailable {
+                backend: "cuda".into(),
+                why: "the CUDA driver (libcuda.so) cannot be loaded: no NVIDIA driver on this machine"
                     .into(),
-            ));
+            });
         }
         // SAFETY: only tries to dlopen the library by its candidate names.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(Error::Invalid(
-                "cuda: cuBLAS (libcublas.so.12) cannot be loaded: install the CUDA 12 runtime \
-                 libraries (e.g. pip install nvidia-cublas-cu12) and put them on LD_LIBRARY_PATH"
+            return Err(Error::Unavailable {
+                backend: "cuda".into(),
+                why: "cuBLAS (libcublas.so.12) cannot be loaded: install the CUDA 12 runtime \
+                      libraries (e.g. pip install nvidia-cublas-cu12) and put them on LD_LIBRARY_PATH"
                     .into(),
-            ));
+            });
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the device"))?;
         let (major, minor) = ctx
@@ -279,9 +287,10 @@ impl DeviceTensor {
             DType::F16 => DeviceBuf::F16(dev.upload(&half_bits(&flat)?)?),
             DType::BF16 => DeviceBuf::BF16(dev.upload(&half_bits(&flat)?)?),
             other => {
-                return Err(Error::Invalid(format!(
-                    "cuda: tensors must be f32, f16 or bf16, got {other:?}"
-                )))
+                return Err(Error::Dtype {
+                    name: format!("input {shape:?}"),
+                    dtype: format!("{other:?}"),
+                })
             }
         };
         Ok(DeviceTensor { buf, shape })

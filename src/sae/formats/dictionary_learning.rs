@@ -62,6 +62,7 @@ pub const CONFIG_FILE: &str = "config.json";
 
 /// The dictionary_learning class a release was saved from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DictClass {
     /// `AutoEncoder`: ReLU SAE.
     AutoEncoder,

@@ -17,6 +17,7 @@ use crate::{Error, Result};
 
 /// The on-disk format an SAE came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Format {
     /// SAELens: `cfg.json` + `sae_weights.safetensors`.
     SaeLens,

@@ -25,6 +25,10 @@ pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 /// The config file name.
 pub const CFG_FILE: &str = "cfg.json";
 
+/// The `metadata` key holding [`SaeConfig::first_trained_position`] (not a SAELens key:
+/// SAELens keeps unknown metadata and ignores it).
+const FIRST_TRAINED_POSITION: &str = "first_trained_position";
+
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
     cfg.get(key).filter(|v| !v.is_null())
 }
@@ -116,6 +120,9 @@ pub fn parse_config(cfg: &Value) -> Result<SaeConfig> {
         .or_else(|| str_key(cfg, "hook_name").map(String::from))
         .or_else(|| str_key(cfg, "hook_point").map(String::from));
     c.model_name = meta_str("model_name").or_else(|| str_key(cfg, "model_name").map(String::from));
+    if let Some(m) = meta.filter(|m| get(m, FIRST_TRAINED_POSITION).is_some()) {
+        c.first_trained_position = usize_key(m, FIRST_TRAINED_POSITION)?;
+    }
     Ok(c)
 }
 
@@ -318,6 +325,7 @@ pub fn save(sae: &Sae, dir: &Path) -> Result<()> {
             "sae_lens_training_version": "6.0.0",
             "hook_name": c.hook_name,
             "model_name": c.model_name,
+            FIRST_TRAINED_POSITION: c.first_trained_position,
         },
     });
     if c.architecture == Architecture::TopK {

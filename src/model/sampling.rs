@@ -8,8 +8,9 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::HookedModel;
+use super::{HookedModel, Tokenizer};
 use crate::hooks::Hooks;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// How to pick the next token.
@@ -43,11 +44,20 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Greedy decoding of at most `max_new_tokens` tokens, stopping at `stop_tokens`.
-    pub fn greedy(max_new_tokens: usize, stop_tokens: &[u32]) -> Self {
+    /// Greedy decoding of at most `max_new_tokens` tokens, stopping at the tokenizer's
+    /// stop tokens ([`Tokenizer::stop_tokens`]: EOS, end of turn).
+    pub fn greedy(max_new_tokens: usize, tokenizer: &Tokenizer) -> Self {
+        SamplingParams {
+            stop_tokens: tokenizer.stop_tokens().to_vec(),
+            ..Self::greedy_exactly(max_new_tokens)
+        }
+    }
+
+    /// Greedy decoding of exactly `max_new_tokens` tokens: no stop token ends it early
+    /// (timings, comparisons of fixed-length continuations).
+    pub fn greedy_exactly(max_new_tokens: usize) -> Self {
         SamplingParams {
             max_new_tokens,
-            stop_tokens: stop_tokens.to_vec(),
             ..Default::default()
         }
     }
@@ -71,6 +81,7 @@ impl SamplingParams {
 
 /// The result of a generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Generation {
     /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
@@ -80,33 +91,10 @@ pub struct Generation {
     pub stopped: bool,
 }
 
-/// A small deterministic generator (SplitMix64).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded generator.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Pick the next token from `logits` (one row) given the tokens so far.
 pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng) -> Result<u32> {
     if logits.is_empty() {
-        return Err(Error::Invalid("empty logits".into()));
+        return Err(Error::empty("the logits row to sample from"));
     }
     let mut l = logits.to_vec();
     if p.repetition_penalty != 1.0 {
@@ -172,10 +160,33 @@ pub fn sample(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut Rng
     Ok(probs.last().map(|x| x.0).unwrap_or(0))
 }
 
-/// Generate from `prompt` with `hooks` active at prefill and every decode step.
-/// `on_token` is called with each new id as soon as it is chosen (streaming); returning
-/// `false` stops generation.
+/// Generate from `prompt` with `hooks` active at prefill and every decode step, until
+/// `params.max_new_tokens` or a stop token (see [`generate_streaming`] to see each token
+/// as it is chosen).
+///
+/// ```no_run
+/// use sae_ablate::hooks::Hooks;
+/// use sae_ablate::model::{self, generate, SamplingParams};
+/// # fn main() -> sae_ablate::Result<()> {
+/// let (mut m, tok) = model::load("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+///     &Default::default())?;
+/// let prompt = tok.encode(&tok.chat_prompt("Tell me about Paris.")?)?;
+/// let out = generate(&mut m, &prompt, &SamplingParams::greedy(64, &tok), &mut Hooks::new())?;
+/// println!("{}", tok.decode(&out.ids, true)?);
+/// # Ok(()) }
+/// ```
 pub fn generate<M: HookedModel + ?Sized>(
+    model: &mut M,
+    prompt: &[u32],
+    params: &SamplingParams,
+    hooks: &mut Hooks,
+) -> Result<Generation> {
+    generate_streaming(model, prompt, params, hooks, &mut |_| Ok(true))
+}
+
+/// [`generate`], calling `on_token` with each new id as soon as it is chosen; returning
+/// `false` stops generation.
+pub fn generate_streaming<M: HookedModel + ?Sized>(
     model: &mut M,
     prompt: &[u32],
     params: &SamplingParams,
@@ -184,17 +195,18 @@ pub fn generate<M: HookedModel + ?Sized>(
 ) -> Result<Generation> {
     params.check()?;
     if prompt.is_empty() {
-        return Err(Error::Invalid(
-            "cannot generate from an empty prompt".into(),
-        ));
+        return Err(Error::empty("the prompt to generate from"));
     }
     if prompt.len() + params.max_new_tokens > model.max_seq_len() {
-        return Err(Error::Invalid(format!(
-            "prompt of {} tokens + {} new tokens exceeds the model's context length of {} tokens",
-            prompt.len(),
-            params.max_new_tokens,
-            model.max_seq_len()
-        )));
+        return Err(Error::ContextLength {
+            what: format!(
+                "prompt of {} tokens + {} new tokens",
+                prompt.len(),
+                params.max_new_tokens
+            ),
+            tokens: prompt.len() + params.max_new_tokens,
+            max: model.max_seq_len(),
+        });
     }
     let dev = model.device().clone();
     let saved = hooks.prompt_len();
@@ -244,8 +256,19 @@ pub fn generate<M: HookedModel + ?Sized>(
 /// and decoded as one batch (each weight matrix is read once per step for all rows).
 /// Hooks see `[batch, seq, d_model]` with the prompts ending at the same position
 /// (`prompt_len` = the longest prompt). Row `b` samples with seed `params.seed + b`.
-/// `on_token(row, id)` streams each row's new ids; returning `false` stops that row.
+/// [`generate_batch_streaming`] streams the new ids as they are chosen.
 pub fn generate_batch<M: HookedModel + ?Sized>(
+    model: &mut M,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    hooks: &mut Hooks,
+) -> Result<Vec<Generation>> {
+    generate_batch_streaming(model, prompts, params, hooks, &mut |_, _| Ok(true))
+}
+
+/// [`generate_batch`], calling `on_token(row, id)` with each row's new ids as they are
+/// chosen; returning `false` stops that row.
+pub fn generate_batch_streaming<M: HookedModel + ?Sized>(
     model: &mut M,
     prompts: &[Vec<u32>],
     params: &SamplingParams,
@@ -253,18 +276,22 @@ pub fn generate_batch<M: HookedModel + ?Sized>(
     on_token: &mut dyn FnMut(usize, u32) -> Result<bool>,
 ) -> Result<Vec<Generation>> {
     params.check()?;
-    if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::Invalid(
-            "generate_batch needs at least one prompt and no empty prompt".into(),
-        ));
+    if prompts.is_empty() {
+        return Err(Error::empty("generate_batch's list of prompts"));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::empty(format!("generate_batch's prompt {i}")));
     }
     let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     if max_len + params.max_new_tokens > model.max_seq_len() {
-        return Err(Error::Invalid(format!(
-            "longest prompt of {max_len} tokens + {} new tokens exceeds the model's context length of {} tokens",
-            params.max_new_tokens,
-            model.max_seq_len()
-        )));
+        return Err(Error::ContextLength {
+            what: format!(
+                "longest prompt of {max_len} tokens + {} new tokens",
+                params.max_new_tokens
+            ),
+            tokens: max_len + params.max_new_tokens,
+            max: model.max_seq_len(),
+        });
     }
     let b = prompts.len();
     let pads: Vec<usize> = prompts.iter().map(|p| max_len - p.len()).collect();
