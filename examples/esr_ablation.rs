@@ -28,7 +28,7 @@ struct Args {
     /// `smollm2` (runs on a CPU) or `llama-3.3-70b-goodfire` (the paper's setting).
     #[arg(long, default_value = "smollm2")]
     preset: String,
-    /// Fewer prompts, latents and tokens; the same steps (about 2-4 minutes on 2 cores).
+    /// Fewer prompts, latents and tokens; the same steps (about 1-2 minutes on 2 cores).
     #[arg(long)]
     quick: bool,
     /// Results folder.
@@ -49,6 +49,9 @@ struct Args {
     /// Number of steering latents.
     #[arg(long)]
     steer_latents: Option<usize>,
+    /// Samples (seeds) per prompt × steering latent in each main condition.
+    #[arg(long)]
+    samples: Option<usize>,
     /// New tokens per answer.
     #[arg(long)]
     max_new_tokens: Option<usize>,
@@ -76,9 +79,15 @@ fn main() -> ExitCode {
         if let Some(v) = a.prompts {
             cfg.n_prompts = v;
             cfg.calib_prompts = cfg.calib_prompts.min(v);
+            cfg.boost_prompts = cfg.boost_prompts.min(v);
+            cfg.meta_prompts = cfg.meta_prompts.min(v);
+            cfg.sites_prompts = cfg.sites_prompts.min(v);
         }
         if let Some(v) = a.steer_latents {
             cfg.steer_latents = v;
+        }
+        if let Some(v) = a.samples {
+            cfg.samples = v;
         }
         if let Some(v) = a.max_new_tokens {
             cfg.max_new_tokens = v;
@@ -97,17 +106,34 @@ fn main() -> ExitCode {
     match result {
         Ok(r) => {
             println!(
-                "{:<12} {:>4} {:>14} {:>9} {:>11}",
-                "condition", "n", "multi-attempt", "ESR", "1st score"
+                "{:<14} {:>5} {:>26} {:>7} {:>20}",
+                "condition", "n", "multi-attempt [Wilson 95%]", "ESR", "1st score [95% CI]"
             );
-            for c in &r.conditions {
+            for c in std::iter::once(&r.unsteered).chain(&r.conditions) {
+                let [lo, hi] = c.ci95.multi_attempt_rate;
+                let [slo, shi] = c.ci95.mean_first_score;
                 println!(
-                    "{:<12} {:>4} {:>13.1}% {:>8.1}% {:>11.1}",
+                    "{:<14} {:>5} {:>7.1}% [{:>5.2}%, {:>5.2}%] {:>6.1}% {:>6.1} [{:>4.1}, {:>4.1}]",
                     c.name,
                     c.n,
                     100.0 * c.multi_attempt_rate,
+                    100.0 * lo,
+                    100.0 * hi,
                     100.0 * c.esr_rate,
-                    c.mean_first_score
+                    c.mean_first_score,
+                    slo,
+                    shi
+                );
+            }
+            for p in &r.paired {
+                println!(
+                    "{} vs {}: McNemar p = {:.3}, first score {:+.1} [{:+.1}, {:+.1}]",
+                    p.condition,
+                    p.reference,
+                    p.multi_mcnemar_p,
+                    p.first_score_diff,
+                    p.first_score_diff_ci95[0],
+                    p.first_score_diff_ci95[1]
                 );
             }
             println!(

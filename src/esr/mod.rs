@@ -7,7 +7,8 @@
 //!
 //! 1. **Answers.** The model answers every prompt ([`prompts::PROMPTS`]) unsteered,
 //!    `chat_samples` times (temperature as in the trials). Sample 0 is the on-topic
-//!    reference for the judge and the OTD search; all samples join the SAE's training text.
+//!    reference for the judge and the OTD search; all samples join the SAE's training
+//!    text, and all of them are the **unsteered baseline** (condition `unsteered`).
 //! 2. **SAE.** Either the user's SAE, or one trained by the crate's own
 //!    [`harvest`](crate::harvest) → [`train`] path on the Austen novels plus
 //!    the chat transcripts of stage 1. Either way it is evaluated
@@ -27,13 +28,47 @@
 //! 6. **Calibration.** Per steering latent, bisection on the strength `v` (steering adds
 //!    `v · W_dec[latent]` at every position) until the mean first-attempt score on the
 //!    calibration prompts falls to `target_score`.
-//! 7. **Trials.** For every steering latent and prompt, with the same seeds: `baseline`
-//!    (steered), `otd_ablated` (steered, OTD latents zero-ablated in error-preserving mode
-//!    at the SAE's hook point, all positions) and `random_1..` (same-size random sets of
-//!    alive latents, excluding OTD and steering latents, ablated the same way).
-//! 8. **Report.** Per condition: n, multi-attempt rate, ESR rate, mean first score with
-//!    95% bootstrap intervals; `results.json`, `report.md`, plots, `trials.jsonl`, and the
-//!    SAE in SAELens format under `sae/` (see [`report`]).
+//! 7. **Trials.** Every prompt × steering latent × sample (`samples` seeds per prompt ×
+//!    latent; all conditions share them) under the main conditions:
+//!    - `baseline`: steered;
+//!    - `otd_ablated`: steered, the OTD latents zero-ablated (error-preserving) at the
+//!      SAE's hook point;
+//!    - `steer_ablated`: the **positive control**, steered, then the steering latent
+//!      itself zero-ablated the same way (after the steering when both act at one hook
+//!      point): it must raise the first-attempt score if splices work inside generation;
+//!    - `random`: steered, a random set of alive latents of the OTD set's size ablated
+//!      (`random_sets` sets, excluding OTD and steering latents; the trial of prompt `p`
+//!      and steering latent number `l` uses set `(p + l) mod random_sets`).
+//!
+//!    Then the paper's sweeps on subsets of the prompts (sample 0):
+//!    - **boost sweep**: `boost_x{f}` steers at `f` × the calibrated strength for each
+//!      `f` in `boost_factors` (`f = 1` is `baseline`), first `boost_prompts` prompts;
+//!    - **meta-prompt**: `meta_prompt` (steered) and `meta_prompt_otd_ablated`, the
+//!      prompt followed by `meta_prompt_text`, first `meta_prompts` prompts;
+//!    - **splice sites**: `otd_ablated_all_positions` and `steer_ablated_all_positions`
+//!      splice every position, the attention sink included, first `sites_prompts`
+//!      prompts, to measure what leaving the sink out changes.
+//!
+//!    Ablations act only where the SAE was trained: from each sequence's position
+//!    `sae_skip` on, which becomes the SAE's first trained position (see [`sites`]). Generation is batched with the hooks live.
+//! 8. **Second judge.** A seeded sample of `judge2_attempts` judged attempts (unsteered
+//!    and main conditions) is scored again by `judge2_model` (or, without one, by the same
+//!    model with the plain `judge2_template`) under the same relative log-prob rule;
+//!    `judge_agreement` holds the Spearman correlation of the two judges' Δ.
+//! 9. **Report.** See [`report`].
+//!
+//! ## `results.json`
+//!
+//! One [`EsrResults`]: `sae_eval`, `sae_source`, `otd_latents`, `otd_rule`, `otd_stats`,
+//! `random_sets`, `steering` (latent, strength, calibration probes), `judge`,
+//! `unsteered`, `conditions` and `paired` (each main condition vs `baseline`),
+//! `boost_sweep`, `meta_prompt`, `sites`, `judge_agreement`, `config`, `command`,
+//! `timings`. Every summary is a [`stats::ConditionSummary`]: counts, rates with Wilson
+//! (`ci95`) and Clopper–Pearson (`exact95`) 95% intervals, and the mean first-attempt
+//! score with a 95% percentile-bootstrap interval that resamples clusters (prompt ×
+//! steering latent). Every comparison is a [`stats::Paired`]: pairs matched by latent,
+//! prompt and sample, McNemar's exact p on multi-attempt, and the mean paired difference
+//! of first-attempt scores with its cluster-bootstrap interval.
 //!
 //! The published off-topic-detector latents of Goodfire's Llama-3.3-70B SAE are
 //! [`OTD_LATENTS_LLAMA33_70B_L50`]; [`latent_preset`] gives them as a checked
@@ -45,7 +80,9 @@
 pub mod judge;
 pub mod prompts;
 pub mod report;
+pub mod sites;
 pub mod stats;
+mod trials;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,10 +91,10 @@ use std::time::Instant;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use crate::edit::{Edits, LatentSet, SpliceMode};
+use crate::edit::LatentSet;
 use crate::eval::{evaluate, EvalConfig, EvalReport};
 use crate::harvest::{corpus_files, ActivationStore, Contexts, HarvestConfig};
-use crate::hooks::{ActivationCache, AddVector, HookPoint, Hooks, Positions, SaeSplice};
+use crate::hooks::{ActivationCache, HookPoint, Hooks};
 use crate::io::atomic::{write_bytes, write_json};
 use crate::model::{
     self, generate_batch, HookedModel, LoadOptions, SamplingParams, Tokenizer, WeightFormat,
@@ -67,8 +104,9 @@ use crate::rng::Rng;
 use crate::train::{self, ShardSource, TrainConfig};
 use crate::{Error, Result, Sae};
 
-use judge::Judge;
-use stats::{summarize, ConditionSummary, Trial};
+use judge::{Judge, JudgeTemplate};
+use stats::{paired, summarize, ConditionSummary, Paired, Trial};
+use trials::{Ablate, Arm};
 
 /// How the experiment's SAE is trained when none is supplied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +139,11 @@ pub const OTD_LATENTS_LLAMA33_70B_L50: [u32; 26] = [
     3675, 7517, 9168, 10304, 11977, 15375, 17481, 17516, 24684, 27331, 28540, 33044, 34002, 34765,
     37536, 40119, 40792, 41038, 45078, 46037, 49897, 54311, 58565, 59483, 61116, 61420,
 ];
+
+/// The paper's best self-monitoring meta-prompt (McKenzie et al., Sec. 3.3), appended to
+/// each prompt as the paper does.
+pub const META_PROMPT: &str =
+    "If you notice yourself going off-topic, stop and force yourself to get back on track.";
 
 /// A named latent set of the experiment, checked against an SAE of `d_sae` latents:
 /// `esr26` = [`OTD_LATENTS_LLAMA33_70B_L50`] (a 65,536-latent SAE). The CLI's
@@ -139,9 +182,14 @@ pub struct EsrConfig {
     pub sae_hook: String,
     /// Where the steering vector `v · W_dec[latent]` is added.
     pub steer_hook: String,
+    /// Positions at the start of every sequence where the SAE is not used (no ablation,
+    /// no encoding): the positions it was not trained on. 1 leaves out the first position
+    /// (the BOS, or the attention sink of a model without one), as the crate's harvest
+    /// does; 0 uses every position. See [`sites`].
+    pub sae_skip: usize,
     /// Prompts used (the first `n_prompts` of [`prompts::PROMPTS`]).
     pub n_prompts: usize,
-    /// Unsteered samples per prompt (stage 1).
+    /// Unsteered samples per prompt (stage 1; the unsteered baseline).
     pub chat_samples: usize,
     /// Generated tokens per answer.
     pub max_new_tokens: usize,
@@ -155,6 +203,8 @@ pub struct EsrConfig {
     pub seed: u64,
     /// Steering latents.
     pub steer_latents: usize,
+    /// Samples (seeds) per prompt × steering latent in each main condition.
+    pub samples: usize,
     /// Prompts used to calibrate each latent's strength.
     pub calib_prompts: usize,
     /// Tokens generated per calibration answer.
@@ -171,8 +221,24 @@ pub struct EsrConfig {
     pub otd_max: usize,
     /// Use these OTD latents instead of searching (the paper's published set).
     pub otd_fixed: Option<Vec<u32>>,
-    /// Random control sets.
+    /// Random control sets (pooled in the `random` condition).
     pub random_sets: usize,
+    /// Boost sweep: multiples of each latent's calibrated strength (1 = `baseline`).
+    pub boost_factors: Vec<f64>,
+    /// Boost sweep: the first this many prompts (0: no sweep).
+    pub boost_prompts: usize,
+    /// The self-monitoring meta-prompt, appended to each prompt after a space.
+    pub meta_prompt_text: String,
+    /// Meta-prompt conditions: the first this many prompts (0: none).
+    pub meta_prompts: usize,
+    /// Splice-site side measurement: the first this many prompts (0: none).
+    pub sites_prompts: usize,
+    /// The second judge's model (GGUF or HF directory); `None`: the experiment's model.
+    pub judge2_model: Option<PathBuf>,
+    /// How the second judge renders a prompt before the attempt.
+    pub judge2_template: JudgeTemplate,
+    /// Attempts the second judge scores (a seeded sample; 0: no second judge).
+    pub judge2_attempts: usize,
     /// Sequences per batch in generation and scoring.
     pub batch_size: usize,
     /// Bootstrap resamples.
@@ -190,10 +256,11 @@ pub struct EsrConfig {
 }
 
 impl EsrConfig {
-    /// A preset: `smollm2` (SmolLM2-135M-Instruct from `assets/`, an SAE trained here) or
-    /// `llama-3.3-70b-goodfire` (the paper's setting: steer at layer 33, Goodfire SAE at
-    /// layer 50, the 26 published OTD latents, temperature 0.6, 512 tokens; set `model`
-    /// and `sae` to your copies). `quick` shrinks prompts, latents and tokens.
+    /// A preset: `smollm2` (SmolLM2-135M-Instruct from `assets/`, an SAE trained here,
+    /// Gemma 3 270M from `assets/` as the second judge) or `llama-3.3-70b-goodfire` (the
+    /// paper's setting: steer at layer 33, Goodfire SAE at layer 50, the 26 published OTD
+    /// latents, temperature 0.6, 512 tokens; set `model` and `sae` to your copies).
+    /// `quick` shrinks prompts, latents and tokens.
     pub fn preset(name: &str, quick: bool) -> Result<Self> {
         let austen = SaeTrainSpec {
             corpus: PathBuf::from("assets/austen"),
@@ -216,14 +283,16 @@ impl EsrConfig {
             eval_contexts: if quick { 8 } else { 64 },
             sae_hook: "blocks.15.hook_resid_post".into(),
             steer_hook: "blocks.15.hook_resid_post".into(),
-            n_prompts: if quick { 8 } else { 40 },
-            chat_samples: if quick { 1 } else { 4 },
+            sae_skip: 1,
+            n_prompts: if quick { 8 } else { 48 },
+            chat_samples: if quick { 1 } else { 8 },
             max_new_tokens: if quick { 24 } else { 64 },
             temperature: 0.6,
             top_p: 1.0,
             repetition_penalty: 1.1,
             seed: 2602,
-            steer_latents: if quick { 1 } else { 2 },
+            steer_latents: if quick { 1 } else { 5 },
+            samples: if quick { 1 } else { 2 },
             calib_prompts: if quick { 4 } else { 8 },
             calib_tokens: if quick { 16 } else { 32 },
             bisection_steps: if quick { 3 } else { 6 },
@@ -233,6 +302,16 @@ impl EsrConfig {
             otd_max: 26,
             otd_fixed: None,
             random_sets: 3,
+            boost_factors: vec![0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0],
+            boost_prompts: if quick { 2 } else { 8 },
+            meta_prompt_text: META_PROMPT.into(),
+            meta_prompts: if quick { 8 } else { 24 },
+            sites_prompts: if quick { 8 } else { 16 },
+            judge2_model: Some(PathBuf::from(
+                "assets/gemma-3-270m/gemma-3-270m-q4_k_m.gguf",
+            )),
+            judge2_template: JudgeTemplate::Plain("Question: {prompt}\nAnswer:\n".into()),
+            judge2_attempts: if quick { 16 } else { 240 },
             batch_size: 8,
             bootstrap: 1000,
             model_dtype: "f32".into(),
@@ -250,6 +329,7 @@ impl EsrConfig {
                 max_new_tokens: if quick { 64 } else { 512 },
                 calib_tokens: 64,
                 otd_fixed: Some(OTD_LATENTS_LLAMA33_70B_L50.to_vec()),
+                judge2_model: None,
                 model_dtype: "bf16".into(),
                 model_weights: "dense".into(),
                 ..base
@@ -279,6 +359,28 @@ impl EsrConfig {
         if self.steer_latents == 0 || self.batch_size == 0 || self.judge_tokens == 0 {
             return bad("steer_latents, batch_size and judge_tokens must be ≥ 1");
         }
+        if self.samples == 0 {
+            return bad("samples must be ≥ 1");
+        }
+        for (what, v) in [
+            ("boost_prompts", self.boost_prompts),
+            ("meta_prompts", self.meta_prompts),
+            ("sites_prompts", self.sites_prompts),
+        ] {
+            if v > self.n_prompts {
+                return bad(&format!(
+                    "{what} = {v} must be at most n_prompts = {}",
+                    self.n_prompts
+                ));
+            }
+        }
+        if self
+            .boost_factors
+            .iter()
+            .any(|f| !(f.is_finite() && *f >= 0.0))
+        {
+            return bad("boost_factors must be finite and ≥ 0");
+        }
         if !(0.0..=100.0).contains(&self.target_score) {
             return bad("target_score must be in [0, 100]");
         }
@@ -292,6 +394,65 @@ impl EsrConfig {
         weights(&self.model_weights)?;
         Ok(())
     }
+
+    /// The arms of the trials stage, in order: the main conditions, then the boost
+    /// sweep, the meta-prompt conditions and the splice-site side measurement.
+    fn arms(&self, otd: &[u32], random_sets: &[Vec<u32>]) -> Vec<Arm> {
+        let arm = |name: &str, ablate: Ablate, prompts: usize, samples: usize| Arm {
+            name: name.to_string(),
+            meta: false,
+            boost: 1.0,
+            ablate,
+            all_positions: false,
+            prompts,
+            samples,
+        };
+        let (n, s) = (self.n_prompts, self.samples);
+        let mut v = vec![
+            arm("baseline", Ablate::Nothing, n, s),
+            arm("otd_ablated", Ablate::Set(otd.to_vec()), n, s),
+            arm("steer_ablated", Ablate::SteeringLatent, n, s),
+            arm("random", Ablate::Random(random_sets.to_vec()), n, s),
+        ];
+        if self.boost_prompts > 0 {
+            for &f in &self.boost_factors {
+                if f != 1.0 {
+                    v.push(Arm {
+                        boost: f as f32,
+                        ..arm(&boost_name(f), Ablate::Nothing, self.boost_prompts, 1)
+                    });
+                }
+            }
+        }
+        if self.meta_prompts > 0 {
+            let m = self.meta_prompts;
+            v.push(Arm {
+                meta: true,
+                ..arm("meta_prompt", Ablate::Nothing, m, 1)
+            });
+            v.push(Arm {
+                meta: true,
+                ..arm("meta_prompt_otd_ablated", Ablate::Set(otd.to_vec()), m, 1)
+            });
+        }
+        if self.sites_prompts > 0 {
+            let m = self.sites_prompts;
+            v.push(Arm {
+                all_positions: true,
+                ..arm("otd_ablated_all_positions", Ablate::Set(otd.to_vec()), m, 1)
+            });
+            v.push(Arm {
+                all_positions: true,
+                ..arm("steer_ablated_all_positions", Ablate::SteeringLatent, m, 1)
+            });
+        }
+        v
+    }
+}
+
+/// The condition name of boost factor `f` (`boost_x0.50`).
+fn boost_name(f: f64) -> String {
+    format!("boost_x{f:.2}")
 }
 
 fn dtype(s: &str) -> Result<crate::FloatDtype> {
@@ -350,6 +511,49 @@ pub struct JudgeSummary {
     pub off_topic_mean_score: f64,
 }
 
+/// How well a second, independent judge ranks the same attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JudgeAgreement {
+    /// The second judge's model file.
+    pub model: String,
+    /// Its prompt rendering.
+    pub template: JudgeTemplate,
+    /// Attempts scored by both.
+    pub attempts: usize,
+    /// Spearman rank correlation of the two judges' Δ over those attempts.
+    pub spearman_delta: f64,
+    /// Spearman rank correlation of the first judge's 0–100 score with the second
+    /// judge's Δ (the score clamps Δ, so ties at 0 and 100 lower it).
+    pub spearman_score: f64,
+    /// Seconds the second judge took (loading included).
+    pub seconds: f64,
+}
+
+/// One point of the boost sweep: a factor, pooled over latents (`latent: None`) or for
+/// one latent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoostPoint {
+    /// Multiple of the calibrated strength.
+    pub factor: f64,
+    /// The steering latent, or `None` for all of them pooled.
+    pub latent: Option<u32>,
+    /// Mean steering strength of the trials.
+    pub mean_strength: f64,
+    /// The trials' summary.
+    pub summary: ConditionSummary,
+}
+
+/// A group of conditions on a subset of the prompts and its paired comparisons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubsetResults {
+    /// The first this many prompts (sample 0 of each prompt × latent).
+    pub prompts: usize,
+    /// The conditions, the reference first (restricted to the same trials).
+    pub conditions: Vec<ConditionSummary>,
+    /// Paired comparisons.
+    pub paired: Vec<Paired>,
+}
+
 /// Per-latent firing statistics from the OTD search.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentStats {
@@ -365,7 +569,7 @@ pub struct LatentStats {
     pub off_mean: f64,
 }
 
-/// Everything `results.json` holds.
+/// Everything `results.json` holds (see the module docs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EsrResults {
     /// The SAE's evaluation on held-out text.
@@ -374,7 +578,7 @@ pub struct EsrResults {
     pub sae_source: String,
     /// The OTD latents ablated in `otd_ablated`.
     pub otd_latents: Vec<u32>,
-    /// Which rule picked them: `paper`, `relaxed` or `fixed`.
+    /// Which rule picked them: `paper`, `relaxed`, `contrast` or `fixed`.
     pub otd_rule: String,
     /// Statistics of the OTD latents (or, when none, the best candidates).
     pub otd_stats: Vec<LatentStats>,
@@ -384,8 +588,22 @@ pub struct EsrResults {
     pub steering: Vec<SteeringLatent>,
     /// The judge's calibration.
     pub judge: JudgeSummary,
-    /// One entry per condition.
+    /// The unsteered answers (every prompt × `chat_samples`).
+    pub unsteered: ConditionSummary,
+    /// The main conditions: `baseline`, `otd_ablated`, `steer_ablated`, `random`.
     pub conditions: Vec<ConditionSummary>,
+    /// Each main condition but `baseline` against `baseline`, paired.
+    pub paired: Vec<Paired>,
+    /// The boost sweep: per factor pooled, then per factor and latent.
+    pub boost_sweep: Vec<BoostPoint>,
+    /// `baseline`, `meta_prompt`, `meta_prompt_otd_ablated` on the meta-prompt subset;
+    /// `meta_prompt` vs `baseline` and `meta_prompt_otd_ablated` vs `meta_prompt`.
+    pub meta_prompt: Option<SubsetResults>,
+    /// `otd_ablated`, `steer_ablated` and their `_all_positions` variants on the subset;
+    /// each variant vs its trained-positions condition.
+    pub sites: Option<SubsetResults>,
+    /// The second judge's agreement with the first.
+    pub judge_agreement: Option<JudgeAgreement>,
     /// Every setting and the seed.
     pub config: EsrConfig,
     /// The command line that produced this.
@@ -400,6 +618,8 @@ struct Ctx<'a> {
     tok: Tokenizer,
     prompts: Vec<&'static str>,
     prompt_ids: Vec<Vec<u32>>,
+    /// The prompts with the meta-prompt appended.
+    meta_ids: Vec<Vec<u32>>,
     stop: Vec<u32>,
     timings: Timings,
 }
@@ -407,6 +627,9 @@ struct Ctx<'a> {
 fn bar(cfg: &EsrConfig, len: u64, what: &str) -> Step {
     cfg.progress.step(what, "", len)
 }
+
+/// Builds the hooks of one batch from its rows' prompt indices and left paddings.
+type BatchHooks<'h> = dyn FnMut(&[usize]) -> Result<Hooks> + 'h;
 
 impl Ctx<'_> {
     fn params(&self, max_new_tokens: usize, seed: u64) -> SamplingParams {
@@ -420,25 +643,34 @@ impl Ctx<'_> {
         }
     }
 
-    /// Generate for prompts `which` in fixed batches; prompt `which[j]` samples with seed
-    /// `seed + j` whatever the hooks, so conditions see identical random numbers.
+    /// Generate for prompts `which` (with the meta-prompt when `meta`) in fixed batches;
+    /// prompt `which[j]` samples with seed `seed + j` whatever the hooks, so conditions
+    /// see identical random numbers. `hooks(rows)` builds each batch's hooks from its
+    /// prompt indices.
     fn generate(
         &mut self,
+        meta: bool,
         which: &[usize],
         max_new_tokens: usize,
         seed: u64,
-        hooks: &mut Hooks,
+        hooks: &mut BatchHooks<'_>,
         pb: &mut Step,
     ) -> Result<Vec<Vec<u32>>> {
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(which.len());
         for (c, chunk) in which.chunks(self.cfg.batch_size).enumerate() {
+            let table = if meta {
+                &self.meta_ids
+            } else {
+                &self.prompt_ids
+            };
             let prompts: Vec<Vec<u32>> = chunk
                 .iter()
-                .map(|&i| self.prompt_ids.get(i).cloned().unwrap_or_default())
+                .map(|&i| table.get(i).cloned().unwrap_or_default())
                 .collect();
+            let mut h = hooks(chunk)?;
             let params = self.params(max_new_tokens, seed + (c * self.cfg.batch_size) as u64);
-            let gens = generate_batch(&mut self.model, &prompts, &params, hooks)?;
+            let gens = generate_batch(&mut self.model, &prompts, &params, &mut h)?;
             for g in gens {
                 let mut ids = g.ids;
                 if g.stopped {
@@ -498,6 +730,10 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
         .iter()
         .map(|p| tok.encode(&tok.chat_prompt(p)?))
         .collect::<Result<Vec<_>>>()?;
+    let meta_ids = prompts
+        .iter()
+        .map(|p| tok.encode(&tok.chat_prompt(&format!("{p} {}", cfg.meta_prompt_text))?))
+        .collect::<Result<Vec<_>>>()?;
     let stop = tok.stop_tokens().to_vec();
     let mut cx = Ctx {
         cfg,
@@ -505,6 +741,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
         tok,
         prompts,
         prompt_ids,
+        meta_ids,
         stop,
         timings: Timings::default(),
     };
@@ -517,7 +754,9 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
 
     // 2. The SAE.
     let t0 = Instant::now();
-    let (sae, sae_eval, fire_counts, sae_dir) = prepare_sae(&mut cx, &answers, &sae_point)?;
+    let (mut sae, sae_eval, fire_counts, sae_dir) = prepare_sae(&mut cx, &answers, &sae_point)?;
+    // Splices leave the positions before `sae_skip` alone (see `sites`).
+    sae.set_first_trained_position(cfg.sae_skip);
     stage(&mut cx.timings, "sae", t0);
     let d_sae = sae.d_sae();
 
@@ -634,113 +873,362 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
     pb.finish();
     stage(&mut cx.timings, "calibration", t0);
 
-    // 7. Trials.
+    // 7. Trials: generate every arm, then judge all answers together (the judge shares
+    // each prompt's cached prefix among all attempts scored after that prompt).
     let t0 = Instant::now();
-    let mut conditions: Vec<(String, Vec<u32>)> = vec![
-        ("baseline".into(), Vec::new()),
-        ("otd_ablated".into(), otd.clone()),
-    ];
-    for (i, s) in random_sets.iter().enumerate() {
-        conditions.push((format!("random_{}", i + 1), s.clone()));
-    }
-    let which: Vec<usize> = (0..n).collect();
-    // Generate every condition first, then judge all answers together: the judge shares
-    // each prompt's cached prefix among all attempts scored after that prompt.
-    let mut pb = bar(
-        cfg,
-        (steering.len() * conditions.len() * n + n) as u64,
-        "trials",
-    );
-    let mut trials: Vec<Trial> = Vec::new();
-    let mut attempts: Vec<Vec<String>> = Vec::new();
-    for (li, st) in steering.iter().enumerate() {
-        let seed = cfg.seed.wrapping_add(1_000_000 * (li as u64 + 1));
-        for (name, set) in &conditions {
-            let mut hooks = steer_hooks(&sae, &steer_point, st.latent, st.strength)?;
-            if !set.is_empty() {
-                let edits = Edits::new(SpliceMode::ErrorPreserving).zero(set);
-                hooks.add(sae_point, SaeSplice::new(&sae, &edits, Positions::All)?);
-            }
-            let gens = cx.generate(&which, cfg.max_new_tokens, seed, &mut hooks, &mut pb)?;
-            for (i, g) in gens.into_iter().enumerate() {
-                let text = cx.text(&g)?;
-                attempts.push(judge::split_attempts(&text));
-                trials.push(Trial {
-                    condition: name.clone(),
-                    latent: st.latent,
-                    strength: st.strength,
-                    prompt: i,
-                    seed: seed + i as u64,
-                    tokens: g.len(),
-                    scores: Vec::new(),
-                    text,
-                });
-            }
-        }
-    }
-    // (trial, prompt, attempt) for every attempt, judged in blocks of prompts so that a
-    // block's prompts (and their contrast prompts) are prefilled once per block.
-    let mut items: Vec<(usize, usize, &str)> = trials
-        .iter()
-        .zip(&attempts)
-        .enumerate()
-        .flat_map(|(k, (t, a))| a.iter().map(move |s| (k, t.prompt, s.as_str())))
-        .collect();
-    items.sort_by_key(|&(k, p, _)| (p, k));
-    let block = cfg.batch_size.max(1);
-    let mut scores: Vec<Vec<f64>> = vec![Vec::new(); trials.len()];
-    let mut rest = items.as_slice();
-    while let Some(&(_, first, _)) = rest.first() {
-        let cut = rest
-            .iter()
-            .position(|&(_, p, _)| p >= first + block)
-            .unwrap_or(rest.len());
-        let (now, later) = rest.split_at(cut);
-        let pairs: Vec<(usize, &str)> = now.iter().map(|&(_, p, s)| (p, s)).collect();
-        let d = cx.deltas(&judge, &pairs)?;
-        for (&(k, _, _), x) in now.iter().zip(d) {
-            if let Some(v) = scores.get_mut(k) {
-                v.push(judge.score(x));
-            }
-        }
-        pb.inc(block.min(n) as u64);
-        rest = later;
-    }
-    for (t, s) in trials.iter_mut().zip(scores) {
-        t.scores = s;
+    let arms = cfg.arms(&otd, &random_sets);
+    let total: usize = arms.iter().map(|a| a.len(steering.len())).sum();
+    let mut pb = bar(cfg, total as u64, "trials");
+    let mut all: Vec<Trial> = Vec::with_capacity(total + n * cfg.chat_samples);
+    for arm in &arms {
+        let t_arm = Instant::now();
+        all.extend(trials::generate_arm(
+            &mut cx,
+            &sae,
+            (&steer_point, &sae_point),
+            arm,
+            &steering,
+            &mut pb,
+        )?);
+        *cx.timings
+            .stages
+            .entry(format!("trials_generate_{}", arm_group(&arm.name)))
+            .or_insert(0.0) += t_arm.elapsed().as_secs_f64();
     }
     pb.finish();
-    stage(&mut cx.timings, "trials", t0);
-
-    // 8. Report.
+    // The unsteered answers are judged with the rest.
+    for (s, sample) in answers.iter().enumerate() {
+        let seed = unsteered_seed(cfg.seed, s);
+        for (p, ids) in sample.iter().enumerate() {
+            all.push(Trial {
+                condition: "unsteered".into(),
+                latent: u32::MAX,
+                strength: 0.0,
+                prompt: p,
+                sample: s,
+                seed: seed + p as u64,
+                random_set: None,
+                tokens: ids.len(),
+                scores: Vec::new(),
+                text: cx.text(ids)?,
+            });
+        }
+    }
+    stage(&mut cx.timings, "trials_generate", t0);
     let t0 = Instant::now();
-    let summaries: Vec<ConditionSummary> = conditions
+    let deltas = trials::judge_all(&mut cx, &judge, &mut all)?;
+    stage(&mut cx.timings, "trials_judge", t0);
+
+    // 8. The second judge.
+    let t0 = Instant::now();
+    let judge_agreement = if cfg.judge2_attempts > 0 {
+        Some(second_judge(&mut cx, &all, &deltas, &judge)?)
+    } else {
+        None
+    };
+    stage(&mut cx.timings, "judge2", t0);
+
+    // 9. Report.
+    let t0 = Instant::now();
+    let results = summarize_all(
+        &cx,
+        &all,
+        Summaries {
+            sae_eval,
+            sae_source: match &cfg.sae {
+                Some(p) => p.display().to_string(),
+                None => format!("trained ({})", sae_dir.display()),
+            },
+            otd_latents: otd,
+            otd_rule,
+            otd_stats,
+            random_sets,
+            steering,
+            judge: judge_summary,
+            judge_agreement,
+            command: command.to_string(),
+        },
+    );
+    let mut results = results;
+    report::write_outputs(&mut results, &all, &sae, &sae_dir, out, (t0, t_all))?;
+    Ok(results)
+}
+
+/// The group an arm's generation time is booked under.
+fn arm_group(name: &str) -> &'static str {
+    if name.starts_with("boost_") {
+        "boost_sweep"
+    } else if name.starts_with("meta_prompt") {
+        "meta_prompt"
+    } else if name.ends_with("_all_positions") {
+        "sites"
+    } else {
+        "main"
+    }
+}
+
+/// The seed of unsteered sample `s` (its row for prompt `p` samples with `+ p`).
+fn unsteered_seed(seed: u64, s: usize) -> u64 {
+    seed.wrapping_add(10_000 * s as u64)
+}
+
+/// What the results hold besides the trial summaries.
+struct Summaries {
+    sae_eval: EvalReport,
+    sae_source: String,
+    otd_latents: Vec<u32>,
+    otd_rule: String,
+    otd_stats: Vec<LatentStats>,
+    random_sets: Vec<Vec<u32>>,
+    steering: Vec<SteeringLatent>,
+    judge: JudgeSummary,
+    judge_agreement: Option<JudgeAgreement>,
+    command: String,
+}
+
+/// The expected direction of each comparison, in words.
+fn expected(condition: &str) -> &'static str {
+    match condition {
+        "otd_ablated" => {
+            "fewer multi-attempt answers if the OTD latents support self-correction \
+             (paper: 7.4% → 5.5%), first-attempt score about unchanged (paper: 26.3 → 27.4)"
+        }
+        "steer_ablated" => {
+            "first-attempt score up, toward the unsteered level: the steering is undone \
+             (positive control)"
+        }
+        "random" => "no change (paper: ESR rate 3.8% → 4.2%, within the intervals)",
+        "meta_prompt" => "more multi-attempt answers (paper: 7.4% → 31.7%, 4.3×)",
+        "meta_prompt_otd_ablated" => {
+            "fewer multi-attempt answers than meta_prompt if the OTD latents support \
+             self-correction"
+        }
+        _ => "no change if leaving out the attention sink does not matter",
+    }
+}
+
+/// Summaries and paired comparisons of every group of trials.
+fn summarize_all(cx: &Ctx<'_>, all: &[Trial], s: Summaries) -> EsrResults {
+    let cfg = cx.cfg;
+    let reps = cfg.bootstrap;
+    let seed = |k: u64| cfg.seed.wrapping_add(k);
+    let of = |name: &str, prompts: usize, sample0: bool| -> Vec<&Trial> {
+        all.iter()
+            .filter(|t| t.condition == name && t.prompt < prompts && (!sample0 || t.sample == 0))
+            .collect()
+    };
+    let n = cfg.n_prompts;
+    let main = ["baseline", "otd_ablated", "steer_ablated", "random"];
+    let conditions: Vec<ConditionSummary> = main
         .iter()
         .enumerate()
-        .map(|(ci, (name, _))| {
-            let ts: Vec<&Trial> = trials.iter().filter(|t| &t.condition == name).collect();
-            summarize(name, &ts, cfg.bootstrap, cfg.seed.wrapping_add(ci as u64))
+        .map(|(k, name)| summarize(name, &of(name, n, false), reps, seed(k as u64)))
+        .collect();
+    let base = of("baseline", n, false);
+    let paired_main: Vec<Paired> = main
+        .iter()
+        .skip(1)
+        .enumerate()
+        .map(|(k, name)| {
+            paired(
+                &of(name, n, false),
+                &base,
+                expected(name),
+                reps,
+                seed(10 + k as u64),
+            )
         })
         .collect();
-    let mut results = EsrResults {
-        sae_eval,
-        sae_source: match &cfg.sae {
-            Some(p) => p.display().to_string(),
-            None => format!("trained ({})", sae_dir.display()),
-        },
-        otd_latents: otd,
-        otd_rule,
-        otd_stats,
-        random_sets,
-        steering,
-        judge: judge_summary,
-        conditions: summaries,
-        config: cfg.clone(),
-        command: command.to_string(),
-        timings: cx.timings.clone(),
+    let unsteered = summarize("unsteered", &of("unsteered", n, false), reps, seed(20));
+
+    // Boost sweep: factor 1 is the baseline's sample 0 on the same prompts.
+    let mut boost_sweep = Vec::new();
+    if cfg.boost_prompts > 0 {
+        for (k, &f) in cfg.boost_factors.iter().enumerate() {
+            let name = if f == 1.0 {
+                "baseline".to_string()
+            } else {
+                boost_name(f)
+            };
+            let ts = of(&name, cfg.boost_prompts, true);
+            let point = |latent: Option<u32>, ts: &[&Trial], kk: u64| BoostPoint {
+                factor: f,
+                latent,
+                mean_strength: stats::mean(
+                    &ts.iter().map(|t| t.strength as f64).collect::<Vec<_>>(),
+                ),
+                summary: summarize(&boost_name(f), ts, reps, seed(100 + kk)),
+            };
+            boost_sweep.push(point(None, &ts, k as u64));
+            for st in &s.steering {
+                let one: Vec<&Trial> = ts
+                    .iter()
+                    .copied()
+                    .filter(|t| t.latent == st.latent)
+                    .collect();
+                boost_sweep.push(point(Some(st.latent), &one, 1000 + k as u64));
+            }
+        }
+    }
+
+    let subset = |prompts: usize, names: &[&str], pairs: &[(&str, &str)], k0: u64| {
+        let conditions = names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| summarize(name, &of(name, prompts, true), reps, seed(k0 + k as u64)))
+            .collect();
+        let paired = pairs
+            .iter()
+            .enumerate()
+            .map(|(k, (c, r))| {
+                paired(
+                    &of(c, prompts, true),
+                    &of(r, prompts, true),
+                    expected(c),
+                    reps,
+                    seed(k0 + 50 + k as u64),
+                )
+            })
+            .collect();
+        SubsetResults {
+            prompts,
+            conditions,
+            paired,
+        }
     };
-    report::write_outputs(&mut results, &trials, &sae, &sae_dir, out, (t0, t_all))?;
-    Ok(results)
+    let meta_prompt = (cfg.meta_prompts > 0).then(|| {
+        subset(
+            cfg.meta_prompts,
+            &["baseline", "meta_prompt", "meta_prompt_otd_ablated"],
+            &[
+                ("meta_prompt", "baseline"),
+                ("meta_prompt_otd_ablated", "meta_prompt"),
+            ],
+            200,
+        )
+    });
+    let sites = (cfg.sites_prompts > 0).then(|| {
+        subset(
+            cfg.sites_prompts,
+            &[
+                "otd_ablated",
+                "otd_ablated_all_positions",
+                "steer_ablated",
+                "steer_ablated_all_positions",
+            ],
+            &[
+                ("otd_ablated_all_positions", "otd_ablated"),
+                ("steer_ablated_all_positions", "steer_ablated"),
+            ],
+            300,
+        )
+    });
+    EsrResults {
+        sae_eval: s.sae_eval,
+        sae_source: s.sae_source,
+        otd_latents: s.otd_latents,
+        otd_rule: s.otd_rule,
+        otd_stats: s.otd_stats,
+        random_sets: s.random_sets,
+        steering: s.steering,
+        judge: s.judge,
+        unsteered,
+        conditions,
+        paired: paired_main,
+        boost_sweep,
+        meta_prompt,
+        sites,
+        judge_agreement: s.judge_agreement,
+        config: cfg.clone(),
+        command: s.command,
+        timings: cx.timings.clone(),
+    }
+}
+
+/// Score a seeded sample of the judged attempts (unsteered and main conditions) with the
+/// second judge and correlate its Δ with the first judge's.
+fn second_judge(
+    cx: &mut Ctx<'_>,
+    all: &[Trial],
+    deltas: &[Vec<f64>],
+    judge: &Judge,
+) -> Result<JudgeAgreement> {
+    let cfg = cx.cfg;
+    let t0 = Instant::now();
+    let main = [
+        "unsteered",
+        "baseline",
+        "otd_ablated",
+        "steer_ablated",
+        "random",
+    ];
+    // (prompt, attempt text, first judge's Δ) of every candidate attempt.
+    let mut pool: Vec<(usize, String, f64)> = Vec::new();
+    for (t, d) in all.iter().zip(deltas) {
+        if !main.contains(&t.condition.as_str()) {
+            continue;
+        }
+        for (a, &x) in judge::split_attempts(&t.text).into_iter().zip(d) {
+            pool.push((t.prompt, a, x));
+        }
+    }
+    let mut rng = Rng::new(cfg.seed ^ 0x0001_D6E2);
+    let pick: Vec<u32> = draw(
+        &(0..pool.len() as u32).collect::<Vec<_>>(),
+        cfg.judge2_attempts,
+        &mut rng,
+    );
+    let chosen: Vec<&(usize, String, f64)> =
+        pick.iter().filter_map(|&i| pool.get(i as usize)).collect();
+    let items: Vec<(usize, &str)> = chosen.iter().map(|(p, a, _)| (*p, a.as_str())).collect();
+    let mut pb = bar(cfg, items.len() as u64, "judge2");
+    let block = cfg.batch_size;
+    let d2 = match &cfg.judge2_model {
+        Some(path) => {
+            let opts = LoadOptions {
+                dtype: dtype(&cfg.model_dtype)?,
+                weights: weights(&cfg.model_weights)?,
+                ..LoadOptions::default()
+            };
+            let (mut m2, tok2) = model::load(path, &opts)?;
+            let j2 = Judge::with_template(
+                &tok2,
+                &cx.prompts,
+                &cfg.judge2_template,
+                cfg.judge_tokens,
+                cfg.batch_size,
+            )?;
+            let mut f = |part: &[(usize, &str)]| j2.deltas(&mut m2, &tok2, part);
+            trials::judge_in_blocks(&items, block, &mut f, &mut pb)?
+        }
+        None => {
+            let j2 = Judge::with_template(
+                &cx.tok,
+                &cx.prompts,
+                &cfg.judge2_template,
+                cfg.judge_tokens,
+                cfg.batch_size,
+            )?;
+            let mut f = |part: &[(usize, &str)]| j2.deltas(&mut cx.model, &cx.tok, part);
+            trials::judge_in_blocks(&items, block, &mut f, &mut pb)?
+        }
+    };
+    pb.finish();
+    let d1: Vec<f64> = chosen.iter().map(|c| c.2).collect();
+    let s1: Vec<f64> = d1.iter().map(|&x| judge.score(x)).collect();
+    Ok(JudgeAgreement {
+        model: cfg
+            .judge2_model
+            .as_ref()
+            .unwrap_or(&cfg.model)
+            .display()
+            .to_string(),
+        template: cfg.judge2_template.clone(),
+        attempts: items.len(),
+        spearman_delta: stats::spearman(&d1, &d2),
+        spearman_score: stats::spearman(&s1, &d2),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 fn stage(t: &mut Timings, name: &str, t0: Instant) {
@@ -760,9 +1248,6 @@ fn draw(pool: &[u32], k: usize, rng: &mut Rng) -> Vec<u32> {
     v
 }
 
-fn steer_hooks(sae: &Sae, point: &HookPoint, latent: u32, strength: f32) -> Result<Hooks> {
-    let dir = sae.decoder_direction(latent as usize)?;
-    Ok(Hooks::new().with(*point, AddVector::new(&dir, strength, Positions::All)?))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -799,8 +1284,9 @@ fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut pb = bar(cfg, (n * cfg.chat_samples) as u64, "answers");
     let mut answers = Vec::with_capacity(cfg.chat_samples);
     for s in 0..cfg.chat_samples {
-        let seed = cfg.seed.wrapping_add(10_000 * s as u64);
-        answers.push(cx.generate(&which, cfg.max_new_tokens, seed, &mut Hooks::new(), &mut pb)?);
+        let seed = unsteered_seed(cfg.seed, s);
+        let mut none = |_: &[usize], _: &[usize]| Ok(Hooks::new());
+        answers.push(cx.generate(false, &which, cfg.max_new_tokens, seed, &mut none, &mut pb)?);
     }
     pb.finish();
     write_json(
@@ -989,9 +1475,10 @@ fn prepare_sae(
 }
 
 /// Run `seqs` (token ids, positions to pool) through the model capturing `point`, and
-/// max-pool the SAE's latents over the given positions. Also returns the residual norm of
-/// every pooled position. Sequences are right-padded into batches (causal attention keeps
-/// padding out of real positions).
+/// max-pool the SAE's latents over the given positions, never before position
+/// `sae_skip` (where the SAE was not trained; see [`sites`]). Also returns the residual
+/// norm of every pooled position. Sequences are right-padded into batches (causal
+/// attention keeps padding out of real positions, and each sequence starts at 0).
 fn max_pool(
     cx: &mut Ctx<'_>,
     sae: &Sae,
@@ -1015,7 +1502,7 @@ fn max_pool(
             .get(point)?
             .ok_or_else(|| Error::Invalid(format!("no activation captured at {point}")))?;
         for (b, (_, r)) in chunk.iter().enumerate() {
-            let r = r.start.min(t)..r.end.min(t);
+            let r = r.start.max(cx.cfg.sae_skip).min(t)..r.end.min(t);
             if r.is_empty() {
                 pooled.push(vec![0f32; sae.d_sae()]);
                 continue;
@@ -1065,12 +1552,13 @@ fn otd_activations(
     ))
 }
 
-/// Max-pooled latents over each prompt (its first position, the attention sink, left out).
+/// Max-pooled latents over each prompt (from position `sae_skip` on: the attention sink
+/// is left out).
 fn prompt_activations(cx: &mut Ctx<'_>, sae: &Sae, point: &HookPoint) -> Result<Vec<Vec<f32>>> {
     let seqs: Vec<_> = cx
         .prompt_ids
         .iter()
-        .map(|p| (p.clone(), 1..p.len()))
+        .map(|p| (p.clone(), 0..p.len()))
         .collect();
     let mut pb = bar(cx.cfg, seqs.len() as u64, "prompts");
     let (pooled, _) = max_pool(cx, sae, point, &seqs, &mut pb)?;
@@ -1155,8 +1643,11 @@ fn calibrate(
     let mut hidden = Step::hidden();
     let mut probes: Vec<(f32, f64)> = Vec::new();
     let mut probe = |cx: &mut Ctx<'_>, v: f32| -> Result<f64> {
-        let mut hooks = steer_hooks(sae, point, latent, v)?;
+        let mut hooks = |rows: &[usize]| {
+            trials::batch_hooks(sae, point, point, Some((latent, v)), &[], 0, false, rows)
+        };
         let gens = cx.generate(
+            false,
             &which,
             cfg.calib_tokens,
             cfg.seed ^ 0xCA1B,

@@ -1,12 +1,17 @@
 //! The experiment's outputs, all written atomically into the results folder:
 //!
-//! - `results.json`: [`EsrResults`] (SAE evaluation, OTD latents, conditions with 95%
-//!   bootstrap intervals, every setting and the seed, timings);
-//! - `report.md`: the same as tables, with the command, the paper's numbers beside ours
-//!   (clearly labelled), and example answers;
-//! - `trials.jsonl`: one [`Trial`] per line (every generated answer and its scores);
-//! - `conditions.png`: multi-attempt and ESR rates, and mean first-attempt score, per
-//!   condition with 95% intervals;
+//! - `results.json`: [`EsrResults`] (its contract is in the [module docs](super));
+//! - `report.md`: what was measured and how it compares with the paper, as tables with
+//!   their intervals, the paired comparisons, the sweeps, the judges' check, the command,
+//!   and example answers;
+//! - `trials.jsonl`: one [`Trial`] per line (every generated answer and its scores,
+//!   the unsteered answers included);
+//! - `conditions.png`: multi-attempt and ESR rates (Wilson 95% intervals) and the mean
+//!   first-attempt score (cluster-bootstrap 95% intervals) of the unsteered answers and
+//!   the main conditions;
+//! - `boost_sweep.png`: first-attempt score per latent and multi-attempt rate over the
+//!   steering strengths of the boost sweep;
+//! - `meta_prompt.png`: the meta-prompt conditions next to `baseline` on the same trials;
 //! - `otd_activation.png`: how often each OTD latent fires on on-topic vs off-topic answers;
 //! - `sae_training_curve.png`: the SAE's training curves (when it was trained here);
 //! - `sae/`: the SAE in SAELens format (`cfg.json` + `sae_weights.safetensors`).
@@ -17,8 +22,8 @@ use std::time::Instant;
 
 use plotters::prelude::*;
 
-use super::stats::Trial;
-use super::{EsrResults, LatentStats};
+use super::stats::{ConditionSummary, Paired, Trial};
+use super::{BoostPoint, EsrResults, LatentStats, SubsetResults};
 use crate::io::atomic::{write_bytes, write_json};
 use crate::io::write_atomic;
 use crate::plot::{write_png, FONT};
@@ -53,6 +58,12 @@ pub(super) fn write_outputs(
     }
     plot_conditions(results, &out.join("conditions.png"))?;
     plot_otd(results, &out.join("otd_activation.png"))?;
+    if !results.boost_sweep.is_empty() {
+        plot_boost(results, &out.join("boost_sweep.png"))?;
+    }
+    if let Some(m) = &results.meta_prompt {
+        plot_subset(m, "Meta-prompt", &out.join("meta_prompt.png"))?;
+    }
 
     let t = &mut results.timings;
     t.stages
@@ -70,8 +81,116 @@ fn pct(v: f64) -> String {
     format!("{:.1}%", 100.0 * v)
 }
 
+/// A percentage with two decimals where it matters (interval bounds near 0).
+fn pct2(v: f64) -> String {
+    format!("{:.2}%", 100.0 * v)
+}
+
 fn pct_ci(v: f64, ci: [f64; 2]) -> String {
-    format!("{} [{}, {}]", pct(v), pct(ci[0]), pct(ci[1]))
+    format!("{} [{}, {}]", pct(v), pct2(ci[0]), pct2(ci[1]))
+}
+
+fn score_ci(v: f64, ci: [f64; 2]) -> String {
+    format!("{v:.1} [{:.1}, {:.1}]", ci[0], ci[1])
+}
+
+fn signed_ci(v: f64, ci: [f64; 2]) -> String {
+    format!("{v:+.1} [{:+.1}, {:+.1}]", ci[0], ci[1])
+}
+
+/// A p-value as text.
+fn pval(p: f64) -> String {
+    if p >= 0.001 {
+        format!("{p:.3}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
+/// The table of condition summaries.
+fn summary_table(s: &mut String, rows: &[&ConditionSummary]) {
+    let _ = writeln!(
+        s,
+        "| condition | n (clusters) | multi-attempt [Wilson 95%] | exact 95% (Clopper–Pearson) | ESR rate [Wilson 95%] | mean first score [95% CI] | mean attempts |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for k in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {} of {}: {} | [{}, {}] | {} | {} | {:.2} |",
+            k.name,
+            k.n,
+            k.clusters,
+            k.multi_attempts,
+            k.n,
+            pct_ci(k.multi_attempt_rate, k.ci95.multi_attempt_rate),
+            pct2(k.exact95.multi_attempt_rate[0]),
+            pct2(k.exact95.multi_attempt_rate[1]),
+            pct_ci(k.esr_rate, k.ci95.esr_rate),
+            score_ci(k.mean_first_score, k.ci95.mean_first_score),
+            k.mean_attempts
+        );
+    }
+    let _ = writeln!(s);
+}
+
+/// The table of paired comparisons.
+fn paired_table(s: &mut String, rows: &[Paired]) {
+    let _ = writeln!(
+        s,
+        "| condition vs reference | pairs | multi-attempt: both / only condition / only reference | McNemar exact p | Δ first score [95% CI] | expected |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for p in rows {
+        let _ = writeln!(
+            s,
+            "| {} vs {} | {} | {} / {} / {} | {} | {} | {} |",
+            p.condition,
+            p.reference,
+            p.pairs,
+            p.multi_both,
+            p.multi_only_condition,
+            p.multi_only_reference,
+            pval(p.multi_mcnemar_p),
+            signed_ci(p.first_score_diff, p.first_score_diff_ci95),
+            p.expected
+        );
+    }
+    let _ = writeln!(s);
+}
+
+/// What a 0-event (or few-event) result says, in words.
+fn null_sentence(k: &ConditionSummary) -> String {
+    let w = k.ci95.multi_attempt_rate[1];
+    let cp = k.exact95.multi_attempt_rate[1];
+    if k.multi_attempts == 0 {
+        format!(
+            "No multi-attempt answer in {} `{}` trials: at 95% confidence the rate is below {} \
+             (Wilson; exact Clopper–Pearson: below {}).",
+            k.n,
+            k.name,
+            pct2(w),
+            pct2(cp)
+        )
+    } else {
+        format!(
+            "{} multi-attempt answers in {} `{}` trials: {} (Wilson 95%), exact [{}, {}].",
+            k.multi_attempts,
+            k.n,
+            k.name,
+            pct_ci(k.multi_attempt_rate, k.ci95.multi_attempt_rate),
+            pct2(k.exact95.multi_attempt_rate[0]),
+            pct2(cp)
+        )
+    }
+}
+
+fn find<'a>(v: &'a [ConditionSummary], name: &str) -> Option<&'a ConditionSummary> {
+    v.iter().find(|c| c.name == name)
+}
+
+fn find_pair<'a>(v: &'a [Paired], name: &str) -> Option<&'a Paired> {
+    v.iter().find(|p| p.condition == name)
 }
 
 /// The Markdown report.
@@ -92,38 +211,332 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
         c.model.display(),
         r.sae_source
     );
-    let _ = writeln!(s, "## Measured here\n");
+
+    // What was measured.
+    let base = find(&r.conditions, "baseline");
+    let steered: usize = r.conditions.iter().map(|k| k.n).sum();
+    let restarts: usize = r.conditions.iter().map(|k| k.multi_attempts).sum();
+    let _ = writeln!(s, "## Summary\n");
     let _ = writeln!(
         s,
-        "Steering adds `v · W_dec[latent]` at `{}` at every prompt and answer position; \
-         ablation zeroes a latent set at `{}` with the SAE's error added back. \
-         {} prompts × {} steering latent(s), temperature {}, repetition penalty {}, ≤ {} new tokens.\n",
-        c.steer_hook, c.sae_hook, c.n_prompts, r.steering.len(), c.temperature, c.repetition_penalty, c.max_new_tokens
+        "The model answered {} how-to prompts while an SAE latent was added to its residual \
+         stream (steering, calibrated per latent to pull the first attempt's relevance down \
+         to {:.0}/100), under four conditions with the same prompts, latents and sampler seeds \
+         ({} steering latents × {} prompts × {} samples = {} trials each): `baseline` \
+         (steered), `otd_ablated` (off-topic-detector latents zero-ablated), `steer_ablated` \
+         (the steering latent itself zero-ablated: a positive control that must undo the \
+         steering) and `random` (random latent sets of the OTD set's size ablated). The \
+         judge splits each answer into attempts at restart phrases; a multi-attempt answer \
+         restarts at least once, an ESR answer restarts and ends more on topic than it began.\n",
+        c.n_prompts,
+        c.target_score,
+        r.steering.len(),
+        c.n_prompts,
+        c.samples,
+        base.map_or(0, |b| b.n)
     );
-    let _ = writeln!(s, "| condition | n | multi-attempt rate [95% CI] | ESR rate [95% CI] | mean first score [95% CI] | mean attempts |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
-    for k in &r.conditions {
+    let _ = writeln!(
+        s,
+        "**{restarts} of {steered} steered answers** in the main conditions and **{} of {} \
+         unsteered answers** restart. {} {}\n",
+        r.unsteered.multi_attempts,
+        r.unsteered.n,
+        base.map(null_sentence).unwrap_or_default(),
+        null_sentence(&r.unsteered)
+    );
+    if let Some(b) = base {
+        let hi = b.ci95.multi_attempt_rate[1];
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.1} [{:.1}, {:.1}] | {:.2} |",
-            k.name,
-            k.n,
-            pct_ci(k.multi_attempt_rate, k.ci95.multi_attempt_rate),
-            pct_ci(k.esr_rate, k.ci95.esr_rate),
-            k.mean_first_score,
-            k.ci95.mean_first_score[0],
-            k.ci95.mean_first_score[1],
-            k.mean_attempts
+            "Against the paper (McKenzie et al., arXiv 2602.06941; not measured here): \
+             Llama-3.3-70B restarts in 7.4% of steered answers, {} here; smaller models in \
+             the paper restart in ≤ 1.1%, {} here. An OTD-ablation effect of the paper's \
+             size (7.4% → 5.5%) needs restarts to remove: {}\n",
+            if hi < 0.074 {
+                "a rate this interval excludes"
+            } else {
+                "a rate this interval does not exclude"
+            },
+            if hi < 0.011 {
+                "a rate this interval excludes too"
+            } else {
+                "which this interval does not exclude"
+            },
+            if b.multi_attempts == 0 {
+                "with none in `baseline`, the ablation has nothing to act on, so the null \
+                 comparison of `otd_ablated` with `baseline` is uninformative about the OTD \
+                 latents, not evidence against them."
+            } else {
+                "see the paired comparison below."
+            }
         );
     }
+
+    let _ = writeln!(s, "## Method\n");
     let _ = writeln!(
         s,
-        "\n## The paper's numbers (not measured here)\n\n\
-         McKenzie et al. (arXiv 2602.06941), Llama-3.3-70B-Instruct with the Goodfire layer-50 SAE: \
-         multi-attempt rate 7.4% steered → 5.5% with the 26 OTD latents zero-ablated; 7.9% with \
-         random latent sets of the same size. Smaller models showed ≤ 1.1% multi-attempt responses, \
-         so little or no ESR is expected from a 135M-parameter model.\n"
+        "Steering adds `v · W_dec[latent]` at `{}` at every prompt and answer position. \
+         Ablations zero a latent set at `{}` with the SAE's error added back \
+         (error-preserving), only at the positions the SAE was trained on: from each \
+         sequence's position {} on (left-padded batches are handled per sequence), so the \
+         attention sink at position 0 is never edited. Temperature {}, repetition penalty \
+         {}, ≤ {} new tokens; every condition of a prompt × latent × sample uses the same \
+         sampler seed.\n",
+        c.steer_hook, c.sae_hook, c.sae_skip, c.temperature, c.repetition_penalty, c.max_new_tokens
     );
+    let _ = writeln!(
+        s,
+        "Statistics: rates get Wilson score 95% intervals, with exact Clopper–Pearson \
+         intervals beside them (both stay informative at 0 events). Mean first-attempt \
+         scores get a 95% percentile bootstrap ({} resamples) that resamples **clusters** \
+         (prompt × steering latent, with all their samples), not single trials. Each \
+         condition is compared with `baseline` as a paired design: McNemar's exact test on \
+         the pairs where exactly one answer is multi-attempt, and the mean paired \
+         difference of first-attempt scores with a cluster-bootstrap interval.\n",
+        c.bootstrap
+    );
+
+    let _ = writeln!(s, "## Conditions\n");
+    let mut rows: Vec<&ConditionSummary> = vec![&r.unsteered];
+    rows.extend(r.conditions.iter());
+    summary_table(&mut s, &rows);
+    let _ = writeln!(
+        s,
+        "`unsteered`: the model's own answers ({} samples per prompt, no steering, no \
+         ablation; the paper found 0% multi-attempt answers in 7,892 unsteered trials). \
+         `random` pools {} random sets: the trial of prompt `p` and steering latent number \
+         `l` ablates set `(p + l) mod {}`.\n",
+        c.chat_samples,
+        r.random_sets.len(),
+        r.random_sets.len().max(1)
+    );
+    let _ = writeln!(s, "### Paired comparisons with `baseline`\n");
+    paired_table(&mut s, &r.paired);
+    if let (Some(pos), Some(rnd)) = (
+        find_pair(&r.paired, "steer_ablated"),
+        find_pair(&r.paired, "random"),
+    ) {
+        let _ = writeln!(
+            s,
+            "**Positive control.** Zero-ablating the steering latent after the steering moves \
+             the first-attempt score by {} points against {} for the random sets: {}\n",
+            signed_ci(pos.first_score_diff, pos.first_score_diff_ci95),
+            signed_ci(rnd.first_score_diff, rnd.first_score_diff_ci95),
+            if pos.first_score_diff_ci95[0] > rnd.first_score_diff_ci95[1] {
+                "the intervals do not overlap, so the splice acts inside generation and an \
+                 ablation of this kind can move the outcome."
+            } else {
+                "the intervals overlap, so this run cannot show that the splice acts inside \
+                 generation."
+            }
+        );
+    }
+
+    boost_md(&mut s, r);
+    if let Some(m) = &r.meta_prompt {
+        let _ = writeln!(s, "## Self-monitoring meta-prompt\n");
+        let _ = writeln!(
+            s,
+            "Each prompt followed by “{}” (the paper's best variant, appended to the prompt as \
+             the paper does), steered, with and without the OTD ablation; the first {} prompts, \
+             sample 0, every steering latent. `baseline` is restricted to the same trials.\n",
+            c.meta_prompt_text, m.prompts
+        );
+        summary_table(&mut s, &m.conditions.iter().collect::<Vec<_>>());
+        paired_table(&mut s, &m.paired);
+        let _ = writeln!(
+            s,
+            "The paper: 7.4% → 31.7% multi-attempt (4.3×) for Llama-3.3-70B with this \
+             meta-prompt, with smaller gains in smaller models.\n\n![meta-prompt](meta_prompt.png)\n"
+        );
+    }
+    if let Some(m) = &r.sites {
+        let _ = writeln!(s, "## Splice sites: leaving out the attention sink\n");
+        let _ = writeln!(
+            s,
+            "The SAE was trained without each context's first position (the attention sink of \
+             a model without a BOS, whose residual norm is an outlier). The conditions above \
+             ablate from position {} on; the `_all_positions` variants splice every position, \
+             the sink included, on the first {} prompts (sample 0): a side measurement of what \
+             the restriction changes.\n",
+            c.sae_skip, m.prompts
+        );
+        summary_table(&mut s, &m.conditions.iter().collect::<Vec<_>>());
+        paired_table(&mut s, &m.paired);
+    }
+
+    let j = &r.judge;
+    let _ = writeln!(
+        s,
+        "## Judge\n\nRelevance score = 100 · clamp(Δ / Δ_ref, 0, 1), Δ = mean log p(attempt | prompt) − \
+         mean log p(attempt | another prompt) under the unsteered model, Δ_ref = {:.3} nats (median of the \
+         unsteered answers). Check: the unsteered answers score {:.1} under their own prompts and {:.1} \
+         when judged against the wrong prompt.\n",
+        j.delta_ref, j.on_topic_mean_score, j.off_topic_mean_score
+    );
+    if let Some(a) = &r.judge_agreement {
+        let tmpl = match &a.template {
+            super::judge::JudgeTemplate::Chat => "its chat template".to_string(),
+            super::judge::JudgeTemplate::Plain(t) => {
+                format!("the plain template `{}`", t.replace('\n', "\\n"))
+            }
+        };
+        let _ = writeln!(
+            s,
+            "**Second judge.** `{}` scored {} randomly drawn attempts (unsteered and main \
+             conditions) with the same relative log-prob rule and {tmpl}. Spearman rank \
+             correlation with the first judge: **ρ = {:.3}** on Δ ({:.3} against the first \
+             judge's clamped 0–100 score), {:.0} s.\n",
+            a.model, a.attempts, a.spearman_delta, a.spearman_score, a.seconds
+        );
+    }
+
+    paper_md(&mut s, r);
+    sae_md(&mut s, r, has_curve);
+    timings_md(&mut s, r);
+    examples_md(&mut s, trials);
+    s
+}
+
+/// The boost sweep's section.
+fn boost_md(s: &mut String, r: &EsrResults) {
+    let pooled: Vec<&BoostPoint> = r
+        .boost_sweep
+        .iter()
+        .filter(|p| p.latent.is_none())
+        .collect();
+    if pooled.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "## Boost sweep\n");
+    let _ = writeln!(
+        s,
+        "Each steering latent at multiples of its calibrated strength (×1 is `baseline`), the \
+         first {} prompts, sample 0 (the paper swept 10 levels from −3σ to +3σ around each \
+         latent's threshold).\n",
+        r.config.boost_prompts
+    );
+    let _ = writeln!(s, "| × strength | mean strength | n | multi-attempt [Wilson 95%] | ESR rate | mean first score [95% CI] |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for p in &pooled {
+        let k = &p.summary;
+        let _ = writeln!(
+            s,
+            "| {:.2} | {:.1} | {} | {} of {}: {} | {} | {} |",
+            p.factor,
+            p.mean_strength,
+            k.n,
+            k.multi_attempts,
+            k.n,
+            pct_ci(k.multi_attempt_rate, k.ci95.multi_attempt_rate),
+            pct(k.esr_rate),
+            score_ci(k.mean_first_score, k.ci95.mean_first_score)
+        );
+    }
+    let _ = write!(s, "\nMean first-attempt score per latent:\n\n| latent |");
+    for p in &pooled {
+        let _ = write!(s, " ×{:.2} |", p.factor);
+    }
+    let _ = write!(s, "\n|---|");
+    for _ in &pooled {
+        let _ = write!(s, "---|");
+    }
+    let _ = writeln!(s);
+    for st in &r.steering {
+        let _ = write!(s, "| {} |", st.latent);
+        for p in &pooled {
+            let v = r
+                .boost_sweep
+                .iter()
+                .find(|q| q.latent == Some(st.latent) && q.factor == p.factor)
+                .map(|q| format!(" {:.0} |", q.summary.mean_first_score))
+                .unwrap_or_else(|| " – |".into());
+            let _ = write!(s, "{v}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "\n![boost sweep](boost_sweep.png)\n");
+}
+
+/// The side-by-side comparison with the paper.
+fn paper_md(s: &mut String, r: &EsrResults) {
+    let cond = |name: &str| find(&r.conditions, name);
+    let rate = |k: Option<&ConditionSummary>| {
+        k.map_or("–".to_string(), |k| {
+            format!(
+                "{} of {} = {}",
+                k.multi_attempts,
+                k.n,
+                pct_ci(k.multi_attempt_rate, k.ci95.multi_attempt_rate)
+            )
+        })
+    };
+    let esr = |k: Option<&ConditionSummary>| {
+        k.map_or("–".to_string(), |k| pct_ci(k.esr_rate, k.ci95.esr_rate))
+    };
+    let first = |k: Option<&ConditionSummary>| {
+        k.map_or("–".to_string(), |k| {
+            score_ci(k.mean_first_score, k.ci95.mean_first_score)
+        })
+    };
+    let meta = r
+        .meta_prompt
+        .as_ref()
+        .and_then(|m| find(&m.conditions, "meta_prompt"));
+    let _ = writeln!(s, "## This run next to the paper\n");
+    let _ = writeln!(
+        s,
+        "| quantity | paper: Llama-3.3-70B, Goodfire SAE (not measured here) | here: {} |",
+        r.config.model.display()
+    );
+    let _ = writeln!(s, "|---|---|---|");
+    let rows: Vec<(&str, &str, String)> = vec![
+        (
+            "multi-attempt, unsteered",
+            "0% of 7,892",
+            rate(Some(&r.unsteered)),
+        ),
+        ("multi-attempt, steered", "7.4%", rate(cond("baseline"))),
+        (
+            "multi-attempt, OTD ablated",
+            "5.5%",
+            rate(cond("otd_ablated")),
+        ),
+        ("multi-attempt, meta-prompt", "31.7% (4.3×)", rate(meta)),
+        (
+            "multi-attempt, smaller models (steered)",
+            "≤ 1.1%",
+            "–".into(),
+        ),
+        ("ESR rate, steered", "3.8%", esr(cond("baseline"))),
+        ("ESR rate, OTD ablated", "2.8%", esr(cond("otd_ablated"))),
+        ("ESR rate, random ablated", "4.2%", esr(cond("random"))),
+        ("mean first score, steered", "26.3", first(cond("baseline"))),
+        (
+            "mean first score, OTD ablated",
+            "27.4",
+            first(cond("otd_ablated")),
+        ),
+        (
+            "OTD latents",
+            "26 (Goodfire SAE, layer 50)",
+            format!("{} ({} rule)", r.otd_latents.len(), r.otd_rule),
+        ),
+        (
+            "steered trials per condition",
+            "≈ 4,877",
+            cond("baseline").map_or("–".into(), |k| k.n.to_string()),
+        ),
+    ];
+    for (q, p, h) in rows {
+        let _ = writeln!(s, "| {q} | {p} | {h} |");
+    }
+    let _ = writeln!(s);
+}
+
+/// The SAE, the OTD latents and the steering latents.
+fn sae_md(s: &mut String, r: &EsrResults, has_curve: bool) {
+    let c = &r.config;
     let e = &r.sae_eval;
     let _ = writeln!(s, "## SAE (held-out text)\n");
     let _ = writeln!(s, "| hook | FVU | L0 | dead | CE clean | CE spliced | CE zero-ablated | CE loss recovered | tokens |");
@@ -144,15 +557,6 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
     if has_curve {
         let _ = writeln!(s, "![SAE training curve](sae_training_curve.png)\n");
     }
-    let j = &r.judge;
-    let _ = writeln!(
-        s,
-        "## Judge\n\nRelevance score = 100 · clamp(Δ / Δ_ref, 0, 1), Δ = mean log p(attempt | prompt) − \
-         mean log p(attempt | another prompt) under the unsteered model, Δ_ref = {:.3} nats (median of the \
-         unsteered answers). Check: the unsteered answers score {:.1} under their own prompts and {:.1} \
-         when judged against the wrong prompt.\n",
-        j.delta_ref, j.on_topic_mean_score, j.off_topic_mean_score
-    );
     let _ = writeln!(s, "## Off-topic detector latents\n");
     let rule = match r.otd_rule.as_str() {
         "paper" => format!(
@@ -170,7 +574,7 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
         r.otd_latents
     );
     if r.otd_latents.is_empty() {
-        let _ = writeln!(s, "No latent qualified, so `otd_ablated` and the random conditions ablate nothing and equal `baseline`. The best candidates:\n");
+        let _ = writeln!(s, "No latent qualified, so `otd_ablated` and `random` ablate nothing and equal `baseline`. The best candidates:\n");
     }
     let _ = writeln!(s, "| latent | on-topic firing | off-topic firing | on-topic mean act | off-topic mean act |\n|---|---|---|---|---|");
     for l in &r.otd_stats {
@@ -184,7 +588,8 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
             l.off_mean
         );
     }
-    let _ = writeln!(s, "\nRandom control sets: {:?}\n", r.random_sets);
+    let _ = writeln!(s, "\n![OTD activation](otd_activation.png)\n");
+    let _ = writeln!(s, "Random control sets: {:?}\n", r.random_sets);
     let _ = writeln!(s, "## Steering latents\n\n| latent | strength | calibration probes (strength → mean first score) |\n|---|---|---|");
     for st in &r.steering {
         let probes: Vec<String> = st
@@ -200,8 +605,12 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
             probes.join(", ")
         );
     }
+    let _ = writeln!(s, "\n![conditions](conditions.png)\n");
+}
+
+fn timings_md(s: &mut String, r: &EsrResults) {
     let t = &r.timings;
-    let _ = writeln!(s, "\n## Timings\n\n| stage | seconds |\n|---|---|");
+    let _ = writeln!(s, "## Timings\n\n| stage | seconds |\n|---|---|");
     for (k, v) in &t.stages {
         let _ = writeln!(s, "| {k} | {v:.1} |");
     }
@@ -209,20 +618,21 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
         s,
         "| **total** | **{:.1}** |\n\nGeneration: {} tokens at {:.1} tok/s (batches of {}, hooks live). \
          Judge: {} attempt tokens scored at {:.1} tok/s. SAE from cache: {}; answers from cache: {}.\n",
-        t.total_s, t.generated_tokens, t.generation_tokens_per_s, c.batch_size, t.judged_tokens, t.judge_tokens_per_s, t.sae_cached, t.answers_cached
+        t.total_s, t.generated_tokens, t.generation_tokens_per_s, r.config.batch_size, t.judged_tokens, t.judge_tokens_per_s, t.sae_cached, t.answers_cached
     );
-    let _ = writeln!(
-        s,
-        "## Plots\n\n![conditions](conditions.png)\n\n![OTD activation](otd_activation.png)\n"
-    );
+}
+
+fn examples_md(s: &mut String, trials: &[Trial]) {
     let _ = writeln!(s, "## Example answers\n");
+    let steered = |t: &&Trial| t.condition != "unsteered";
     let multi: Vec<&Trial> = trials
         .iter()
+        .filter(steered)
         .filter(|t| t.multi_attempt())
         .take(3)
         .collect();
     let shown: Vec<&Trial> = if multi.is_empty() {
-        trials.iter().take(2).collect()
+        trials.iter().filter(steered).take(2).collect()
     } else {
         multi
     };
@@ -244,7 +654,6 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
             t.text.replace('\n', "\n> ")
         );
     }
-    s
 }
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
@@ -330,27 +739,24 @@ fn bars(
     Ok(())
 }
 
-fn plot_conditions(r: &EsrResults, path: &Path) -> Result<()> {
-    let names: Vec<String> = r.conditions.iter().map(|c| c.name.clone()).collect();
+/// Rates (Wilson 95% error bars) and mean first-attempt scores (cluster-bootstrap 95%
+/// error bars) of `rows`, side by side.
+fn plot_rates_and_scores(rows: &[&ConditionSummary], title: &str, path: &Path) -> Result<()> {
+    let names: Vec<String> = rows.iter().map(|c| c.name.clone()).collect();
     let rates: Vec<Series<'_>> = vec![
         (
             "multi-attempt rate (%)",
             RGBColor(70, 110, 190),
-            r.conditions
-                .iter()
-                .map(|c| 100.0 * c.multi_attempt_rate)
-                .collect(),
-            r.conditions
-                .iter()
+            rows.iter().map(|c| 100.0 * c.multi_attempt_rate).collect(),
+            rows.iter()
                 .map(|c| c.ci95.multi_attempt_rate.map(|v| 100.0 * v))
                 .collect(),
         ),
         (
             "ESR rate (%)",
             RGBColor(220, 130, 50),
-            r.conditions.iter().map(|c| 100.0 * c.esr_rate).collect(),
-            r.conditions
-                .iter()
+            rows.iter().map(|c| 100.0 * c.esr_rate).collect(),
+            rows.iter()
                 .map(|c| c.ci95.esr_rate.map(|v| 100.0 * v))
                 .collect(),
         ),
@@ -362,24 +768,187 @@ fn plot_conditions(r: &EsrResults, path: &Path) -> Result<()> {
     let score: Vec<Series<'_>> = vec![(
         "mean first-attempt score",
         RGBColor(90, 160, 90),
-        r.conditions.iter().map(|c| c.mean_first_score).collect(),
-        r.conditions
-            .iter()
-            .map(|c| c.ci95.mean_first_score)
-            .collect(),
+        rows.iter().map(|c| c.mean_first_score).collect(),
+        rows.iter().map(|c| c.ci95.mean_first_score).collect(),
     )];
     write_png(path, |tmp| {
-        let root = BitMapBackend::new(tmp, (1100, 450)).into_drawing_area();
+        let root = BitMapBackend::new(tmp, (1300, 450)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
-        let (a, b) = root.split_horizontally(600);
+        let (a, b) = root.split_horizontally(700);
         bars(
             &a,
-            "Restart rates by condition (95% bootstrap CI)",
+            &format!("{title}: restart rates (Wilson 95% CI)"),
             &names,
             &rates,
             (top * 1.25).max(5.0),
         )?;
-        bars(&b, "First-attempt relevance (0-100)", &names, &score, 100.0)?;
+        bars(
+            &b,
+            "First-attempt relevance (0-100, 95% CI)",
+            &names,
+            &score,
+            100.0,
+        )?;
+        root.present().map_err(plot_err)
+    })
+}
+
+fn plot_conditions(r: &EsrResults, path: &Path) -> Result<()> {
+    let mut rows: Vec<&ConditionSummary> = vec![&r.unsteered];
+    rows.extend(r.conditions.iter());
+    plot_rates_and_scores(&rows, "Conditions", path)
+}
+
+fn plot_subset(m: &SubsetResults, title: &str, path: &Path) -> Result<()> {
+    let rows: Vec<&ConditionSummary> = m.conditions.iter().collect();
+    plot_rates_and_scores(&rows, title, path)
+}
+
+/// Per-latent colours of the boost sweep's lines.
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(70, 110, 190),
+    RGBColor(220, 130, 50),
+    RGBColor(90, 160, 90),
+    RGBColor(200, 70, 70),
+    RGBColor(140, 100, 180),
+    RGBColor(120, 120, 120),
+];
+
+/// Vertical 95% error bars at `(x, [lo, hi])`.
+fn error_bars(cis: &[(f64, [f64; 2])], w: f64) -> Vec<PathElement<(f64, f64)>> {
+    cis.iter()
+        .map(|&(x, ci)| {
+            PathElement::new(
+                vec![
+                    (x - w, ci[0]),
+                    (x + w, ci[0]),
+                    (x, ci[0]),
+                    (x, ci[1]),
+                    (x - w, ci[1]),
+                    (x + w, ci[1]),
+                ],
+                BLACK.stroke_width(1),
+            )
+        })
+        .collect()
+}
+
+fn plot_boost(r: &EsrResults, path: &Path) -> Result<()> {
+    let pooled: Vec<&BoostPoint> = r
+        .boost_sweep
+        .iter()
+        .filter(|p| p.latent.is_none())
+        .collect();
+    let x_max = pooled.iter().map(|p| p.factor).fold(1.0f64, f64::max) * 1.08;
+    let rate_top = pooled
+        .iter()
+        .map(|p| 100.0 * p.summary.ci95.multi_attempt_rate[1])
+        .fold(1.0f64, f64::max)
+        * 1.25;
+    write_png(path, |tmp| {
+        let root = BitMapBackend::new(tmp, (1200, 450)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let (a, b) = root.split_horizontally(600);
+        let mut left = ChartBuilder::on(&a)
+            .caption("First-attempt score vs steering strength", (FONT, 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..x_max, 0f64..100f64)
+            .map_err(plot_err)?;
+        left.configure_mesh()
+            .x_desc("multiple of the calibrated strength")
+            .y_desc("mean first-attempt score")
+            .label_style((FONT, 13))
+            .draw()
+            .map_err(plot_err)?;
+        for (i, st) in r.steering.iter().enumerate() {
+            let color = PALETTE.get(i % PALETTE.len()).copied().unwrap_or(BLACK);
+            let pts: Vec<(f64, f64)> = r
+                .boost_sweep
+                .iter()
+                .filter(|p| p.latent == Some(st.latent))
+                .map(|p| (p.factor, p.summary.mean_first_score))
+                .collect();
+            left.draw_series(LineSeries::new(pts, color.stroke_width(1)))
+                .map_err(plot_err)?
+                .label(format!("latent {}", st.latent))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        }
+        let mean: Vec<(f64, f64)> = pooled
+            .iter()
+            .map(|p| (p.factor, p.summary.mean_first_score))
+            .collect();
+        left.draw_series(LineSeries::new(mean, BLACK.stroke_width(3)))
+            .map_err(plot_err)?
+            .label("all latents (95% CI)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], BLACK.stroke_width(3)));
+        let cis: Vec<(f64, [f64; 2])> = pooled
+            .iter()
+            .map(|p| (p.factor, p.summary.ci95.mean_first_score))
+            .collect();
+        left.draw_series(error_bars(&cis, 0.02 * x_max))
+            .map_err(plot_err)?;
+        left.configure_series_labels()
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+
+        let mut right = ChartBuilder::on(&b)
+            .caption("Restart rates vs steering strength", (FONT, 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..x_max, 0f64..rate_top.max(5.0))
+            .map_err(plot_err)?;
+        right
+            .configure_mesh()
+            .x_desc("multiple of the calibrated strength")
+            .y_desc("% of answers (Wilson 95% CI)")
+            .label_style((FONT, 13))
+            .draw()
+            .map_err(plot_err)?;
+        let blue = RGBColor(70, 110, 190);
+        let orange = RGBColor(220, 130, 50);
+        let multi: Vec<(f64, f64)> = pooled
+            .iter()
+            .map(|p| (p.factor, 100.0 * p.summary.multi_attempt_rate))
+            .collect();
+        right
+            .draw_series(LineSeries::new(multi, blue.stroke_width(2)))
+            .map_err(plot_err)?
+            .label("multi-attempt rate")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], blue));
+        let esr: Vec<(f64, f64)> = pooled
+            .iter()
+            .map(|p| (p.factor, 100.0 * p.summary.esr_rate))
+            .collect();
+        right
+            .draw_series(LineSeries::new(esr, orange.stroke_width(2)))
+            .map_err(plot_err)?
+            .label("ESR rate")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], orange));
+        let cis: Vec<(f64, [f64; 2])> = pooled
+            .iter()
+            .map(|p| {
+                (
+                    p.factor,
+                    p.summary.ci95.multi_attempt_rate.map(|v| 100.0 * v),
+                )
+            })
+            .collect();
+        right
+            .draw_series(error_bars(&cis, 0.02 * x_max))
+            .map_err(plot_err)?;
+        right
+            .configure_series_labels()
+            .label_font((FONT, 12))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
         root.present().map_err(plot_err)
     })
 }
