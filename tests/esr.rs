@@ -165,9 +165,10 @@ fn padded_batch_splices_each_row_with_its_own_edit_from_its_second_position() {
     let all: Vec<u32> = (0..64).collect();
     let edits = [
         Edits::new(SpliceMode::ErrorPreserving).zero(&all),
-        all.iter().fold(Edits::new(SpliceMode::ErrorPreserving), |e, &i| {
-            e.with(i, LatentEdit::Scale(3.0))
-        }),
+        all.iter()
+            .fold(Edits::new(SpliceMode::ErrorPreserving), |e, &i| {
+                e.with(i, LatentEdit::Scale(3.0))
+            }),
     ];
     let splice = |k: usize, pos: Positions| SaeSplice::new(&sae, &edits[k], pos).unwrap();
     let long = tok.encode(&tok.chat_prompt(TIRE).unwrap()).unwrap();
@@ -220,7 +221,10 @@ fn padded_batch_splices_each_row_with_its_own_edit_from_its_second_position() {
     // that tolerance, so the comparison above can tell where the splice starts and which
     // edit each row got.
     let d_sink = max_diff(&sink_too, &want_short);
-    assert!(d_sink > 0.5, "splicing the sink moved the logits by only {d_sink}");
+    assert!(
+        d_sink > 0.5,
+        "splicing the sink moved the logits by only {d_sink}"
+    );
     let d_edit = max_diff(&other_edit, &want_short);
     assert!(d_edit > 0.5, "the two edits differ by only {d_edit}");
     assert!(RowSplices::new(vec![splice(0, Positions::All)], vec![0, 1]).is_err());

@@ -1241,13 +1241,11 @@ fn draw(pool: &[u32], k: usize, rng: &mut Rng) -> Vec<u32> {
     let mut v = pool.to_vec();
     let k = k.min(v.len());
     for i in 0..k {
-        let j = i + (rng.next_u64() % (v.len() - i) as u64) as usize;
+        let j = i + rng.below(v.len() - i);
         v.swap(i, j);
     }
     v.truncate(k);
     v
-}
-
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1285,7 +1283,7 @@ fn unsteered_answers(cx: &mut Ctx<'_>) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut answers = Vec::with_capacity(cfg.chat_samples);
     for s in 0..cfg.chat_samples {
         let seed = unsteered_seed(cfg.seed, s);
-        let mut none = |_: &[usize], _: &[usize]| Ok(Hooks::new());
+        let mut none = |_: &[usize]| Ok(Hooks::new());
         answers.push(cx.generate(false, &which, cfg.max_new_tokens, seed, &mut none, &mut pb)?);
     }
     pb.finish();
