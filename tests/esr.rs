@@ -133,8 +133,8 @@ fn restart_language_splits_real_looking_answers() {
          Oops, back to the question: water them daily.\nSorry, I got distracted. Let me \
          start over: plant them deep.",
     );
-    // Cuts before "Oops" and "Sorry, I"; "back to the question" (6 bytes after "Oops")
-    // and "Let me start over" (25 bytes after "Sorry") join the cut before them.
+    // Cuts before "Oops" and "Sorry, I"; "back to the question" does not open a sentence,
+    // and "Let me start over" (25 bytes after "Sorry") joins the cut before it.
     assert_eq!(
         b,
         [
@@ -143,6 +143,19 @@ fn restart_language_splits_real_looking_answers() {
             "Sorry, I got distracted. Let me start over: plant them deep."
         ]
     );
+    // Answers SmolLM2 gave in the ESR run whose instructions contain restart words: one
+    // attempt each.
+    for t in [
+        "To perform the push-up properly:\n\n1. Stand up straight with both feet \
+         shoulder-width apart and hold onto your chosen grip for balance.\n2. Start with \
+         your palms facing downwards, making sure they're at 90 degrees.",
+        "A flat tire can be a nightmare on the road. To get back on track with your vehicle, \
+         it's essential to address the issue of getting rid of the fallen fuel drains.",
+        "To tie a bowstring using a knotty loop:\n\n1. Hold one end of the string in each of \
+         your two hands.\n  2. Bring both ends of the string around yourself.",
+    ] {
+        assert_eq!(split_attempts(t), [t], "{t}");
+    }
 }
 
 /// The ESR layer's per-row splices in a left-padded batch compute what each sequence

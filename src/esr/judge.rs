@@ -4,10 +4,12 @@
 //! The ESR paper used an LLM judge (Claude) for both. This judge needs no network:
 //!
 //! - **Attempts.** An answer is cut before every restart phrase ([`RESTART_PHRASES`],
-//!   matched case-insensitively at a word start), e.g. "Wait, that's not right" or
-//!   "Let me try again". Cuts closer than [`MIN_ATTEMPT_CHARS`] to the previous cut are
-//!   merged (one restart sentence often holds two phrases; a restart in the first
-//!   [`MIN_ATTEMPT_CHARS`] bytes is part of the first attempt), and empty pieces are dropped.
+//!   matched case-insensitively as whole words opening a sentence), e.g. "Wait, that's
+//!   not right" or "Let me try again"; the same words inside a sentence ("hold onto the
+//!   mat", "then wait, covered, for an hour") are instructions, not restarts. Cuts closer
+//!   than [`MIN_ATTEMPT_CHARS`] to the previous cut are merged (one restart sentence
+//!   often holds two phrases; a restart in the first [`MIN_ATTEMPT_CHARS`] bytes is part
+//!   of the first attempt), and empty pieces are dropped.
 //! - **Relevance.** For an attempt `a` answering prompt `p`, with `q` a different prompt
 //!   of the set (the one half the list away), the judge computes
 //!   `Δ = mean log p(a | p) − mean log p(a | q)` over the attempt's first
@@ -29,13 +31,16 @@ use crate::hooks::Hooks;
 use crate::model::{HookedModel, Tokenizer};
 use crate::{Error, Result};
 
-/// Restart phrases that start a new attempt (lower case; matched at a word start).
+/// Restart phrases that start a new attempt (lower case; matched as whole words at the
+/// start of a sentence, see [`split_attempts`]).
 pub const RESTART_PHRASES: &[&str] = &[
     "wait,",
     "wait.",
     "wait!",
     "wait -",
-    "hold on",
+    "hold on,",
+    "hold on.",
+    "hold on!",
     "that's not right",
     "that is not right",
     "that's not correct",
@@ -63,29 +68,51 @@ pub const RESTART_PHRASES: &[&str] = &[
     "back to the question",
     "back to the topic",
     "getting back to",
-    "to get back on track",
 ];
 
 /// Restart phrases closer than this many bytes to the previous cut join that cut.
 pub const MIN_ATTEMPT_CHARS: usize = 40;
 
-/// Split `text` into attempts (see the module docs). Always returns at least one attempt
-/// for non-blank text, none for blank text.
+/// Whether byte `i` of `text` starts a sentence: only spaces, tabs and opening quotes or
+/// emphasis marks (`"`, `'`, `*`, `_`, `(`) lie between it and a sentence end (`.`, `!`,
+/// `?`, `:`, `;`, `…`, a dash) or a line break. The text's own start does not count.
+fn sentence_start(text: &str, i: usize) -> bool {
+    let before = text.get(..i).unwrap_or_default();
+    let mut rest = before.chars().rev().skip_while(|c| {
+        matches!(
+            c,
+            ' ' | '\t' | '"' | '\'' | '*' | '_' | '(' | '\u{201c}' | '\u{2018}'
+        )
+    });
+    matches!(
+        rest.next(),
+        Some(
+            '.' | '!' | '?' | ':' | ';' | '\n' | '\r' | '\u{2026}' | '\u{2014}' | '\u{2013}' | '-'
+        )
+    )
+}
+
+/// Split `text` into attempts (see the module docs): cut before every restart phrase that
+/// opens a sentence and ends at a word boundary ("Hold on, …" cuts, "hold onto the mat"
+/// and "then wait, …" do not). Always returns at least one attempt for non-blank text,
+/// none for blank text.
 pub fn split_attempts(text: &str) -> Vec<String> {
     // ASCII lower-casing keeps byte offsets, so cuts found in `lower` are valid in `text`.
     let lower = text.to_ascii_lowercase();
-    let bytes = lower.as_bytes();
     let mut cuts: Vec<usize> = Vec::new();
     for (i, _) in lower.char_indices() {
-        let at_word_start = i == 0
-            || bytes
-                .get(i - 1)
-                .is_some_and(|b| !b.is_ascii_alphanumeric() && *b != b'\'');
-        if !at_word_start || i == 0 {
+        if i == 0 || !sentence_start(&lower, i) {
             continue;
         }
         let rest = lower.get(i..).unwrap_or_default();
-        if RESTART_PHRASES.iter().any(|p| rest.starts_with(p)) {
+        let whole_word = |p: &&str| {
+            rest.starts_with(*p)
+                && !rest
+                    .get(p.len()..)
+                    .and_then(|r| r.chars().next())
+                    .is_some_and(char::is_alphanumeric)
+        };
+        if RESTART_PHRASES.iter().any(whole_word) {
             let last = cuts.last().copied().unwrap_or(0);
             if i - last >= MIN_ATTEMPT_CHARS {
                 cuts.push(i);
@@ -365,6 +392,28 @@ mod tests {
             1
         );
         assert!(split_attempts("   ").is_empty());
+    }
+
+    #[test]
+    fn only_sentence_openings_that_end_at_a_word_boundary_cut() {
+        // Instructions that contain restart words: no cut.
+        for t in [
+            "1. Stand with your feet apart.\n2. Hold onto a wall or a chair as you begin.",
+            "A flat tire can be a nightmare on the road. To get back on track with your car, \
+             loosen the nuts first.",
+            "Knead the dough for ten minutes, then wait, covered, for an hour to let it rise.",
+            "Mix the flour and the water in a large bowl until smooth. Hold on tight to it.",
+        ] {
+            assert_eq!(split_attempts(t).len(), 1, "{t}");
+        }
+        // The same words opening a sentence, after a line break or a quote: a cut.
+        for t in [
+            "Mix the flour and the water in a large bowl until smooth.\nHold on, that's for bread.",
+            "Mix the flour and the water in a large bowl until smooth. \"Oops, wrong recipe.",
+            "Mix the flour and the water in a large bowl until smooth — wait, not that bowl.",
+        ] {
+            assert_eq!(split_attempts(t).len(), 2, "{t}");
+        }
     }
 
     #[test]

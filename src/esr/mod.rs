@@ -50,7 +50,8 @@
 //!      prompts, to measure what leaving the sink out changes.
 //!
 //!    Ablations act only where the SAE was trained: from each sequence's position
-//!    `sae_skip` on, which becomes the SAE's first trained position (see [`sites`]). Generation is batched with the hooks live.
+//!    `sae_skip` on, which becomes the SAE's first trained position (see [`sites`]).
+//!    Generation is batched with the hooks live.
 //! 8. **Second judge.** A seeded sample of `judge2_attempts` judged attempts (unsteered
 //!    and main conditions) is scored again by `judge2_model` (or, without one, by the same
 //!    model with the plain `judge2_template`) under the same relative log-prob rule;

@@ -185,6 +185,26 @@ fn null_sentence(k: &ConditionSummary) -> String {
     }
 }
 
+/// How many trials of `condition` have the same text as their partner (same latent,
+/// prompt and seed) in `reference`, and how many have a partner.
+fn same_answers(trials: &[Trial], condition: &str, reference: &str) -> (usize, usize) {
+    let key = |t: &Trial| (t.latent, t.prompt, t.seed);
+    let refs: std::collections::HashMap<_, &str> = trials
+        .iter()
+        .filter(|t| t.condition == reference)
+        .map(|t| (key(t), t.text.as_str()))
+        .collect();
+    let mut same = 0;
+    let mut pairs = 0;
+    for t in trials.iter().filter(|t| t.condition == condition) {
+        if let Some(&text) = refs.get(&key(t)) {
+            pairs += 1;
+            same += usize::from(text == t.text);
+        }
+    }
+    (same, pairs)
+}
+
 fn find<'a>(v: &'a [ConditionSummary], name: &str) -> Option<&'a ConditionSummary> {
     v.iter().find(|c| c.name == name)
 }
@@ -363,6 +383,20 @@ fn report_md(r: &EsrResults, trials: &[Trial], has_curve: bool) -> String {
         );
         summary_table(&mut s, &m.conditions.iter().collect::<Vec<_>>());
         paired_table(&mut s, &m.paired);
+        for p in &m.paired {
+            let (same, pairs) = same_answers(trials, &p.condition, &p.reference);
+            let _ = writeln!(
+                s,
+                "`{}` and `{}`: {same} of {pairs} paired answers are identical, token for token.",
+                p.condition, p.reference
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nAn error-preserving zero-ablation changes a position only where an ablated \
+             latent is active, so identical answers mean that at the sink the ablated latents \
+             were inactive or their removal there changed no sampled token.\n"
+        );
     }
 
     let j = &r.judge;
