@@ -47,16 +47,20 @@ fn input(n: usize, d: usize, seed: u64) -> Tensor {
 /// steering entry when `steer`.
 fn edits(mode: SpliceMode, d_sae: usize, n_s: usize, steer: bool) -> Edits {
     let mut e = Edits::new(mode);
+    let mut used = std::collections::HashSet::new();
     let step = (d_sae / n_s.max(1)).max(1);
     for j in 0..n_s.min(d_sae) {
         let id = ((j * step + j / 3) % d_sae) as u32;
+        if !used.insert(id) {
+            continue; // each latent is edited once
+        }
         let edit = match j % 4 {
             0 => LatentEdit::Zero,
             1 => LatentEdit::Clamp(0.8),
             2 => LatentEdit::Scale(-1.5),
             _ => LatentEdit::Add(0.4),
         };
-        e = e.with(id, edit).unwrap_or_else(|_| Edits::new(mode));
+        e = e.with(id, edit);
     }
     if steer {
         e = e.steer((d_sae / 2) as u32, 2.0);
