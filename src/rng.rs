@@ -58,11 +58,42 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
+    /// `min(k, pool.len())` distinct items of `pool`, uniformly at random, in the order
+    /// drawn (partial Fisher–Yates: the first `k` slots of a copy of `pool`).
+    pub fn choose<T: Clone>(&mut self, pool: &[T], k: usize) -> Vec<T> {
+        let mut v = pool.to_vec();
+        let k = k.min(v.len());
+        for i in 0..k {
+            let j = i + self.below(v.len() - i);
+            v.swap(i, j);
+        }
+        v.truncate(k);
+        v
+    }
+
     /// Fisher–Yates shuffle in place.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             let j = self.below(i + 1);
             v.swap(i, j);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_is_distinct_and_seeded() {
+        let pool: Vec<u32> = (0..100).collect();
+        let a = Rng::new(5).choose(&pool, 26);
+        let b = Rng::new(5).choose(&pool, 26);
+        assert_eq!(a, b);
+        let mut s = a.clone();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), 26);
+        assert_eq!(Rng::new(1).choose(&pool, 500).len(), 100);
     }
 }

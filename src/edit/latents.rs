@@ -122,14 +122,7 @@ impl LatentSet {
                 self.ids.len()
             )));
         }
-        // Partial Fisher–Yates: the first `n` slots end up a uniform random n-subset.
-        let mut pool = self.ids.clone();
-        let mut rng = Rng::new(seed);
-        for i in 0..n {
-            let j = i + rng.below(pool.len() - i);
-            pool.swap(i, j);
-        }
-        pool.truncate(n);
+        let mut pool = Rng::new(seed).choose(&self.ids, n);
         pool.sort_unstable();
         Ok(LatentSet { ids: pool })
     }

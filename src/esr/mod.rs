@@ -831,7 +831,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
                 && !otd.contains(&i)
         })
         .collect();
-    let steer_ids = draw(&candidates, cfg.steer_latents, &mut rng);
+    let steer_ids = rng.choose(&candidates, cfg.steer_latents);
     if steer_ids.is_empty() {
         return Err(Error::Invalid(format!(
             "no steering latent: none of the {d_sae} latents is alive on the evaluation text \
@@ -848,7 +848,7 @@ pub fn run(cfg: &EsrConfig, out: &Path, command: &str) -> Result<EsrResults> {
         .collect();
     let random_sets: Vec<Vec<u32>> = (0..cfg.random_sets)
         .map(|_| {
-            let mut s = draw(&pool, otd.len(), &mut rng);
+            let mut s = rng.choose(&pool, otd.len());
             s.sort_unstable();
             s
         })
@@ -1174,10 +1174,9 @@ fn second_judge(
         }
     }
     let mut rng = Rng::new(cfg.seed ^ 0x0001_D6E2);
-    let pick: Vec<u32> = draw(
+    let pick: Vec<u32> = rng.choose(
         &(0..pool.len() as u32).collect::<Vec<_>>(),
         cfg.judge2_attempts,
-        &mut rng,
     );
     let chosen: Vec<&(usize, String, f64)> =
         pick.iter().filter_map(|&i| pool.get(i as usize)).collect();
@@ -1235,18 +1234,6 @@ fn second_judge(
 fn stage(t: &mut Timings, name: &str, t0: Instant) {
     t.stages
         .insert(name.to_string(), t0.elapsed().as_secs_f64());
-}
-
-/// `k` distinct items of `pool` drawn uniformly with `rng` (all of them when `k ≥ len`).
-fn draw(pool: &[u32], k: usize, rng: &mut Rng) -> Vec<u32> {
-    let mut v = pool.to_vec();
-    let k = k.min(v.len());
-    for i in 0..k {
-        let j = i + rng.below(v.len() - i);
-        v.swap(i, j);
-    }
-    v.truncate(k);
-    v
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1717,19 +1704,6 @@ mod tests {
         assert_eq!(g.steer_hook, "blocks.33.hook_resid_post");
         assert_eq!(g.max_new_tokens, 512);
         assert!(EsrConfig::preset("gpt-5", false).is_err());
-    }
-
-    #[test]
-    fn draw_is_distinct_and_seeded() {
-        let pool: Vec<u32> = (0..100).collect();
-        let a = draw(&pool, 26, &mut Rng::new(5));
-        let b = draw(&pool, 26, &mut Rng::new(5));
-        assert_eq!(a, b);
-        let mut s = a.clone();
-        s.sort_unstable();
-        s.dedup();
-        assert_eq!(s.len(), 26);
-        assert_eq!(draw(&pool, 500, &mut Rng::new(1)).len(), 100);
     }
 
     fn st(latent: u32, on: f64, off: f64) -> LatentStats {

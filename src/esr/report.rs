@@ -185,19 +185,18 @@ fn null_sentence(k: &ConditionSummary) -> String {
     }
 }
 
-/// How many trials of `condition` have the same text as their partner (same latent,
-/// prompt and seed) in `reference`, and how many have a partner.
+/// How many trials of `condition` have the same text as their partner (the same
+/// [`Trial::pair_key`]) in `reference`, and how many have a partner.
 fn same_answers(trials: &[Trial], condition: &str, reference: &str) -> (usize, usize) {
-    let key = |t: &Trial| (t.latent, t.prompt, t.seed);
     let refs: std::collections::HashMap<_, &str> = trials
         .iter()
         .filter(|t| t.condition == reference)
-        .map(|t| (key(t), t.text.as_str()))
+        .map(|t| (t.pair_key(), t.text.as_str()))
         .collect();
     let mut same = 0;
     let mut pairs = 0;
     for t in trials.iter().filter(|t| t.condition == condition) {
-        if let Some(&text) = refs.get(&key(t)) {
+        if let Some(&text) = refs.get(&t.pair_key()) {
             pairs += 1;
             same += usize::from(text == t.text);
         }
