@@ -1,8 +1,10 @@
 //! Every supported HF family against HF transformers: tiny random-weight checkpoints and
 //! their reference logits, hidden states and greedy continuations, made by
 //! `scripts/make_model_fixtures.py` (tests/fixtures/models/README.md). Sliding windows
-//! are shorter than the test sequences, so the windows are exercised; the decode step
-//! (plain rows) and the prefill path (tensors) are both checked.
+//! are shorter than the test sequences, so the windows are exercised. The CPU's plain-row
+//! path is checked for a whole prefill, a prefill continued in chunks over the KV cache,
+//! decode steps and greedy decoding; the tensor path (the GPU's, forced on the CPU) for
+//! the prefill.
 
 use std::path::PathBuf;
 
@@ -90,6 +92,40 @@ fn check(name: &str) {
             d < tol * scale,
             "{name}: {p} differs by {d} (scale {scale})"
         );
+    }
+
+    // The tensor path (the GPU's) on the same prefill.
+    m.set_tensor_path(true);
+    let tl = m
+        .forward(&ids_tensor(&r.ids), 0, &mut Hooks::new())
+        .unwrap();
+    m.set_tensor_path(false);
+    let d = max_diff(&tl.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
+    assert!(d < tol, "{name}: tensor-path prefill logits differ by {d}");
+
+    // A prefill in two chunks: the second attends to the first through the cache.
+    let h = t / 2;
+    let first: Vec<Vec<u32>> = r.ids.iter().map(|s| s[..h].to_vec()).collect();
+    let rest: Vec<Vec<u32>> = r.ids.iter().map(|s| s[h..].to_vec()).collect();
+    m.forward(&ids_tensor(&first), 0, &mut Hooks::new())
+        .unwrap();
+    let l2 = m.forward(&ids_tensor(&rest), h, &mut Hooks::new()).unwrap();
+    for bi in 0..b {
+        for i in 0..t - h {
+            let got = l2
+                .get(bi)
+                .unwrap()
+                .get(i)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let d = max_diff(&got, &r.logits[bi][h + i]);
+            assert!(
+                d < tol,
+                "{name}: chunked prefill row {bi} position {} differs by {d}",
+                h + i
+            );
+        }
     }
 
     // The decode step (plain rows) after a prefill of t - 1 positions, both rows.

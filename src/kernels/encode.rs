@@ -236,7 +236,7 @@ fn as_bf16_slice<T: Elem>(w: &[T]) -> Option<&[bf16]> {
     }
 }
 
-/// Compute-bound path: `gemm` on f32 (directly, or on widened tiles of f16/bf16 weights).
+/// Compute-bound path: the bias in every row of `pre`, then [`gemm_f32`].
 fn gemm_tiles<T: Elem>(
     xs: &[f32],
     n: usize,
@@ -247,22 +247,46 @@ fn gemm_tiles<T: Elem>(
     pre: &mut [f32],
 ) {
     let d_sae = b.len();
-    let par = gemm::Parallelism::Rayon(rayon::current_num_threads().max(1));
     for r in 0..n {
         pre[r * d_sae..(r + 1) * d_sae].copy_from_slice(b);
     }
+    // The caller checked the sizes, so this cannot decline.
+    let done = gemm_f32(xs, n, d_in, w, v, d_sae, pre);
+    debug_assert!(done);
+}
+
+/// `c [n, d_out] += x [n, d_in] · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, in f32 on
+/// the `gemm` crate: f32 weights directly, f16/bf16 weights widened one [`TILE`]-column
+/// block at a time into an f32 buffer. Returns `false`, leaving `c` alone, when the sizes
+/// or the view do not fit the buffers.
+pub(crate) fn gemm_f32<T: Elem>(
+    xs: &[f32],
+    n: usize,
+    d_in: usize,
+    w: &[T],
+    v: View2,
+    d_out: usize,
+    c: &mut [f32],
+) -> bool {
+    if !(holds(xs.len(), n, d_in) && holds(c.len(), n, d_out) && v.fits(d_in, d_out, w.len())) {
+        return false;
+    }
+    if n == 0 || d_out == 0 {
+        return true;
+    }
+    let par = gemm::Parallelism::Rayon(rayon::current_num_threads().max(1));
     if let Some(wf) = as_f32_slice(w) {
-        // SAFETY: dst is [n, d_sae] row-major inside `pre`, lhs [n, d_in] row-major inside
-        // `xs`, rhs the [d_in, d_sae] view of `wf`, every element inside it (all three
-        // checked by `encode_dense_with`). dst = 1·dst + 1·lhs·rhs.
+        // SAFETY: dst is [n, d_out] row-major inside `c`, lhs [n, d_in] row-major inside
+        // `xs`, rhs the [d_in, d_out] view of `wf`, every element inside it (all three
+        // checked above). dst = 1·dst + 1·lhs·rhs.
         unsafe {
             gemm::gemm(
                 n,
-                d_sae,
+                d_out,
                 d_in,
-                pre.as_mut_ptr(),
+                c.as_mut_ptr(),
                 1,
-                d_sae as isize,
+                d_out as isize,
                 true,
                 xs.as_ptr(),
                 1,
@@ -278,11 +302,11 @@ fn gemm_tiles<T: Elem>(
                 par,
             );
         }
-        return;
+        return true;
     }
     let mut tile = vec![0f32; d_in * TILE];
-    for l0 in (0..d_sae).step_by(TILE) {
-        let width = TILE.min(d_sae - l0);
+    for l0 in (0..d_out).step_by(TILE) {
+        let width = TILE.min(d_out - l0);
         // Widen W[:, l0..l0+width] into tile [d_in, width] (row-major).
         tile[..d_in * width]
             .par_chunks_mut(width)
@@ -292,17 +316,17 @@ fn gemm_tiles<T: Elem>(
                     *o = w[v.off + k * v.s0 + (l0 + i) * v.s1].to_f32();
                 }
             });
-        // SAFETY: dst block [n, width] at column l0 < d_sae of `pre` (row stride d_sae,
-        // `pre` holds n·d_sae), lhs [n, d_in] in `xs` (both checked by
-        // `encode_dense_with`), rhs [d_in, width] row-major in `tile`.
+        // SAFETY: dst block [n, width] at column l0 < d_out of `c` (row stride d_out,
+        // `c` holds n·d_out), lhs [n, d_in] in `xs` (both checked above), rhs
+        // [d_in, width] row-major in `tile`.
         unsafe {
             gemm::gemm(
                 n,
                 width,
                 d_in,
-                pre.as_mut_ptr().add(l0),
+                c.as_mut_ptr().add(l0),
                 1,
-                d_sae as isize,
+                d_out as isize,
                 true,
                 xs.as_ptr(),
                 1,
@@ -319,6 +343,7 @@ fn gemm_tiles<T: Elem>(
             );
         }
     }
+    true
 }
 
 #[cfg(test)]

@@ -325,6 +325,28 @@ fn pack_b(
     } else if v.s0 == 1 {
         // Latent-major columns: a pair is two adjacent values of one column.
         let k1 = d_in.min(2 * (p0 + kpb));
+        // Pairs with both values present (all but a lone last input when d_in is odd).
+        let whole = (k1 - 2 * p0) / 2;
+        // Columns whose first `whole` pairs the gathers packed.
+        #[allow(unused_mut)]
+        let mut gathered = 0;
+        #[cfg(target_arch = "x86_64")]
+        if has_dpbf16() && whole > 0 && v.s1.checked_mul(16).is_some_and(|x| x <= i32::MAX as usize)
+        {
+            gathered = width / 16 * 16;
+            for c0 in (0..gathered).step_by(16) {
+                let (q, cc) = (c0 / NR, c0 % NR);
+                let base = v.off + (j0 + c0) * v.s1 + 2 * p0;
+                let o = &mut out[q * panel + cc..(q + 1) * panel];
+                // SAFETY: avx512f checked. The gathers read w[base + l·s1 + 2p + {0, 1}] for
+                // l < 16, p < whole: column j0 + c0 + l < j0 + width ≤ d_out, input index
+                // 2·(p0 + p) + 1 < k1 ≤ d_in, inside `w` (the caller checked the view);
+                // 15·s1 fits an i32. They write o[p·NR .. p·NR + 16] for p < whole ≤ kpb,
+                // inside `o` (panel − cc ≥ (kpb − 1)·NR + 16, as NR is a multiple of 16 and
+                // cc + 16 ≤ NR).
+                unsafe { avx512::gather_pairs(w.as_ptr().add(base), v.s1, whole, o) };
+            }
+        }
         for c in 0..width.div_ceil(NR) * NR {
             let (q, cc) = (c / NR, c % NR);
             let o = &mut out[q * panel..(q + 1) * panel];
@@ -334,10 +356,11 @@ fn pack_b(
                 }
                 continue;
             }
+            let from = if c < gathered { whole } else { 0 };
             let base = v.off + (j0 + c) * v.s1;
-            for (p, pair) in w[base + 2 * p0..base + k1].chunks(2).enumerate() {
+            for (p, pair) in w[base + 2 * (p0 + from)..base + k1].chunks(2).enumerate() {
                 let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
-                o[p * NR + cc] = pair[0].to_bits() as u32 | hi << 16;
+                o[(from + p) * NR + cc] = pair[0].to_bits() as u32 | hi << 16;
             }
         }
     } else {
@@ -419,6 +442,29 @@ mod avx512 {
             .iter()
             .fold(_mm512_setzero_ps(), |s, v| _mm512_add_ps(s, *v));
         _mm512_reduce_add_ps(s)
+    }
+
+    /// Sixteen latent-major columns, `s1` elements apart from `col0`, pairs `0..pairs`:
+    /// `out[p·NR + l]` = the two bf16 values at `col0 + l·s1 + 2p` (low half first), one
+    /// 16-lane gather per pair.
+    ///
+    /// # Safety
+    /// The CPU has avx512f; `col0 + l·s1 + 2p + 1` is inside the weights `col0` points
+    /// into for every `l < 16`, `p < pairs`; `15·s1 ≤ i32::MAX`; `out` holds
+    /// `(pairs − 1)·NR + 16` dwords.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather_pairs(col0: *const bf16, s1: usize, pairs: usize, out: &mut [u32]) {
+        // SAFETY: every gathered dword lies inside the weights and every store inside `out`
+        // (the contract); the index vector holds l·s1 in bf16 units (scale 2 bytes).
+        unsafe {
+            let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(s1 as i32));
+            let o = out.as_mut_ptr();
+            for p in 0..pairs {
+                let v = _mm512_i32gather_epi32::<2>(idx, col0.add(2 * p) as *const _);
+                _mm512_storeu_si512(o.add(p * NR) as *mut __m512i, v);
+            }
+        }
     }
 
     /// Row `p` of every micro-panel of a block (panels `panel` dwords apart in `out`):
@@ -596,6 +642,16 @@ mod tests {
                     off: 0,
                 },
                 "latent-major",
+            ),
+            (
+                // Odd offset and row stride: unaligned pairs.
+                vals(1 + (d_in + 1) * d_out),
+                View2 {
+                    s0: 1,
+                    s1: d_in + 1,
+                    off: 1,
+                },
+                "latent-major, padded",
             ),
             (
                 vals(3 + 2 * d_in * d_out),

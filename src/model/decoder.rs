@@ -145,6 +145,8 @@ pub struct Model {
     lm_head: Option<Weight>,
     cache_len: usize,
     device: Device,
+    /// Run CPU passes through the tensor path too (see [`Model::set_tensor_path`]).
+    tensor_path: bool,
     /// Where the model came from (for messages).
     source: String,
 }
@@ -419,6 +421,7 @@ impl Model {
             norm,
             lm_head,
             cache_len: 0,
+            tensor_path: false,
             device: opts.device.clone(),
             source,
         })
@@ -495,6 +498,14 @@ impl Model {
         }
     }
 
+    /// Run forward passes on the CPU through the tensor path as well: the one the GPU
+    /// takes (candle ops, a mask tensor per window) instead of the CPU's plain rows. For
+    /// tests and A/B measurements: the two paths compute the same function.
+    #[doc(hidden)]
+    pub fn set_tensor_path(&mut self, on: bool) {
+        self.tensor_path = on;
+    }
+
     /// The LM head of `h [n, d]` (f32), soft-capped where the family does.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -517,43 +528,58 @@ impl Model {
         Ok(l)
     }
 
-    /// One decode step (`t = 1`) on the CPU, on plain rows. `ids` holds one token per
-    /// row; returns logits `[b, 1, vocab]`.
-    fn decode_step(
+    /// A forward pass on the CPU, on plain rows: `ids` holds `t` tokens per row of the
+    /// batch (`b·t`, row-major) at positions `start..start + t`; returns logits
+    /// `[b, t or 1, vocab]` (`last_only`: the last position of each row).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rows(
         &mut self,
         ids: &[u32],
-        pos: usize,
+        b: usize,
+        t: usize,
+        start: usize,
         pads: Option<&[usize]>,
         hooks: &mut Hooks,
         ctx: &HookContext,
+        last_only: bool,
     ) -> Result<Tensor> {
-        let b = ids.len();
-        let ids_t = Tensor::from_slice(ids, b, &self.device)?;
+        let n = b * t;
+        let ids_t = Tensor::from_slice(ids, n, &self.device)?;
         let x = self.embed_rows(&ids_t)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut em = Emitter::new(hooks, ctx, b, 1);
-        let mut x = em.emit(HookPoint::Embed, RowActs { v: x, n: b })?;
+        let mut em = Emitter::new(hooks, ctx, b, t);
+        let mut x = em.emit(HookPoint::Embed, RowActs { v: x, n })?;
         let step = Step {
             b,
-            t: 1,
-            start: pos,
+            t,
+            start,
             pads,
             mask: None,
         };
         for block in &mut self.blocks {
             x = block.run(x, &step, &mut em)?;
         }
-        self.cache_len = pos + 1;
+        self.cache_len = start + t;
         let h = em.emit(
             HookPoint::LnFinal,
             RowActs {
                 v: self.norm.rows(&x.v),
-                n: b,
+                n,
             },
         )?;
-        let logits = self.head_rows(&h.v, b)?;
+        let d = self.cfg.d_model;
+        let (h, tt) = if last_only && t > 1 {
+            let last: Vec<f32> =
+                h.v.chunks_exact(t * d)
+                    .flat_map(|seq| seq[(t - 1) * d..].iter().copied())
+                    .collect();
+            (last, 1)
+        } else {
+            (h.v, t)
+        };
+        let logits = self.head_rows(&h, b * tt)?;
         Ok(Tensor::from_vec(
             logits,
-            (b, 1, self.cfg.vocab_size),
+            (b, tt, self.cfg.vocab_size),
             &self.device,
         )?)
     }
@@ -620,11 +646,13 @@ impl Model {
         if let Some(p) = pads {
             ctx = ctx.with_left_pad(p);
         }
-        if t == 1 && self.device.is_cpu() {
+        if self.device.is_cpu() && !self.tensor_path {
             let ids = ids.to_vec1::<u32>()?;
-            // The whole step runs on a pool worker: its parallel sections then fork from
+            // The whole pass runs on a pool worker: its parallel sections then fork from
             // inside the pool instead of each waking the pool from outside.
-            return rayon::scope(|_| self.decode_step(&ids, start_pos, pads, hooks, &ctx));
+            return rayon::scope(|_| {
+                self.forward_rows(&ids, b, t, start_pos, pads, hooks, &ctx, last_only)
+            });
         }
         let d = self.cfg.d_model;
         let x = self.embed_rows(&ids)?;

@@ -4,9 +4,9 @@
 //! them (see `examples/custom_model.rs`).
 //!
 //! A block is written once, generic over where its activations live (`Acts`): candle
-//! tensors (any device, any number of positions) or plain `f32` rows (the CPU decode
-//! step: one position per sequence, no candle op between the products, a tensor built
-//! only at a hook point that has hooks). Only the attention core differs between the two.
+//! tensors (the GPU path) or plain `f32` rows (every forward pass on the CPU, prefill
+//! and decode: no candle op between the products, a tensor built only at a hook point
+//! that has hooks). Only the attention core differs between the two.
 //!
 //! Hook points of a block, in order (TransformerLens names; for Gemma's post-norm
 //! blocks `hook_attn_out` and `hook_mlp_out` see the outputs *after* the post-norms, as
@@ -549,50 +549,70 @@ impl Attention {
             .reshape((b * t, nh * hd))?)
     }
 
-    /// The attention core of one decode step on plain rows: `qkv [b, (nh + 2 kvh)·hd]`
-    /// (modified in place: norms, RoPE) → `z [b, nh·hd]`. Scores, softmax and the
-    /// weighted sum of values run in one pass over the cache, query heads in parallel.
+    /// The attention core on plain rows (CPU): `qkv [b·t, (nh + 2 kvh)·hd]`, row `bi·t + i`
+    /// at position `start + i` of sequence `bi` (modified in place: norms, RoPE) →
+    /// `z [b·t, nh·hd]`. Past positions come from the cache; the `t` new ones are
+    /// appended to it and attended to unrounded. Per query, the scores, softmax and
+    /// weighted sum of values run in one pass, queries and heads in parallel.
     fn core_rows(
         &mut self,
         qkv: &mut [f32],
         b: usize,
-        pos: usize,
+        t: usize,
+        start: usize,
         pads: Option<&[usize]>,
     ) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
         let s = self.spec;
         let (nh, kvh, hd) = (s.n_heads, s.n_kv_heads, s.head_dim);
         let w = (nh + 2 * kvh) * hd;
-        if qkv.len() != b * w {
+        if !crate::kernels::holds(qkv.len(), b * t, w) || qkv.len() != b * t * w {
             return Err(Error::Invalid(format!(
-                "decode attention: {} q/k/v values for a batch of {b}",
+                "attention: {} q/k/v values for {b} sequences of {t} positions",
                 qkv.len()
             )));
         }
-        for row in qkv.chunks_mut(w) {
-            let (q, rest) = row.split_at_mut(nh * hd);
-            let k = &mut rest[..kvh * hd];
-            if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-                qn.rows_in_place(q);
-                kn.rows_in_place(k);
-            }
-            self.rope.rows(q, hd, pos)?;
-            self.rope.rows(k, hd, pos)?;
-        }
+        let (qn, kn) = (self.q_norm.as_ref(), self.k_norm.as_ref());
+        let rope = &self.rope;
+        qkv.par_chunks_mut(w)
+            .with_min_len(16)
+            .enumerate()
+            .try_for_each(|(r, row)| -> Result<()> {
+                let (q, rest) = row.split_at_mut(nh * hd);
+                let k = &mut rest[..kvh * hd];
+                if let (Some(qn), Some(kn)) = (qn, kn) {
+                    qn.rows_in_place(q);
+                    kn.rows_in_place(k);
+                }
+                rope.rows(q, hd, start + r % t)?;
+                rope.rows(k, hd, start + r % t)
+            })?;
         let qkv: &[f32] = qkv;
+        // The new keys and values as `[b, kvh, t, hd]`: the cache's layout.
         let gather = |off: usize| -> Vec<f32> {
-            qkv.chunks(w)
-                .flat_map(|row| row[off..off + kvh * hd].iter().copied())
-                .collect()
+            let mut out = vec![0f32; b * kvh * t * hd];
+            for (r, row) in qkv.chunks_exact(w).enumerate() {
+                let (bi, i) = (r / t, r % t);
+                for g in 0..kvh {
+                    let o = ((bi * kvh + g) * t + i) * hd;
+                    out[o..o + hd].copy_from_slice(&row[off + g * hd..off + (g + 1) * hd]);
+                }
+            }
+            out
         };
         let dev = Device::Cpu;
-        let k_new = Tensor::from_vec(gather(nh * hd), (b, kvh, 1, hd), &dev)?;
-        let v_new = Tensor::from_vec(gather((nh + kvh) * hd), (b, kvh, 1, hd), &dev)?;
-        self.cache.append(&k_new, &v_new, pos)?;
+        let k_new = gather(nh * hd);
+        let v_new = gather((nh + kvh) * hd);
+        self.cache.append(
+            &Tensor::from_slice(&k_new, (b, kvh, t, hd), &dev)?,
+            &Tensor::from_slice(&v_new, (b, kvh, t, hd), &dev)?,
+            start,
+        )?;
         let (Some(kt), Some(vt)) = (&self.cache.k, &self.cache.v) else {
             return Err(Error::Invalid("KV cache buffer missing".into()));
         };
         let cap = kt.dim(2)?;
-        let mut y = vec![0f32; b * nh * hd];
+        let mut y = vec![0f32; b * t * nh * hd];
         use candle_core::{CpuStorage as C, Storage as S};
         let (ks, kl) = kt.storage_and_layout();
         let (vs, vl) = vt.storage_and_layout();
@@ -600,8 +620,11 @@ impl Attention {
         let at = Attend {
             s,
             qkv,
+            k_new: &k_new,
+            v_new: &v_new,
             b,
-            pos,
+            t,
+            start,
             cap,
             pads,
         };
@@ -622,23 +645,30 @@ impl Attention {
     }
 }
 
-/// The scores, softmax and weighted sum of one decode step, over a KV cache of element
-/// type `T` (see [`Attention::core_rows`]).
+/// The scores, softmax and weighted sum of `t` new positions per sequence over a KV
+/// cache of element type `T` (see [`Attention::core_rows`]).
 struct Attend<'a> {
     s: AttentionSpec,
-    /// `[b, (n_heads + 2 n_kv_heads)·hd]`, after RoPE.
+    /// `[b·t, (n_heads + 2 n_kv_heads)·hd]`, after RoPE (the queries).
     qkv: &'a [f32],
+    /// The new keys and values, `[b, kvh, t, hd]`, unrounded.
+    k_new: &'a [f32],
+    v_new: &'a [f32],
     b: usize,
-    pos: usize,
+    t: usize,
+    /// Position of the first new row.
+    start: usize,
     /// The cache buffers' capacity (positions per row and head).
     cap: usize,
     pads: Option<&'a [usize]>,
 }
 
 impl Attend<'_> {
-    /// `y [b, n_heads·hd]`. Positions before `pos` come from the cache buffers
-    /// `[b, kvh, cap, hd]`; position `pos` from `qkv`, unrounded (its K and V are already
-    /// in the cache too, possibly rounded, for the next steps).
+    /// `y [b·t, n_heads·hd]`. The query at position `q` attends to the positions
+    /// `lo..=q`: those before `start` from the cache buffers `[b, kvh, cap, hd]` (as
+    /// stored), the rest from the new keys and values. `lo` skips the row's left padding
+    /// and what is outside the window; a padding position attends to itself only (the
+    /// rule of [`causal_mask`]).
     fn run<T: crate::kernels::simd::Elem>(
         &self,
         kbuf: &[T],
@@ -649,48 +679,56 @@ impl Attend<'_> {
         use rayon::prelude::*;
         let s = self.s;
         let (nh, kvh, hd) = (s.n_heads, s.n_kv_heads, s.head_dim);
-        let (b, pos, cap) = (self.b, self.pos, self.cap);
+        let (b, t, start, cap) = (self.b, self.t, self.start, self.cap);
         let w = (nh + 2 * kvh) * hd;
-        let total = pos + 1;
+        let total = start + t;
         let rep = nh / kvh;
         if kbuf.len() < b * kvh * cap * hd || vbuf.len() < b * kvh * cap * hd || cap < total {
             return Err(Error::Invalid("KV cache buffer too small".into()));
         }
-        if self.qkv.len() < b * w || y.len() < b * nh * hd {
-            return Err(Error::Invalid("decode attention: buffer sizes".into()));
+        if self.qkv.len() < b * t * w
+            || y.len() < b * t * nh * hd
+            || self.k_new.len() < b * kvh * t * hd
+            || self.v_new.len() < b * kvh * t * hd
+        {
+            return Err(Error::Invalid("attention: buffer sizes".into()));
         }
         let qkv = self.qkv;
-        // The first past position a row attends to: after its padding, and inside the
-        // window (`pos − j < window`).
-        let first = |bi: usize| -> usize {
-            let pad = self
-                .pads
-                .and_then(|p| p.get(bi).copied())
-                .unwrap_or(0)
-                .min(pos);
+        // The first position the query at position `q` of row `bi` attends to.
+        let first = |bi: usize, q: usize| -> usize {
+            let pad = self.pads.and_then(|p| p.get(bi).copied()).unwrap_or(0);
+            if q < pad {
+                return q;
+            }
             match s.window {
-                Some(win) => pad.max(total.saturating_sub(win)),
+                Some(win) => pad.max((q + 1).saturating_sub(win)),
                 None => pad,
             }
         };
-        // Output heads `h0..h0 + outs.len() / hd` of batch row `bi`, all in one KV group:
+        // Output heads `h0..h0 + outs.len() / hd` of query row `r`, all in one KV group:
         // they read the same K and V rows one after another, while those are in cache.
-        let heads = |bi: usize, h0: usize, outs: &mut [f32]| {
+        let heads = |r: usize, h0: usize, outs: &mut [f32]| {
+            let (bi, i) = (r / t, r % t);
             let g = h0 / rep;
-            let lo = first(bi).min(pos);
+            let q_pos = start + i;
+            let lo = first(bi, q_pos);
+            // Cached past positions lo..start, then new positions j0..=i.
+            let past = lo.min(start);
+            let j0 = lo.saturating_sub(start);
             let base = (bi * kvh + g) * cap * hd;
-            let kh = &kbuf[base + lo * hd..base + pos * hd];
-            let vh = &vbuf[base + lo * hd..base + pos * hd];
-            let row = &qkv[bi * w..(bi + 1) * w];
-            let k_cur = &row[(nh + g) * hd..(nh + g + 1) * hd];
-            let v_cur = &row[(nh + kvh + g) * hd..(nh + kvh + g + 1) * hd];
-            let n = pos - lo;
-            let mut scores = vec![0f32; n + 1];
-            for (r, out) in outs.chunks_exact_mut(hd).enumerate() {
-                let h = h0 + r;
+            let kh = &kbuf[base + past * hd..base + start * hd];
+            let vh = &vbuf[base + past * hd..base + start * hd];
+            let nb = ((bi * kvh + g) * t) * hd;
+            let kn = &self.k_new[nb + j0 * hd..nb + (i + 1) * hd];
+            let vn = &self.v_new[nb + j0 * hd..nb + (i + 1) * hd];
+            let row = &qkv[r * w..(r + 1) * w];
+            let n = start - past;
+            let mut scores = vec![0f32; n + i + 1 - j0];
+            for (o, out) in outs.chunks_exact_mut(hd).enumerate() {
+                let h = h0 + o;
                 let q = &row[h * hd..(h + 1) * hd];
                 dot_rows(q, kh, hd, &mut scores[..n]);
-                dot_rows(q, k_cur, hd, &mut scores[n..]);
+                dot_rows(q, kn, hd, &mut scores[n..]);
                 let mut max = scale_max(&mut scores, s.scale);
                 if let Some(c) = s.softcap {
                     for v in scores.iter_mut() {
@@ -705,23 +743,25 @@ impl Attend<'_> {
                     *v /= sum;
                 }
                 axpy_rows(out, &scores[..n], vh);
-                axpy_rows(out, &scores[n..], v_cur);
+                axpy_rows(out, &scores[n..], vn);
             }
         };
-        // One task per (row, KV head); when that gives too few tasks to keep every
-        // thread busy (one prompt: 3 KV heads on 2 threads), one per query head. Each
-        // head's arithmetic is the same either way. Short caches are not worth a hop.
+        // One task per (query row, KV head); when that gives too few tasks to keep every
+        // thread busy (one decode step of one prompt: 3 KV heads on 2 threads), one per
+        // query head. Each head's arithmetic is the same either way. Short attention
+        // spans are not worth a hop per task.
         let threads = rayon::current_num_threads();
-        if total < 64 || b * kvh >= 2 * threads {
-            let min = if total < 64 { kvh } else { 1 };
+        let rows = b * t;
+        if total < 64 || t > 1 || rows * kvh >= 2 * threads {
+            let min = if total < 64 || t > 1 { kvh } else { 1 };
             y.par_chunks_mut(rep * hd)
-                .take(b * kvh)
+                .take(rows * kvh)
                 .with_min_len(min)
                 .enumerate()
                 .for_each(|(idx, outs)| heads(idx / kvh, (idx % kvh) * rep, outs));
         } else {
             y.par_chunks_mut(hd)
-                .take(b * nh)
+                .take(rows * nh)
                 .enumerate()
                 .for_each(|(idx, out)| heads(idx / nh, idx % nh, out));
         }
@@ -1032,7 +1072,7 @@ impl Acts for TensorActs {
     }
 }
 
-/// Activations as plain f32 rows `[n, width]` (CPU decode steps, `t = 1`).
+/// Activations as plain f32 rows `[n, width]`, `n = b·t` (every forward pass on the CPU).
 pub(crate) struct RowActs {
     pub v: Vec<f32>,
     pub n: usize,
@@ -1073,12 +1113,7 @@ impl Acts for RowActs {
         })
     }
     fn attend(mut qkv: Self, attn: &mut Attention, step: &Step) -> Result<Self> {
-        if step.t != 1 {
-            return Err(Error::Invalid(
-                "the row path runs one position per sequence".into(),
-            ));
-        }
-        let z = attn.core_rows(&mut qkv.v, step.b, step.start, step.pads)?;
+        let z = attn.core_rows(&mut qkv.v, step.b, step.t, step.start, step.pads)?;
         Ok(RowActs { v: z, n: qkv.n })
     }
     fn into_tensor(self, b: usize, t: usize) -> Result<Tensor> {

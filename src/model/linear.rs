@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::kernels::encode::View2;
+use crate::kernels::encode::{gemm_f32, View2};
 use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16};
 use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
@@ -43,16 +43,55 @@ impl Weight {
         match self {
             Weight::Quant(q) => q.matmul(x, n),
             Weight::Dense(w) => {
-                if w.is_contiguous() && w.device().is_cpu() {
-                    if let Some(y) = small_vec(x, n, w) {
-                        return Ok(y);
-                    }
+                if let Some(y) = cpu_dense(x, n, w) {
+                    return Ok(y);
                 }
                 let xt = Tensor::from_slice(x, (n, x.len() / n.max(1)), w.device())?;
-                Ok(linear(&xt, self)?.flatten_all()?.to_vec1::<f32>()?)
+                Ok(candle_product(&xt, w)?.flatten_all()?.to_vec1::<f32>()?)
             }
         }
     }
+}
+
+/// Dense CPU weights on plain slices: few rows through the streaming loop, more through
+/// the native bf16 GEMM (bf16 weights on CPUs with AVX512-BF16) or `gemm` in f32 (f32
+/// weights as stored, f16/bf16 weights widened one tile at a time; bf16 weights multiply
+/// `x` rounded to bf16, as everywhere). `None` when the weights are not a contiguous CPU
+/// matrix or the shapes do not fit (the caller then takes candle's path, which reports
+/// errors).
+fn cpu_dense(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
+    if !w.is_contiguous() || !w.device().is_cpu() {
+        return None;
+    }
+    if n <= SMALL_ROWS {
+        return small_vec(x, n, w);
+    }
+    let (out, inp) = w.dims2().ok()?;
+    if Some(x.len()) != n.checked_mul(inp) {
+        return None;
+    }
+    let mut y = vec![0f32; n.checked_mul(out)?];
+    // W[k, j] = w[j, k]: the input dimension is contiguous (latent-major view).
+    let view = View2 {
+        s0: 1,
+        s1: inp,
+        off: 0,
+    };
+    let (st, layout) = w.storage_and_layout();
+    let range = layout.start_offset()..layout.start_offset() + out * inp;
+    let done = match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y),
+        Storage::Cpu(CpuStorage::F16(v)) => gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            let wv = v.get(range)?;
+            gemm_bf16(x, n, inp, wv, view, out, &mut y) || {
+                let xr: Vec<f32> = to_bf16(x).iter().map(|v| v.to_f32()).collect();
+                gemm_f32(&xr, n, inp, wv, view, out, &mut y)
+            }
+        }
+        _ => false,
+    };
+    done.then_some(y)
 }
 
 /// Row counts up to this use the streaming path.
@@ -70,76 +109,34 @@ const BLOCK: usize = 32;
 /// for the same change.
 const PREFETCH: usize = 8192;
 
-/// `x [n, in]` (f32) times `w [out, in]`ᵀ → `[n, out]` f32.
+/// `x [n, in]` (f32) times `w [out, in]`ᵀ → `[n, out]` f32: on the CPU through
+/// [`Weight::matmul_vec`], elsewhere candle's `matmul` in the weights' dtype.
 pub(crate) fn linear(x: &Tensor, w: &Weight) -> Result<Tensor> {
     let n = x.dim(0)?;
-    let w = match w {
-        Weight::Dense(w) => w,
-        Weight::Quant(q) => {
+    let dense = match w {
+        Weight::Dense(d) if !(d.device().is_cpu() && x.device().is_cpu()) => d,
+        _ => {
             let xv = x
                 .to_dtype(DType::F32)?
                 .contiguous()?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
-            let y = q.matmul(&xv, n)?;
-            return Ok(Tensor::from_vec(y, (n, q.dims().0), x.device())?);
+            let y = w.matmul_vec(&xv, n)?;
+            let out = y.len() / n.max(1);
+            return Ok(Tensor::from_vec(y, (n, out), x.device())?);
         }
     };
-    if n <= SMALL_ROWS && w.is_contiguous() && x.device().is_cpu() {
-        if let Some(y) = small(x, w)? {
-            return Ok(y);
-        }
-    }
-    if w.dtype() == DType::BF16 && w.is_contiguous() && x.device().is_cpu() && has_dpbf16() {
-        let xv = x
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        if let Some(y) = batched_bf16(&xv, n, w) {
-            return Ok(Tensor::from_vec(y, (n, w.dim(0)?), x.device())?);
-        }
-    }
+    candle_product(x, dense)
+}
+
+/// candle's `matmul` of `x` (f32) by `w`ᵀ in the weights' dtype, f32 out.
+fn candle_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.dtype() == x.dtype() {
         Ok(x.matmul(&w.t()?)?)
     } else {
         Ok(x.to_dtype(w.dtype())?
             .matmul(&w.t()?)?
             .to_dtype(DType::F32)?)
-    }
-}
-
-/// Many rows times contiguous CPU bf16 weights `w [out, in]`: the native bf16 GEMM
-/// ([`gemm_bf16`]: `x` rounded to bf16 once, `vdpbf16ps` products, f32 sums and f32
-/// outputs). `None` when the CPU lacks AVX512-BF16 or the shapes do not fit (the caller
-/// then takes candle's path).
-fn batched_bf16(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
-    let (out, inp) = w.dims2().ok()?;
-    let (st, layout) = w.storage_and_layout();
-    let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
-        return None;
-    };
-    let wv = v.get(layout.start_offset()..layout.start_offset() + out * inp)?;
-    let mut y = vec![0f32; n.checked_mul(out)?];
-    // W[k, j] = w[j, k]: the input dimension is contiguous (latent-major view).
-    let view = View2 {
-        s0: 1,
-        s1: inp,
-        off: 0,
-    };
-    gemm_bf16(x, n, inp, wv, view, out, &mut y).then_some(y)
-}
-
-fn small(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let n = x.dim(0)?;
-    let xv = x
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    match small_vec(&xv, n, w) {
-        Some(y) => Ok(Some(Tensor::from_vec(y, (n, w.dim(0)?), x.device())?)),
-        None => Ok(None),
     }
 }
 
