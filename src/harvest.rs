@@ -41,6 +41,7 @@
 //! The forward pass stops right after the last needed hook point (a hook aborts it with a
 //! private sentinel error), so the layers above it and the LM head are never run.
 
+use rayon::prelude::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -130,17 +131,26 @@ impl Contexts {
                 prefix.len() + 2
             )));
         }
+        // The files are tokenized in parallel (one `encode` runs on one core), hashed and
+        // concatenated in order.
+        let parts: Vec<(Vec<u8>, Vec<u32>)> = files
+            .par_iter()
+            .map(|f| -> Result<(Vec<u8>, Vec<u32>)> {
+                let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+                let ids = tok
+                    .encode(&String::from_utf8_lossy(&bytes))
+                    .map_err(|e| e.in_file(f))?;
+                Ok((bytes, ids))
+            })
+            .collect::<Result<_>>()?;
         let mut h = Sha256::new();
         let mut stream: Vec<u32> = Vec::new();
-        for f in files {
-            let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+        for (f, (bytes, ids)) in files.iter().zip(&parts) {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
             h.update(name.unwrap_or_default().as_bytes());
             h.update((bytes.len() as u64).to_le_bytes());
-            h.update(&bytes);
-            let text = String::from_utf8_lossy(&bytes);
-            let ids = tok.encode(&text).map_err(|e| e.in_file(f))?;
-            let body = ids.strip_prefix(prefix.as_slice()).unwrap_or(&ids);
+            h.update(bytes);
+            let body = ids.strip_prefix(prefix.as_slice()).unwrap_or(ids);
             stream.extend_from_slice(body);
         }
         let body = context_len - prefix.len();

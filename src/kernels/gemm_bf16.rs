@@ -327,24 +327,26 @@ fn pack_b(
         let k1 = d_in.min(2 * (p0 + kpb));
         // Pairs with both values present (all but a lone last input when d_in is odd).
         let whole = (k1 - 2 * p0) / 2;
-        // Columns whose first `whole` pairs the gathers packed.
+        // Columns (a multiple of 16) whose first `done` pairs (a multiple of 16) the
+        // in-register transposes packed.
         #[allow(unused_mut)]
-        let mut gathered = 0;
+        let (mut cols16, mut done) = (0, 0);
         #[cfg(target_arch = "x86_64")]
-        if has_dpbf16() && whole > 0 && v.s1.checked_mul(16).is_some_and(|x| x <= i32::MAX as usize)
-        {
-            gathered = width / 16 * 16;
-            for c0 in (0..gathered).step_by(16) {
+        if has_dpbf16() {
+            (cols16, done) = (width / 16 * 16, whole / 16 * 16);
+            for c0 in (0..cols16).step_by(16) {
                 let (q, cc) = (c0 / NR, c0 % NR);
-                let base = v.off + (j0 + c0) * v.s1 + 2 * p0;
-                let o = &mut out[q * panel + cc..(q + 1) * panel];
-                // SAFETY: avx512f checked. The gathers read w[base + l·s1 + 2p + {0, 1}] for
-                // l < 16, p < whole: column j0 + c0 + l < j0 + width ≤ d_out, input index
-                // 2·(p0 + p) + 1 < k1 ≤ d_in, inside `w` (the caller checked the view);
-                // 15·s1 fits an i32. They write o[p·NR .. p·NR + 16] for p < whole ≤ kpb,
-                // inside `o` (panel − cc ≥ (kpb − 1)·NR + 16, as NR is a multiple of 16 and
-                // cc + 16 ≤ NR).
-                unsafe { avx512::gather_pairs(w.as_ptr().add(base), v.s1, whole, o) };
+                for pp in (0..done).step_by(16) {
+                    let base = v.off + (j0 + c0) * v.s1 + 2 * (p0 + pp);
+                    let o = &mut out[q * panel + pp * NR + cc..(q + 1) * panel];
+                    // SAFETY: avx512f checked. The loads read w[base + l·s1 .. + 32] for
+                    // l < 16: column j0 + c0 + l < j0 + width ≤ d_out, inputs
+                    // 2·(p0 + pp) .. 2·(p0 + pp + 16) ≤ 2·(p0 + whole) ≤ k1 ≤ d_in, inside
+                    // `w` (the caller checked the view). The stores write o[p·NR ..
+                    // p·NR + 16] for p < 16: pp + 16 ≤ kpb and cc + 16 ≤ NR (NR is a
+                    // multiple of 16), inside the panel.
+                    unsafe { avx512::transpose16(w.as_ptr().add(base), v.s1, o) };
+                }
             }
         }
         for c in 0..width.div_ceil(NR) * NR {
@@ -356,7 +358,7 @@ fn pack_b(
                 }
                 continue;
             }
-            let from = if c < gathered { whole } else { 0 };
+            let from = if c < cols16 { done } else { 0 };
             let base = v.off + (j0 + c) * v.s1;
             for (p, pair) in w[base + 2 * (p0 + from)..base + k1].chunks(2).enumerate() {
                 let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
@@ -444,25 +446,58 @@ mod avx512 {
         _mm512_reduce_add_ps(s)
     }
 
-    /// Sixteen latent-major columns, `s1` elements apart from `col0`, pairs `0..pairs`:
-    /// `out[p·NR + l]` = the two bf16 values at `col0 + l·s1 + 2p` (low half first), one
-    /// 16-lane gather per pair.
+    /// Sixteen latent-major columns `l`, `s1` elements apart from `col0`, sixteen pairs
+    /// `p` each: `out[p·NR + l]` = the two bf16 values at `col0 + l·s1 + 2p` (low half
+    /// first). Sixteen loads of one column's 16 pairs, a 16 × 16 dword transpose in
+    /// registers (two unpack stages within 128-bit lanes, two lane shuffles), sixteen
+    /// stores.
     ///
     /// # Safety
-    /// The CPU has avx512f; `col0 + l·s1 + 2p + 1` is inside the weights `col0` points
-    /// into for every `l < 16`, `p < pairs`; `15·s1 ≤ i32::MAX`; `out` holds
-    /// `(pairs − 1)·NR + 16` dwords.
+    /// The CPU has avx512f; `col0 + l·s1 .. + 32` is inside the weights `col0` points
+    /// into for every `l < 16`; `out` holds `15·NR + 16` dwords.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gather_pairs(col0: *const bf16, s1: usize, pairs: usize, out: &mut [u32]) {
-        // SAFETY: every gathered dword lies inside the weights and every store inside `out`
-        // (the contract); the index vector holds l·s1 in bf16 units (scale 2 bytes).
+    pub(super) unsafe fn transpose16(col0: *const bf16, s1: usize, out: &mut [u32]) {
+        // SAFETY: loads and stores stay inside the ranges of the contract.
         unsafe {
-            let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-            let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(s1 as i32));
+            let r: [__m512i; 16] =
+                std::array::from_fn(|l| _mm512_loadu_si512(col0.add(l * s1) as *const __m512i));
+            // t[2k] / t[2k+1]: rows 2k and 2k+1 interleaved, elements 4j, 4j+1 / 4j+2, 4j+3
+            // of each 128-bit lane j.
+            let t: [__m512i; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_epi32(a, b)
+                } else {
+                    _mm512_unpackhi_epi32(a, b)
+                }
+            });
+            // s[4m + e], lane j: rows 4m .. 4m + 3 at element 4j + e.
+            let s: [__m512i; 16] = std::array::from_fn(|i| {
+                let (m, e) = (i / 4, i % 4);
+                let (a, b) = (t[4 * m + e / 2], t[4 * m + 2 + e / 2]);
+                if e % 2 == 0 {
+                    _mm512_unpacklo_epi64(a, b)
+                } else {
+                    _mm512_unpackhi_epi64(a, b)
+                }
+            });
+            // Element p = 4j + e of every row: lane L of it is lane j of s[4L + e].
             let o = out.as_mut_ptr();
-            for p in 0..pairs {
-                let v = _mm512_i32gather_epi32::<2>(idx, col0.add(2 * p) as *const _);
-                _mm512_storeu_si512(o.add(p * NR) as *mut __m512i, v);
+            for e in 0..4 {
+                let [a0, a1, a2, a3] = [s[e], s[4 + e], s[8 + e], s[12 + e]];
+                let u0 = _mm512_shuffle_i32x4::<0x44>(a0, a1);
+                let u1 = _mm512_shuffle_i32x4::<0xEE>(a0, a1);
+                let u2 = _mm512_shuffle_i32x4::<0x44>(a2, a3);
+                let u3 = _mm512_shuffle_i32x4::<0xEE>(a2, a3);
+                let rows = [
+                    _mm512_shuffle_i32x4::<0x88>(u0, u2),
+                    _mm512_shuffle_i32x4::<0xDD>(u0, u2),
+                    _mm512_shuffle_i32x4::<0x88>(u1, u3),
+                    _mm512_shuffle_i32x4::<0xDD>(u1, u3),
+                ];
+                for (j, v) in rows.into_iter().enumerate() {
+                    _mm512_storeu_si512(o.add((4 * j + e) * NR) as *mut __m512i, v);
+                }
             }
         }
     }
