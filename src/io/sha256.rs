@@ -285,7 +285,7 @@ mod tests {
     #[test]
     fn sha_instructions_match_the_scalar_rounds() {
         let data: Vec<u8> = (0..64 * 37u32)
-            .map(|i| (i * 131 + 17 % 251) as u8)
+            .map(|i| ((i * 131 + 17) % 251) as u8)
             .collect();
         let mut want = H0;
         for c in data.chunks_exact(64) {
