@@ -15,7 +15,9 @@
 //! the Austen default the end of *Sense and Sensibility*) are reserved for evaluation:
 //! [`Contexts::split`] returns them, harvesting never reads them, and `sae-ablate eval`
 //! uses them by default. Harvest and eval must use the same `context_len` and
-//! `holdout_contexts` to stay disjoint.
+//! `holdout_contexts` to stay disjoint. A harvest with a token budget tokenizes only the
+//! first files that hold its contexts and the held-out count after them
+//! ([`Contexts::build_first`]): the same training contexts, without tokenizing the rest.
 //!
 //! # Output
 //! `out_dir/manifest.json` ([`Manifest`]) and, per hook point, `out_dir/<hook>/shard_NNNNN.safetensors`
@@ -124,6 +126,31 @@ pub struct Contexts {
 impl Contexts {
     /// Tokenize `files` with `tok` and cut the stream into contexts of `context_len` tokens.
     pub fn build(tok: &Tokenizer, files: &[PathBuf], context_len: usize) -> Result<Self> {
+        Self::build_impl(tok, files, context_len, None)
+    }
+
+    /// The first contexts of the corpus, as [`Contexts::build`] cuts them: only as many
+    /// files (in name order) as hold the contexts of the first `rows` activation rows
+    /// plus `more` contexts after them, or all when the corpus is shorter. Every file
+    /// still enters [`Contexts::corpus_sha256`]. A harvest with a token budget reads
+    /// these: with `more` = the held-out count, [`Contexts::split`] gives it the same
+    /// training contexts as the whole corpus would.
+    pub fn build_first(
+        tok: &Tokenizer,
+        files: &[PathBuf],
+        context_len: usize,
+        rows: u64,
+        more: usize,
+    ) -> Result<Self> {
+        Self::build_impl(tok, files, context_len, Some((rows, more)))
+    }
+
+    fn build_impl(
+        tok: &Tokenizer,
+        files: &[PathBuf],
+        context_len: usize,
+        need: Option<(u64, usize)>,
+    ) -> Result<Self> {
         let prefix = tok.encode("")?;
         if context_len <= prefix.len() + 1 {
             return Err(Error::Invalid(format!(
@@ -131,29 +158,49 @@ impl Contexts {
                 prefix.len() + 2
             )));
         }
-        // The files are tokenized in parallel (one `encode` runs on one core), hashed and
-        // concatenated in order.
-        let parts: Vec<(Vec<u8>, Vec<u32>)> = files
-            .par_iter()
-            .map(|f| -> Result<(Vec<u8>, Vec<u32>)> {
-                let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
-                let ids = tok
-                    .encode(&String::from_utf8_lossy(&bytes))
-                    .map_err(|e| e.in_file(f))?;
-                Ok((bytes, ids))
-            })
-            .collect::<Result<_>>()?;
+        let body = context_len - prefix.len();
+        // Rows per context: what follows the prefix (at least the first token).
+        let per_ctx = (context_len - prefix.len().max(1)) as u64;
+        let want = need.map(|(rows, more)| {
+            (rows.div_ceil(per_ctx) as usize)
+                .saturating_add(more)
+                .saturating_mul(body)
+        });
         let mut h = Sha256::new();
-        let mut stream: Vec<u32> = Vec::new();
-        for (f, (bytes, ids)) in files.iter().zip(&parts) {
+        let mut texts = Vec::with_capacity(files.len());
+        for f in files {
+            let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
             h.update(name.unwrap_or_default().as_bytes());
             h.update((bytes.len() as u64).to_le_bytes());
-            h.update(bytes);
-            let body = ids.strip_prefix(prefix.as_slice()).unwrap_or(ids);
-            stream.extend_from_slice(body);
+            h.update(&bytes);
+            texts.push(bytes);
         }
-        let body = context_len - prefix.len();
+        // Files are tokenized in parallel (one `encode` runs on one core): all at once,
+        // or, for the first contexts only, in rounds of one file per thread until the
+        // stream is long enough.
+        let encode = |f: &PathBuf, bytes: &Vec<u8>| -> Result<Vec<u32>> {
+            tok.encode(&String::from_utf8_lossy(bytes))
+                .map_err(|e| e.in_file(f))
+        };
+        let round = match want {
+            Some(_) => rayon::current_num_threads().max(1),
+            None => files.len().max(1),
+        };
+        let mut stream: Vec<u32> = Vec::new();
+        for (fs, ts) in files.chunks(round).zip(texts.chunks(round)) {
+            if want.is_some_and(|w| stream.len() >= w) {
+                break;
+            }
+            let ids: Vec<Vec<u32>> = fs
+                .par_iter()
+                .zip(ts)
+                .map(|(f, t)| encode(f, t))
+                .collect::<Result<_>>()?;
+            for ids in &ids {
+                stream.extend_from_slice(ids.strip_prefix(prefix.as_slice()).unwrap_or(ids));
+            }
+        }
         let contexts = stream
             .chunks_exact(body)
             .map(|c| {
@@ -432,7 +479,12 @@ impl ActivationStore {
             p.validate(model.n_layers())?;
         }
         let files = corpus_files(corpus)?;
-        let ctx = Contexts::build(tok, &files, cfg.context_len)?;
+        let ctx = match cfg.max_tokens {
+            Some(m) => {
+                Contexts::build_first(tok, &files, cfg.context_len, m, cfg.holdout_contexts)?
+            }
+            None => Contexts::build(tok, &files, cfg.context_len)?,
+        };
         let model_sha = crate::model::model_sha256(model_path)?;
         if let Some(m) = self.manifest()? {
             if m.config == *cfg

@@ -370,3 +370,39 @@ fn cli_eval_json_has_every_field() {
         );
     }
 }
+
+/// A harvest with a token budget tokenizes only the first files: their contexts are the
+/// first contexts of the whole corpus, the corpus hash is the whole corpus's, and the
+/// training contexts of the split are the same; a budget past the corpus reads it all.
+#[test]
+fn first_contexts_are_the_whole_corpus_prefix() {
+    let tmp = Tmp::new("first_contexts");
+    let dir = &tmp.0;
+    let text = std::fs::read_to_string(corpus_slice(dir)).unwrap();
+    // One file more than one round of parallel tokenizing takes.
+    let n_files = rayon::current_num_threads().max(1) + 1;
+    for i in 0..n_files {
+        std::fs::write(dir.join(format!("part{i}.txt")), &text).unwrap();
+    }
+    std::fs::remove_file(dir.join("slice.txt")).unwrap();
+    let files = corpus_files(dir).unwrap();
+    assert_eq!(files.len(), n_files);
+    let tok = smollm::tokenizer();
+    let all = Contexts::build(tok, &files, CTX).unwrap();
+    let per_ctx = (CTX - all.prefix_len) as u64;
+    let first = Contexts::build_first(tok, &files, CTX, 3 * per_ctx, HOLDOUT).unwrap();
+    assert_eq!(first.corpus_sha256, all.corpus_sha256);
+    assert_eq!(first.prefix_len, all.prefix_len);
+    assert!(
+        first.contexts.len() < all.contexts.len(),
+        "{} of {} contexts: the last file should not have been read",
+        first.contexts.len(),
+        all.contexts.len()
+    );
+    assert!(first.contexts.len() >= 3 + HOLDOUT);
+    assert_eq!(first.contexts[..], all.contexts[..first.contexts.len()]);
+    let (train, _) = first.split(HOLDOUT).unwrap();
+    assert!(train.len() >= 3);
+    let huge = Contexts::build_first(tok, &files, CTX, u64::MAX / 2, HOLDOUT).unwrap();
+    assert_eq!(huge.contexts, all.contexts);
+}

@@ -3,9 +3,11 @@
 //! or an HF directory with dense (dequantized) or block-quantized weights
 //! ([`WeightFormat`]).
 //!
-//! A forward call of several positions (prefill) runs candle ops (its `gemm` for dense
-//! weights); a decode step on the CPU (`t = 1`) runs the same blocks on plain rows, with a
-//! tensor built only at hook points that have hooks ([`super::layers`]).
+//! On the CPU every forward call (prefill, batched scoring, decode steps) runs the blocks
+//! on plain rows: products on slices (`gemm` in f32, `vdpbf16ps` for bf16 weights, the
+//! integer kernels for quantized ones), attention per query over the KV cache and the new
+//! positions, a tensor built only at hook points that have hooks ([`super::layers`]).
+//! Other devices run the same blocks on candle tensors.
 
 use std::path::Path;
 use std::sync::Arc;

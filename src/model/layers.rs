@@ -981,7 +981,7 @@ pub(crate) struct Step<'a> {
     pub b: usize,
     pub t: usize,
     pub start: usize,
-    /// Left padding per row (decode steps on plain rows).
+    /// Left padding per row (the plain-row path).
     pub pads: Option<&'a [usize]>,
     /// The layer's mask (tensor path).
     pub mask: Option<&'a Tensor>,
