@@ -155,8 +155,84 @@ pub fn gemm_bf16(
     if !has_dpbf16() || !sizes_fit(x, n, d_in, w, v, d_out, c) {
         return false;
     }
+    run(x, n, d_in, Src::View(w, v), d_out, c);
+    true
+}
+
+/// Weights `W [d_in, d_out]` packed once into the micro-panels [`gemm_bf16`] builds per
+/// call (`[d_out.div_ceil(NR)][d_in.div_ceil(2)][NR]` dwords, one bf16 pair each): a
+/// matrix used by many products skips the packing. As many bytes as the bf16 weights,
+/// rounded up to whole panels.
+#[derive(Clone)]
+pub struct PackedBf16 {
+    d_in: usize,
+    d_out: usize,
+    data: Vec<u32>,
+}
+
+impl PackedBf16 {
+    /// Pack `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`; `None` when the view does not fit `w`
+    /// or the sizes overflow.
+    pub fn new(w: &[bf16], v: View2, d_in: usize, d_out: usize) -> Option<Self> {
+        if !v.fits(d_in, d_out, w.len()) {
+            return None;
+        }
+        let kp = d_in.div_ceil(2);
+        let len = d_out.div_ceil(NR).checked_mul(kp)?.checked_mul(NR)?;
+        let mut data = vec![0u32; len];
+        // Column blocks in parallel: each packs its panels for every pair.
+        let per = 8usize;
+        data.par_chunks_mut((per * kp * NR).max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                let j0 = i * per * NR;
+                let width = (per * NR).min(d_out - j0);
+                pack_b(w, v, d_in, j0, width, 0, kp, out);
+            });
+        Some(PackedBf16 { d_in, d_out, data })
+    }
+
+    /// `(d_in, d_out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.d_in, self.d_out)
+    }
+}
+
+impl std::fmt::Debug for PackedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedBf16")
+            .field("d_in", &self.d_in)
+            .field("d_out", &self.d_out)
+            .finish()
+    }
+}
+
+/// [`gemm_bf16`] on prepacked weights: `c [n, d_out] += bf16(x [n, d_in]) · W`, the same
+/// bits. Returns `false`, leaving `c` alone, when the CPU lacks AVX512-BF16 or the sizes
+/// do not fit.
+pub fn gemm_bf16_packed(x: &[f32], n: usize, w: &PackedBf16, c: &mut [f32]) -> bool {
+    let (d_in, d_out) = w.dims();
+    if !has_dpbf16() || !super::holds(x.len(), n, d_in) || !super::holds(c.len(), n, d_out) {
+        return false;
+    }
+    run(x, n, d_in, Src::Packed(w), d_out, c);
+    true
+}
+
+/// Where the micro-panels come from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// Packed per call from a strided view (checked by the caller).
+    View(&'a [bf16], View2),
+    /// Packed once.
+    Packed(&'a PackedBf16),
+}
+
+/// The GEMM of [`gemm_bf16`] and [`gemm_bf16_packed`]; the caller has checked the CPU and
+/// the sizes.
+fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32]) {
     if n == 0 || d_out == 0 || d_in == 0 {
-        return true;
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -187,7 +263,10 @@ pub fn gemm_bf16(
                 rest = tail;
             }
         }
-        let buf_len = kcp * max_panels.max(panels.div_ceil(blocks)) * NR;
+        let buf_len = match src {
+            Src::View(..) => kcp * max_panels.max(panels.div_ceil(blocks)) * NR,
+            Src::Packed(_) => 0,
+        };
         parts
             .into_par_iter()
             .enumerate()
@@ -197,36 +276,45 @@ pub fn gemm_bf16(
                     if buf.len() < buf_len {
                         buf.resize(buf_len, 0);
                     }
+                    // Block starts are whole panels: j0 = q0·NR.
                     let j0 = bounds[bi];
+                    let q0 = j0 / NR;
                     let width = rows.first().map_or(0, |r| r.len());
                     for p0 in (0..kp).step_by(kcp) {
                         let kpb = kcp.min(kp - p0);
                         let panels = width.div_ceil(NR);
-                        pack_b(
-                            w,
-                            v,
-                            d_in,
-                            j0,
-                            width,
-                            p0,
-                            kpb,
-                            &mut buf[..panels * kpb * NR],
-                        );
+                        if let Src::View(w, v) = src {
+                            pack_b(
+                                w,
+                                v,
+                                d_in,
+                                j0,
+                                width,
+                                p0,
+                                kpb,
+                                &mut buf[..panels * kpb * NR],
+                            );
+                        }
                         for q in 0..panels {
                             let cols = NR.min(width - q * NR);
-                            let bp = &buf[q * kpb * NR..(q + 1) * kpb * NR];
+                            let bp = match src {
+                                Src::View(..) => &buf[q * kpb * NR..(q + 1) * kpb * NR],
+                                Src::Packed(pw) => {
+                                    let o = ((q0 + q) * kp + p0) * NR;
+                                    &pw.data[o..o + kpb * NR]
+                                }
+                            };
                             for (ip, rs) in rows.chunks_mut(MR).enumerate() {
                                 let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
-                                // SAFETY: avx512f/vl/bw/bf16 checked above; `ap` holds kpb·MR
-                                // dwords, `bp` kpb·NR, every row slice of `rs` has at least
-                                // q·NR + cols elements (its block is `width` wide).
+                                // SAFETY: avx512f/vl/bw/bf16 checked by the caller; `ap` holds
+                                // kpb·MR dwords, `bp` kpb·NR, every row slice of `rs` has at
+                                // least q·NR + cols elements (its block is `width` wide).
                                 unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols) };
                             }
                         }
                     }
                 })
             });
-        true
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("has_dpbf16 is false off x86-64")
@@ -731,6 +819,16 @@ mod tests {
                                 "{name} n={n} d_in={d_in} d_out={d_out} at {k}: {g} vs {s}"
                             );
                         }
+                        // The same weights packed once: the same bits.
+                        let p = PackedBf16::new(&w, v, d_in, d_out).unwrap();
+                        let mut packed = c0.clone();
+                        assert!(gemm_bf16_packed(&x, n, &p, &mut packed));
+                        let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&packed),
+                            bits(&want),
+                            "{name} packed n={n} d_in={d_in} d_out={d_out}"
+                        );
                     }
                 }
             }
@@ -789,6 +887,11 @@ mod tests {
         };
         assert!(!gemm_bf16(&[1.0; 6], 2, 3, &w, huge, 4, &mut c));
         assert!(!gemm_bf16_scalar(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
+        assert!(PackedBf16::new(&w, v, 4, 4).is_none());
+        assert!(PackedBf16::new(&w, huge, 3, 4).is_none());
+        let p = PackedBf16::new(&w, v, 3, 4).unwrap();
+        assert!(!gemm_bf16_packed(&[1.0; 5], 2, &p, &mut c));
+        assert!(!gemm_bf16_packed(&[1.0; 6], 2, &p, &mut c[..7]));
         assert_eq!(c, vec![0f32; 8]);
         // Empty products are fine.
         assert_eq!(gemm_bf16(&[], 0, 3, &w, v, 4, &mut c), has_dpbf16());

@@ -25,6 +25,7 @@ use super::config::Activation;
 use super::linear::Weight;
 use super::RopeStyle;
 use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::kernels::gemm_bf16::{gemm_bf16_packed, has_dpbf16, PackedBf16};
 use crate::{Error, FloatDtype, Result};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w` over the last dimension (candle's formula).
@@ -116,11 +117,15 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 }
 
 /// `y = x Wᵀ + b`: a weight matrix `[out, in]` (dense f32/f16/bf16, or GGUF blocks) and
-/// an optional bias.
+/// an optional bias. With dense bf16 weights on a CPU with AVX512-BF16, the first product
+/// of more than 8 rows packs a copy of the matrix into the bf16 GEMM's panel layout (as
+/// many bytes as the weights), which the following batched products read instead of
+/// packing per call (the same bits).
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub(crate) w: Weight,
     bias: Option<(Tensor, Vec<f32>)>,
+    packed: std::sync::OnceLock<Option<Arc<PackedBf16>>>,
 }
 
 impl Linear {
@@ -147,7 +152,11 @@ impl Linear {
                 Some((b, v))
             }
         };
-        Ok(Linear { w, bias })
+        Ok(Linear {
+            w,
+            bias,
+            packed: std::sync::OnceLock::new(),
+        })
     }
 
     /// `x [n, in]` (f32) → `[n, out]` f32.
@@ -161,7 +170,14 @@ impl Linear {
 
     /// `x [n, in]` as plain rows.
     pub(crate) fn rows(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        let mut y = self.w.matmul_vec(x, n)?;
+        let packed = self.packed(n).and_then(|p| {
+            let mut y = vec![0f32; n.checked_mul(p.dims().1)?];
+            gemm_bf16_packed(x, n, p, &mut y).then_some(y)
+        });
+        let mut y = match packed {
+            Some(y) => y,
+            None => self.w.matmul_vec(x, n)?,
+        };
         if let Some((_, b)) = &self.bias {
             for r in y.chunks_exact_mut(b.len().max(1)) {
                 for (v, c) in r.iter_mut().zip(b) {
@@ -170,6 +186,17 @@ impl Linear {
             }
         }
         Ok(y)
+    }
+
+    /// The packed bf16 matrix for a product of `n` rows, packed at the first call that
+    /// needs it; `None` for few rows, other weights or CPUs without AVX512-BF16.
+    fn packed(&self, n: usize) -> Option<&PackedBf16> {
+        if n <= super::linear::SMALL_ROWS || !has_dpbf16() {
+            return None;
+        }
+        self.packed
+            .get_or_init(|| self.w.pack_bf16().map(Arc::new))
+            .as_deref()
     }
 
     pub(crate) fn bytes(&self) -> usize {

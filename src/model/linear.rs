@@ -13,7 +13,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::kernels::encode::{gemm_f32, View2};
-use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16};
+#[cfg(doc)]
+use crate::kernels::gemm_bf16::gemm_bf16_packed;
+use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16, PackedBf16};
 use crate::kernels::quant::QMatrix;
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
 #[cfg(target_arch = "x86_64")]
@@ -36,6 +38,29 @@ impl Weight {
             Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Weight::Quant(q) => q.bytes(),
         }
+    }
+
+    /// Contiguous CPU bf16 weights `[out, in]` packed for [`gemm_bf16_packed`] (as the
+    /// matrix `W[k, j] = w[j, k]`); `None` for other weights.
+    pub(crate) fn pack_bf16(&self) -> Option<PackedBf16> {
+        let Weight::Dense(w) = self else {
+            return None;
+        };
+        if !w.is_contiguous() || !w.device().is_cpu() {
+            return None;
+        }
+        let (out, inp) = w.dims2().ok()?;
+        let (st, layout) = w.storage_and_layout();
+        let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
+            return None;
+        };
+        let wv = v.get(layout.start_offset()..layout.start_offset() + out * inp)?;
+        let view = View2 {
+            s0: 1,
+            s1: inp,
+            off: 0,
+        };
+        PackedBf16::new(wv, view, inp, out)
     }
 
     /// `x [n, in]` (f32, row-major) times the matrix transposed → `[n, out]`.
