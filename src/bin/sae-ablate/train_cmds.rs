@@ -185,6 +185,13 @@ pub fn harvest(a: HarvestArgs) -> Result<()> {
             "forwards": r.forwards,
             "seconds": r.seconds,
             "tokens_per_s": r.tokens_per_s,
+            // The forward passes and shard writes alone (no tokenizing, no model hash).
+            "loop_seconds": r.loop_seconds,
+            "loop_tokens_per_s": if r.loop_seconds > 0.0 {
+                r.manifest.tokens as f64 / r.loop_seconds
+            } else {
+                0.0
+            },
         })
     );
     Ok(())
