@@ -720,7 +720,9 @@ pub fn bench_model(a: BenchModelArgs) -> Result<()> {
             println!(
                 "   batched prefill {} on the tensor path: {tps:.1} tok/s ({:.3} s per pass)",
                 a.prefill_batch,
-                prefill_row["tensor_path"]["seconds"].as_f64().unwrap_or(0.0)
+                prefill_row["tensor_path"]["seconds"]
+                    .as_f64()
+                    .unwrap_or(0.0)
             );
         }
         if let Some(r) = harvest_row["ratio"].as_f64() {
