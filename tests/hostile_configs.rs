@@ -28,7 +28,29 @@ static BOUNDED: Mutex<()> = Mutex::new(());
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn dir(tag: &str) -> PathBuf {
+/// A temporary directory, removed on drop.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TmpDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(tag: &str) -> TmpDir {
     // Unique per call: the tests of this binary run in parallel and reuse tags.
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -38,7 +60,7 @@ fn dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// Load under the allocation bound for `bytes` of input; the error (or `None` when it
@@ -69,7 +91,8 @@ fn gguf_err(arch: &'static str, edits: &[(&str, Option<V>)]) -> Option<String> {
     }
     let ts = quantize(&tensors(&spec, 1), GgmlDType::F32, &[]);
     let bytes = gguf_bytes(&md, &ts);
-    let p = dir(&format!("gguf-{arch}")).join("model.gguf");
+    let d = dir(&format!("gguf-{arch}"));
+    let p = d.join("model.gguf");
     std::fs::write(&p, &bytes).unwrap();
     bounded(bytes.len(), || {
         Model::from_gguf(&p, &LoadOptions::default())
