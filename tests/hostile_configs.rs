@@ -14,7 +14,6 @@ mod st_writer;
 #[path = "common/tiny_model.rs"]
 mod tiny_model;
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -28,39 +27,9 @@ static BOUNDED: Mutex<()> = Mutex::new(());
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// A temporary directory, removed on drop.
-struct TmpDir(PathBuf);
-
-impl std::ops::Deref for TmpDir {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for TmpDir {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir(tag: &str) -> TmpDir {
-    // Unique per call: the tests of this binary run in parallel and reuse tags.
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!(
-        "sae-ablate-hostile-configs-{}-{n}-{tag}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TmpDir(d)
+/// A fresh temporary directory, removed on drop.
+fn dir(tag: &str) -> st_writer::TempDir {
+    st_writer::TempDir::new(&format!("hostile-configs-{tag}"))
 }
 
 /// Load under the allocation bound for `bytes` of input; the error (or `None` when it
@@ -92,7 +61,7 @@ fn gguf_err(arch: &'static str, edits: &[(&str, Option<V>)]) -> Option<String> {
     let ts = quantize(&tensors(&spec, 1), GgmlDType::F32, &[]);
     let bytes = gguf_bytes(&md, &ts);
     let d = dir(&format!("gguf-{arch}"));
-    let p = d.join("model.gguf");
+    let p = d.path().join("model.gguf");
     std::fs::write(&p, &bytes).unwrap();
     bounded(bytes.len(), || {
         Model::from_gguf(&p, &LoadOptions::default())
@@ -265,7 +234,7 @@ fn hf_err(model_type: &str, tf5: bool, edits: &[(&str, Value)]) -> Option<String
         .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
         .collect();
     let d = dir(&format!("hf-{model_type}"));
-    st_writer::write_st(&d.join("model.safetensors"), &refs);
+    st_writer::write_st(&d.path().join("model.safetensors"), &refs);
     // A string `"__raw__N"` stands for the JSON number N (past what serde_json holds).
     let mut text = serde_json::to_string(&cfg).unwrap();
     while let Some(i) = text.find("\"__raw__") {
@@ -273,12 +242,14 @@ fn hf_err(model_type: &str, tf5: bool, edits: &[(&str, Value)]) -> Option<String
         let raw = text[i + 8..end].to_string();
         text.replace_range(i..=end, &raw);
     }
-    std::fs::write(d.join("config.json"), &text).unwrap();
+    std::fs::write(d.path().join("config.json"), &text).unwrap();
     let size = text.len()
-        + std::fs::metadata(d.join("model.safetensors"))
+        + std::fs::metadata(d.path().join("model.safetensors"))
             .unwrap()
             .len() as usize;
-    bounded(size, || Model::from_hf_dir(&d, &LoadOptions::default()))
+    bounded(size, || {
+        Model::from_hf_dir(d.path(), &LoadOptions::default())
+    })
 }
 
 const HF_TYPES: [(&str, bool); 9] = [
@@ -498,7 +469,7 @@ fn hf_hostile_options_name_the_key() {
     }
     // A nested gemma3 config without its text_config.
     let d = dir("hf-no-text-config");
-    std::fs::write(d.join("config.json"), r#"{"model_type": "gemma3"}"#).unwrap();
-    let e = bounded(64, || Model::from_hf_dir(&d, &LoadOptions::default())).unwrap();
+    std::fs::write(d.path().join("config.json"), r#"{"model_type": "gemma3"}"#).unwrap();
+    let e = bounded(64, || Model::from_hf_dir(d.path(), &LoadOptions::default())).unwrap();
     assert!(e.contains("text_config"), "{e}");
 }
