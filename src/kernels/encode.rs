@@ -123,22 +123,27 @@ pub fn encode_dense_with<T: Elem>(
     if n == 0 || d_sae == 0 {
         return Ok(());
     }
-    if let (Some(wb), true) = (as_bf16_slice(w), native && n >= BF16_GEMM_MIN_TOKENS) {
-        if has_dpbf16() {
-            for row in pre[..n * d_sae].chunks_mut(d_sae) {
-                row.copy_from_slice(b);
-            }
-            if gemm_bf16(xs, n, d_in, wb, v, d_sae, pre) {
-                return Ok(());
-            }
-        }
-    }
-    if n <= GEMV_MAX_TOKENS {
+    let bf16 = as_bf16_slice(w).filter(|_| native && n >= BF16_GEMM_MIN_TOKENS && has_dpbf16());
+    if n <= GEMV_MAX_TOKENS && bf16.is_none() {
         gemv(xs, n, d_in, w, v, b, pre);
-    } else {
-        gemm_tiles(xs, n, d_in, w, v, b, pre);
+        return Ok(());
     }
-    Ok(())
+    // The GEMMs accumulate onto the bias.
+    for row in pre[..n * d_sae].chunks_mut(d_sae) {
+        row.copy_from_slice(b);
+    }
+    let done = match bf16 {
+        Some(wb) => gemm_bf16(xs, n, d_in, wb, v, d_sae, pre),
+        None => gemm_f32(xs, n, d_in, w, v, d_sae, pre),
+    };
+    if done {
+        Ok(())
+    } else {
+        // Unreachable: the sizes and the view were checked above.
+        Err(Error::Invalid(format!(
+            "dense encode: the GEMM declined [{n}, {d_in}] × [{d_in}, {d_sae}]"
+        )))
+    }
 }
 
 /// Streaming path: tiles of latents in parallel; each reads its part of W once.
@@ -234,25 +239,6 @@ fn as_bf16_slice<T: Elem>(w: &[T]) -> Option<&[bf16]> {
     } else {
         None
     }
-}
-
-/// Compute-bound path: the bias in every row of `pre`, then [`gemm_f32`].
-fn gemm_tiles<T: Elem>(
-    xs: &[f32],
-    n: usize,
-    d_in: usize,
-    w: &[T],
-    v: View2,
-    b: &[f32],
-    pre: &mut [f32],
-) {
-    let d_sae = b.len();
-    for r in 0..n {
-        pre[r * d_sae..(r + 1) * d_sae].copy_from_slice(b);
-    }
-    // The caller checked the sizes, so this cannot decline.
-    let done = gemm_f32(xs, n, d_in, w, v, d_sae, pre);
-    debug_assert!(done);
 }
 
 /// `c [n, d_out] += x [n, d_in] · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, in f32 on

@@ -71,8 +71,7 @@ impl RmsNorm {
 
     /// In place, each `dim()`-wide chunk of `x` (the per-head q/k norms).
     fn rows_in_place(&self, x: &mut [f32]) {
-        let y = self.rows(x);
-        x.copy_from_slice(&y);
+        rms_norm_in_place(x, &self.v, self.eps);
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -82,38 +81,46 @@ impl RmsNorm {
 
 /// RMSNorm of each `w.len()`-wide row of `x` (candle's formula: `x / sqrt(mean(x²) + eps) · w`).
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = x.to_vec();
+    rms_norm_in_place(&mut y, w, eps);
+    y
+}
+
+/// [`rms_norm_rows`] in place: each row's sum of squares is taken before the row is
+/// overwritten.
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len().max(1);
-    let mut out = vec![0f32; x.len()];
     // Up to 8 rows at once: each row's sum of squares is still added in column order
     // (the same result as row by row), but the rows' add chains interleave instead of
     // waiting on one another's latency.
-    for (oc, xc) in out.chunks_mut(8 * d).zip(x.chunks(8 * d)) {
+    for xc in x.chunks_mut(8 * d) {
         let mut ss = [0f32; 8];
-        let mut slots: [&[f32]; 8] = [&[]; 8];
-        let mut nr = 0;
-        for (slot, r) in slots.iter_mut().zip(xc.chunks_exact(d)) {
-            *slot = r;
-            nr += 1;
-        }
-        let rows = &slots[..nr];
-        if let [r] = rows {
-            ss[0] = r.iter().map(|v| v * v).sum();
-        } else {
-            for i in 0..d {
-                for (s, r) in ss.iter_mut().zip(rows) {
-                    let v = r[i];
-                    *s += v * v;
+        {
+            let mut slots: [&[f32]; 8] = [&[]; 8];
+            let mut nr = 0;
+            for (slot, r) in slots.iter_mut().zip(xc.chunks_exact(d)) {
+                *slot = r;
+                nr += 1;
+            }
+            let rows = &slots[..nr];
+            if let [r] = rows {
+                ss[0] = r.iter().map(|v| v * v).sum();
+            } else {
+                for i in 0..d {
+                    for (s, r) in ss.iter_mut().zip(rows) {
+                        let v = r[i];
+                        *s += v * v;
+                    }
                 }
             }
         }
-        for ((o, r), s) in oc.chunks_exact_mut(d).zip(rows).zip(ss) {
+        for (r, s) in xc.chunks_exact_mut(d).zip(ss) {
             let m = (s / d as f32 + eps).sqrt();
-            for ((o, &v), &g) in o.iter_mut().zip(*r).zip(w) {
-                *o = v / m * g;
+            for (v, &g) in r.iter_mut().zip(w) {
+                *v = *v / m * g;
             }
         }
     }
-    out
 }
 
 /// `y = x Wᵀ + b`: a weight matrix `[out, in]` (dense f32/f16/bf16, or GGUF blocks) and
@@ -593,7 +600,7 @@ impl Attention {
         let s = self.spec;
         let (nh, kvh, hd) = (s.n_heads, s.n_kv_heads, s.head_dim);
         let w = (nh + 2 * kvh) * hd;
-        if !crate::kernels::holds(qkv.len(), b * t, w) || qkv.len() != b * t * w {
+        if Some(qkv.len()) != b.checked_mul(t).and_then(|n| n.checked_mul(w)) {
             return Err(Error::Invalid(format!(
                 "attention: {} q/k/v values for {b} sequences of {t} positions",
                 qkv.len()
