@@ -43,12 +43,12 @@
 //! The forward pass stops right after the last needed hook point (a hook aborts it with a
 //! private sentinel error), so the layers above it and the LM head are never run.
 
-use rayon::prelude::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::{ActivationCache, HookContext, HookPoint, Hooks};
