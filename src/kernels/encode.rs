@@ -134,7 +134,7 @@ pub fn encode_dense_with<T: Elem>(
     }
     let done = match bf16 {
         Some(wb) => gemm_bf16(xs, n, d_in, wb, v, d_sae, pre),
-        None => gemm_f32(xs, n, d_in, w, v, d_sae, pre),
+        None => gemm_f32(xs, n, d_in, w, v, d_sae, pre, true),
     };
     if done {
         Ok(())
@@ -241,10 +241,12 @@ fn as_bf16_slice<T: Elem>(w: &[T]) -> Option<&[bf16]> {
     }
 }
 
-/// `c [n, d_out] += x [n, d_in] · W` with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, in f32 on
-/// the `gemm` crate: f32 weights directly, f16/bf16 weights widened one [`TILE`]-column
-/// block at a time into an f32 buffer. Returns `false`, leaving `c` alone, when the sizes
-/// or the view do not fit the buffers.
+/// `c [n, d_out] += x [n, d_in] · W` (`acc`) or `c = x · W` (not `acc`: the old values of
+/// `c` are never read) with `W[k, j] = w[v.off + k·v.s0 + j·v.s1]`, in f32 on the `gemm`
+/// crate: f32 weights directly, f16/bf16 weights widened one [`TILE`]-column block at a
+/// time into an f32 buffer. Returns `false`, leaving `c` alone, when the sizes or the
+/// view do not fit the buffers.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_f32<T: Elem>(
     xs: &[f32],
     n: usize,
@@ -253,6 +255,7 @@ pub(crate) fn gemm_f32<T: Elem>(
     v: View2,
     d_out: usize,
     c: &mut [f32],
+    acc: bool,
 ) -> bool {
     if !(holds(xs.len(), n, d_in) && holds(c.len(), n, d_out) && v.fits(d_in, d_out, w.len())) {
         return false;
@@ -264,7 +267,7 @@ pub(crate) fn gemm_f32<T: Elem>(
     if let Some(wf) = as_f32_slice(w) {
         // SAFETY: dst is [n, d_out] row-major inside `c`, lhs [n, d_in] row-major inside
         // `xs`, rhs the [d_in, d_out] view of `wf`, every element inside it (all three
-        // checked above). dst = 1·dst + 1·lhs·rhs.
+        // checked above). dst = 1·dst + 1·lhs·rhs, or lhs·rhs.
         unsafe {
             gemm::gemm(
                 n,
@@ -273,7 +276,7 @@ pub(crate) fn gemm_f32<T: Elem>(
                 c.as_mut_ptr(),
                 1,
                 d_out as isize,
-                true,
+                acc,
                 xs.as_ptr(),
                 1,
                 d_in as isize,
@@ -313,7 +316,7 @@ pub(crate) fn gemm_f32<T: Elem>(
                 c.as_mut_ptr().add(l0),
                 1,
                 d_out as isize,
-                true,
+                acc,
                 xs.as_ptr(),
                 1,
                 d_in as isize,

@@ -561,7 +561,7 @@ impl Model {
             x = block.run(x, &step, &mut em)?;
         }
         self.cache_len = start + t;
-        let h = em.emit(
+        let mut h = em.emit(
             HookPoint::LnFinal,
             RowActs {
                 v: self.norm.rows(&x.v),
@@ -576,7 +576,7 @@ impl Model {
                     .collect();
             (last, 1)
         } else {
-            (h.v, t)
+            (std::mem::take(&mut h.v), t)
         };
         let logits = self.head_rows(&h, b * tt)?;
         Ok(Tensor::from_vec(

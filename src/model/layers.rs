@@ -81,8 +81,12 @@ impl RmsNorm {
 
 /// RMSNorm of each `w.len()`-wide row of `x` (candle's formula: `x / sqrt(mean(x²) + eps) · w`).
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let mut y = x.to_vec();
-    rms_norm_in_place(&mut y, w, eps);
+    use rayon::prelude::*;
+    let mut y = super::scratch::copy(x);
+    // Blocks of 64 rows in parallel (each row's arithmetic is the same either way).
+    y.par_chunks_mut(64 * w.len().max(1))
+        .with_min_len(4)
+        .for_each(|c| rms_norm_in_place(c, w, eps));
     y
 }
 
@@ -178,7 +182,7 @@ impl Linear {
     /// `x [n, in]` as plain rows.
     pub(crate) fn rows(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let packed = self.packed(n).and_then(|p| {
-            let mut y = vec![0f32; n.checked_mul(p.dims().1)?];
+            let mut y = super::scratch::zeroed(n.checked_mul(p.dims().1)?);
             gemm_bf16_packed(x, n, p, &mut y).then_some(y)
         });
         let mut y = match packed {
@@ -624,7 +628,7 @@ impl Attention {
         let qkv: &[f32] = qkv;
         // The new keys and values as `[b, kvh, t, hd]`: the cache's layout.
         let gather = |off: usize| -> Vec<f32> {
-            let mut out = vec![0f32; b * kvh * t * hd];
+            let mut out = super::scratch::zeroed(b * kvh * t * hd);
             for (r, row) in qkv.chunks_exact(w).enumerate() {
                 let (bi, i) = (r / t, r % t);
                 for g in 0..kvh {
@@ -646,7 +650,7 @@ impl Attention {
             return Err(Error::Invalid("KV cache buffer missing".into()));
         };
         let cap = kt.dim(2)?;
-        let mut y = vec![0f32; b * t * nh * hd];
+        let mut y = super::scratch::zeroed(b * t * nh * hd);
         use candle_core::{CpuStorage as C, Storage as S};
         let (ks, kl) = kt.storage_and_layout();
         let (vs, vl) = vt.storage_and_layout();
@@ -668,6 +672,8 @@ impl Attention {
             (S::Cpu(C::BF16(k)), S::Cpu(C::BF16(v))) => at.run(&k[ko..], &v[vo..], &mut y)?,
             _ => return Err(Error::Invalid("KV cache is not on the CPU".into())),
         }
+        super::scratch::recycle(k_new);
+        super::scratch::recycle(v_new);
         Ok(y)
     }
 
@@ -874,17 +880,24 @@ impl Mlp {
 
     /// `x [n, d_model]` as plain rows.
     fn rows(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
         let ff = self.d_ff;
         let gu = self.gate_up.rows(x, n)?;
-        let mut a = vec![0f32; n * ff];
-        for (a, r) in a.chunks_exact_mut(ff).zip(gu.chunks_exact(2 * ff)) {
-            let (g, u) = r.split_at(ff);
-            match self.act {
-                Activation::Silu => crate::kernels::simd::silu_mul(g, u, a),
-                Activation::GeluTanh => gelu_tanh_mul(g, u, a),
-            }
-        }
-        self.down.rows(&a, n)
+        let mut a = super::scratch::zeroed(n * ff);
+        a.par_chunks_exact_mut(ff.max(1))
+            .zip(gu.par_chunks_exact(2 * ff.max(1)))
+            .with_min_len(16)
+            .for_each(|(a, r)| {
+                let (g, u) = r.split_at(ff);
+                match self.act {
+                    Activation::Silu => crate::kernels::simd::silu_mul(g, u, a),
+                    Activation::GeluTanh => gelu_tanh_mul(g, u, a),
+                }
+            });
+        super::scratch::recycle(gu);
+        let y = self.down.rows(&a, n);
+        super::scratch::recycle(a);
+        y
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -1107,9 +1120,16 @@ impl Acts for TensorActs {
 }
 
 /// Activations as plain f32 rows `[n, width]`, `n = b·t` (every forward pass on the CPU).
+/// A dropped one gives its buffer back to [`super::scratch`].
 pub(crate) struct RowActs {
     pub v: Vec<f32>,
     pub n: usize,
+}
+
+impl Drop for RowActs {
+    fn drop(&mut self) {
+        super::scratch::recycle(std::mem::take(&mut self.v));
+    }
 }
 
 impl Acts for RowActs {
@@ -1142,7 +1162,7 @@ impl Acts for RowActs {
     }
     fn duplicate(&self) -> Result<Self> {
         Ok(RowActs {
-            v: self.v.clone(),
+            v: super::scratch::copy(&self.v),
             n: self.n,
         })
     }
@@ -1150,9 +1170,10 @@ impl Acts for RowActs {
         let z = attn.core_rows(&mut qkv.v, step.b, step.t, step.start, step.pads)?;
         Ok(RowActs { v: z, n: qkv.n })
     }
-    fn into_tensor(self, b: usize, t: usize) -> Result<Tensor> {
+    fn into_tensor(mut self, b: usize, t: usize) -> Result<Tensor> {
         let w = self.v.len() / self.n.max(1);
-        Ok(Tensor::from_vec(self.v, (b, t, w), &Device::Cpu)?)
+        let v = std::mem::take(&mut self.v);
+        Ok(Tensor::from_vec(v, (b, t, w), &Device::Cpu)?)
     }
     fn from_tensor(t: Tensor, n: usize) -> Result<Self> {
         Ok(RowActs {

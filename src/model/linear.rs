@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::scratch;
 use crate::kernels::encode::{gemm_f32, View2};
 #[cfg(doc)]
 use crate::kernels::gemm_bf16::gemm_bf16_packed;
@@ -95,7 +96,7 @@ fn cpu_dense(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
     if Some(x.len()) != n.checked_mul(inp) {
         return None;
     }
-    let mut y = vec![0f32; n.checked_mul(out)?];
+    let len = n.checked_mul(out)?;
     // W[k, j] = w[j, k]: the input dimension is contiguous (latent-major view).
     let view = View2 {
         s0: 1,
@@ -104,17 +105,27 @@ fn cpu_dense(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
     };
     let (st, layout) = w.storage_and_layout();
     let range = layout.start_offset()..layout.start_offset() + out * inp;
+    // The f32 GEMM writes every output (its old values are never read); the bf16 GEMM
+    // adds to zeros.
+    let mut y;
     let done = match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y),
-        Storage::Cpu(CpuStorage::F16(v)) => gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y),
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            y = scratch::stale(len);
+            gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y, false)
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            y = scratch::stale(len);
+            gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y, false)
+        }
         Storage::Cpu(CpuStorage::BF16(v)) => {
             let wv = v.get(range)?;
+            y = scratch::zeroed(len);
             gemm_bf16(x, n, inp, wv, view, out, &mut y) || {
                 let xr: Vec<f32> = to_bf16(x).iter().map(|v| v.to_f32()).collect();
-                gemm_f32(&xr, n, inp, wv, view, out, &mut y)
+                gemm_f32(&xr, n, inp, wv, view, out, &mut y, false)
             }
         }
-        _ => false,
+        _ => return None,
     };
     done.then_some(y)
 }

@@ -37,6 +37,7 @@ mod identity;
 pub mod layers;
 mod linear;
 pub mod sampling;
+pub(crate) mod scratch;
 mod source;
 mod spm;
 pub mod tokenizer;
