@@ -43,6 +43,9 @@ pub const NC_FEW: usize = 64 * NR;
 thread_local! {
     /// Each thread's buffer of packed weights (at most `KCP × NC` dwords, 1.5 MiB).
     static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's buffer of packed input (as large as its largest product's
+    /// input in bf16), kept across calls.
+    static A_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Whether this CPU has AVX512-BF16 with the F, VL and BW parts the kernels use
@@ -155,7 +158,7 @@ pub fn gemm_bf16(
     if !has_dpbf16() || !sizes_fit(x, n, d_in, w, v, d_out, c) {
         return false;
     }
-    run(x, n, d_in, Src::View(w, v), d_out, c);
+    run(x, n, d_in, Src::View(w, v), d_out, c, true);
     true
 }
 
@@ -207,15 +210,16 @@ impl std::fmt::Debug for PackedBf16 {
     }
 }
 
-/// [`gemm_bf16`] on prepacked weights: `c [n, d_out] += bf16(x [n, d_in]) · W`, the same
-/// bits. Returns `false`, leaving `c` alone, when the CPU lacks AVX512-BF16 or the sizes
-/// do not fit.
-pub fn gemm_bf16_packed(x: &[f32], n: usize, w: &PackedBf16, c: &mut [f32]) -> bool {
+/// [`gemm_bf16`] on prepacked weights: `c [n, d_out] += bf16(x [n, d_in]) · W` (`acc`), or
+/// `c =` the same sums started from 0 (not `acc`: the old values of `c` are never read),
+/// the same bits. Returns `false`, leaving `c` alone, when the CPU lacks AVX512-BF16 or
+/// the sizes do not fit.
+pub fn gemm_bf16_packed(x: &[f32], n: usize, w: &PackedBf16, c: &mut [f32], acc: bool) -> bool {
     let (d_in, d_out) = w.dims();
     if !has_dpbf16() || !super::holds(x.len(), n, d_in) || !super::holds(c.len(), n, d_out) {
         return false;
     }
-    run(x, n, d_in, Src::Packed(w), d_out, c);
+    run(x, n, d_in, Src::Packed(w), d_out, c, acc);
     true
 }
 
@@ -228,16 +232,22 @@ enum Src<'a> {
     Packed(&'a PackedBf16),
 }
 
-/// The GEMM of [`gemm_bf16`] and [`gemm_bf16_packed`]; the caller has checked the CPU and
-/// the sizes.
-fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32]) {
+/// The GEMM of [`gemm_bf16`] and [`gemm_bf16_packed`] (`acc`: add to `c`, else overwrite
+/// it); the caller has checked the CPU and the sizes.
+fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32], acc: bool) {
     if n == 0 || d_out == 0 || d_in == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     {
         let kp = d_in.div_ceil(2);
-        let a = pack_a(x, n, d_in);
+        // The packed input, in this thread's buffer (a fresh one when it is in use: a
+        // product started from inside another's parallel loop).
+        let mut own = Vec::new();
+        let mut kept = A_BUF.with(|b| b.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v)));
+        let a = kept.as_mut().unwrap_or(&mut own);
+        pack_a(x, n, d_in, a);
+        let a: &[u32] = a;
         // Blocking. One row panel (memory-bound): short blocks of input pairs and wide
         // column runs, so each weight row is read in long contiguous runs. More rows
         // (compute-bound): KCP pairs × up to NC columns, the micro-panel in L2.
@@ -306,15 +316,24 @@ fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32]) 
                             };
                             for (ip, rs) in rows.chunks_mut(MR).enumerate() {
                                 let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
+                                // The first block of pairs starts from c or from 0.
+                                let load = acc || p0 > 0;
                                 // SAFETY: avx512f/vl/bw/bf16 checked by the caller; `ap` holds
                                 // kpb·MR dwords, `bp` kpb·NR, every row slice of `rs` has at
                                 // least q·NR + cols elements (its block is `width` wide).
-                                unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols) };
+                                unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols, load) };
                             }
                         }
                     }
                 })
             });
+        if let Some(k) = kept {
+            A_BUF.with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    *b = k;
+                }
+            });
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("has_dpbf16 is false off x86-64")
@@ -348,25 +367,25 @@ pub fn peak_gflops(iters: usize) -> Option<f64> {
     None
 }
 
-/// `x [n, d_in]` rounded to bf16 and packed as `[n.div_ceil(MR)][d_in.div_ceil(2)][MR]`
-/// dwords, each the pair `(x[2p], x[2p+1])` (low half first, as `vdpbf16ps` reads it);
-/// missing rows and a missing last element are 0.
-fn pack_a(x: &[f32], n: usize, d_in: usize) -> Vec<u32> {
+/// `x [n, d_in]` rounded to bf16 and packed into `a` as
+/// `[n.div_ceil(MR)][d_in.div_ceil(2)][MR]` dwords, each the pair `(x[2p], x[2p+1])`
+/// (low half first, as `vdpbf16ps` reads it; a missing last element is 0). The rows past
+/// `n` in the last panel keep whatever `a` held: the micro-kernel never reads them.
+fn pack_a(x: &[f32], n: usize, d_in: usize, a: &mut Vec<u32>) {
     let kp = d_in.div_ceil(2);
-    let xb = to_bf16(&x[..n * d_in]);
-    let mut a = vec![0u32; n.div_ceil(MR) * kp * MR];
+    a.resize(n.div_ceil(MR) * kp * MR, 0);
     a.par_chunks_mut(kp * MR)
         .enumerate()
         .for_each(|(ip, panel)| {
+            let mut xb = vec![bf16::ZERO; d_in];
             for r in 0..MR.min(n - ip * MR) {
-                let row = &xb[(ip * MR + r) * d_in..(ip * MR + r + 1) * d_in];
-                for (p, pair) in row.chunks(2).enumerate() {
+                to_bf16_into(&x[(ip * MR + r) * d_in..(ip * MR + r + 1) * d_in], &mut xb);
+                for (p, pair) in xb.chunks(2).enumerate() {
                     let hi = pair.get(1).map_or(0, |v| v.to_bits() as u32);
                     panel[p * MR + r] = pair[0].to_bits() as u32 | hi << 16;
                 }
             }
         });
-    a
 }
 
 /// Pack the weights of columns `j0 .. j0 + width` and input pairs `p0 .. p0 + kpb` into
@@ -646,8 +665,9 @@ mod avx512 {
     }
 
     /// The `MR × NR` micro-tile: `rows[r][c0 + c] += Σ_p a[p][r] · b[p][c]` pairwise for
-    /// `r < rows.len()` (1 to MR; other counts do nothing), `c < cols` (≤ NR). `a` is
-    /// `[kpb][MR]` and `b` `[kpb][NR]` packed dwords (bf16 pairs).
+    /// `r < rows.len()` (1 to MR; other counts do nothing), `c < cols` (≤ NR); without
+    /// `load`, the sums start from 0 instead of the rows' values. `a` is `[kpb][MR]` and
+    /// `b` `[kpb][NR]` packed dwords (bf16 pairs).
     ///
     /// # Safety
     /// The CPU has avx512f/vl/bw/bf16; `a.len() >= kpb·MR`, `b.len() >= kpb·NR`, every
@@ -660,6 +680,7 @@ mod avx512 {
         rows: &mut [&mut [f32]],
         c0: usize,
         cols: usize,
+        load: bool,
     ) {
         const { assert!(MR == 8) };
         let Some(m) = Rows::new(rows.len()) else {
@@ -676,7 +697,7 @@ mod avx512 {
             ($m:literal) => {
                 // SAFETY: the features are enabled here; `cp[..$m]` are the rows, each
                 // valid for `cols` floats; `a` and `b` hold kpb·MR and kpb·NR dwords.
-                unsafe { tile::<$m>(a.as_ptr(), b.as_ptr(), kpb, cp, cols) }
+                unsafe { tile::<$m>(a.as_ptr(), b.as_ptr(), kpb, cp, cols, load) }
             };
         }
         crate::kernels::with_rows!(m, go);
@@ -694,6 +715,7 @@ mod avx512 {
         kpb: usize,
         c: [*mut f32; MR],
         cols: usize,
+        load: bool,
     ) {
         // SAFETY: inlined into `micro` (its features); reads of `a` and `b` stay below kpb·MR and
         // kpb·NR dwords, rows `c[..M]` are valid for `cols` floats and the masks cover no
@@ -705,9 +727,11 @@ mod avx512 {
             };
             let masks = [mask(0), mask(1), mask(2)];
             let mut acc = [[_mm512_setzero_ps(); 3]; M];
-            for r in 0..M {
-                for q in 0..3 {
-                    acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c[r].add(16 * q));
+            if load {
+                for r in 0..M {
+                    for q in 0..3 {
+                        acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c[r].add(16 * q));
+                    }
                 }
             }
             for p in 0..kpb {
@@ -822,12 +846,22 @@ mod tests {
                         // The same weights packed once: the same bits.
                         let p = PackedBf16::new(&w, v, d_in, d_out).unwrap();
                         let mut packed = c0.clone();
-                        assert!(gemm_bf16_packed(&x, n, &p, &mut packed));
+                        assert!(gemm_bf16_packed(&x, n, &p, &mut packed, true));
                         let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                         assert_eq!(
                             bits(&packed),
                             bits(&want),
                             "{name} packed n={n} d_in={d_in} d_out={d_out}"
+                        );
+                        // Overwriting: the sums from 0, whatever c held (NaN here).
+                        let mut zero = vec![0f32; n * d_out];
+                        assert!(gemm_bf16_scalar(&x, n, d_in, &w, v, d_out, &mut zero));
+                        let mut over = vec![f32::NAN; n * d_out];
+                        assert!(gemm_bf16_packed(&x, n, &p, &mut over, false));
+                        assert_eq!(
+                            bits(&over),
+                            bits(&zero),
+                            "{name} overwritten n={n} d_in={d_in} d_out={d_out}"
                         );
                     }
                 }
@@ -890,8 +924,8 @@ mod tests {
         assert!(PackedBf16::new(&w, v, 4, 4).is_none());
         assert!(PackedBf16::new(&w, huge, 3, 4).is_none());
         let p = PackedBf16::new(&w, v, 3, 4).unwrap();
-        assert!(!gemm_bf16_packed(&[1.0; 5], 2, &p, &mut c));
-        assert!(!gemm_bf16_packed(&[1.0; 6], 2, &p, &mut c[..7]));
+        assert!(!gemm_bf16_packed(&[1.0; 5], 2, &p, &mut c, true));
+        assert!(!gemm_bf16_packed(&[1.0; 6], 2, &p, &mut c[..7], false));
         assert_eq!(c, vec![0f32; 8]);
         // Empty products are fine.
         assert_eq!(gemm_bf16(&[], 0, 3, &w, v, 4, &mut c), has_dpbf16());

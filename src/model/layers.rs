@@ -182,8 +182,8 @@ impl Linear {
     /// `x [n, in]` as plain rows.
     pub(crate) fn rows(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let packed = self.packed(n).and_then(|p| {
-            let mut y = super::scratch::zeroed(n.checked_mul(p.dims().1)?);
-            gemm_bf16_packed(x, n, p, &mut y).then_some(y)
+            let mut y = super::scratch::stale(n.checked_mul(p.dims().1)?);
+            gemm_bf16_packed(x, n, p, &mut y, false).then_some(y)
         });
         let mut y = match packed {
             Some(y) => y,
