@@ -628,7 +628,8 @@ impl Attention {
         let qkv: &[f32] = qkv;
         // The new keys and values as `[b, kvh, t, hd]`: the cache's layout.
         let gather = |off: usize| -> Vec<f32> {
-            let mut out = super::scratch::zeroed(b * kvh * t * hd);
+            // Every element is written below.
+            let mut out = super::scratch::stale(b * kvh * t * hd);
             for (r, row) in qkv.chunks_exact(w).enumerate() {
                 let (bi, i) = (r / t, r % t);
                 for g in 0..kvh {
@@ -883,7 +884,8 @@ impl Mlp {
         use rayon::prelude::*;
         let ff = self.d_ff;
         let gu = self.gate_up.rows(x, n)?;
-        let mut a = super::scratch::zeroed(n * ff);
+        // Every row is written below.
+        let mut a = super::scratch::stale(n * ff);
         a.par_chunks_exact_mut(ff.max(1))
             .zip(gu.par_chunks_exact(2 * ff.max(1)))
             .with_min_len(16)

@@ -59,7 +59,7 @@ pub(crate) fn stale(len: usize) -> Vec<f32> {
 
 /// A copy of `x` in a buffer from [`zeroed`]'s store.
 pub(crate) fn copy(x: &[f32]) -> Vec<f32> {
-    let mut v = zeroed(x.len());
+    let mut v = stale(x.len());
     v.copy_from_slice(x);
     v
 }
