@@ -394,6 +394,19 @@ impl QMatrix {
     /// [`QMatrix::matmul`] on a chosen body; one this CPU lacks falls back to the best it
     /// has, never to an instruction it cannot run.
     pub fn matmul_on(&self, x: &[f32], n: usize, isa: Isa) -> Result<Vec<f32>> {
+        let len = n.checked_mul(self.rows).ok_or_else(|| {
+            Error::Invalid(format!(
+                "quantized matmul: {n} rows overflow the output size"
+            ))
+        })?;
+        let mut y = vec![0f32; len];
+        self.matmul_into(x, n, isa, &mut y)?;
+        Ok(y)
+    }
+
+    /// [`QMatrix::matmul_on`] into `y` (`[n, rows]`, every element written; its old
+    /// values are never read).
+    pub fn matmul_into(&self, x: &[f32], n: usize, isa: Isa, y: &mut [f32]) -> Result<()> {
         let isa = if isa.supported() { isa } else { Isa::detect() };
         if Some(x.len()) != n.checked_mul(self.cols) {
             return Err(Error::Invalid(format!(
@@ -402,12 +415,17 @@ impl QMatrix {
                 self.cols
             )));
         }
-        let a = QActs::new(x, n, self.cols, isa);
         let rows = self.rows;
-        let mut y = vec![0f32; n * rows];
+        if Some(y.len()) != n.checked_mul(rows) {
+            return Err(Error::Invalid(format!(
+                "quantized matmul: an output of {} values for {n} rows of {rows}",
+                y.len()
+            )));
+        }
+        let a = QActs::new(x, n, self.cols, isa);
         let groups = rows.div_ceil(GROUP);
         if groups == 0 || n == 0 {
-            return Ok(y);
+            return Ok(());
         }
         // A few tasks per thread (the machine is shared: equal halves would wait on the
         // slower core). Each task owns a range of output columns in every row of `y`,
@@ -427,7 +445,7 @@ impl QMatrix {
             let ng = per.min(groups - g0);
             self.groups_times(&a, g0, ng, &mut cols, isa);
         });
-        Ok(y)
+        Ok(())
     }
 
     /// Groups `g0..g0 + ng` times every activation row: `out[i]` holds row i's outputs
@@ -1132,5 +1150,16 @@ mod tests {
         let qm = QMatrix::quantize(QType::Q8_0, 2, 32, &[0.5; 64]).unwrap();
         assert!(qm.matmul(&[0.0; 33], 1).is_err());
         assert!(qm.dequantize_row(2, &mut [0.0; 32]).is_none());
+        // An output of the wrong size is an error naming it; the right size is written
+        // in full whatever it held: the same values as `matmul` (0.5 · 32 · 0.25 = 4).
+        let isa = Isa::detect();
+        let e = qm
+            .matmul_into(&[0.25; 64], 2, isa, &mut [0.0; 3])
+            .unwrap_err();
+        assert!(e.to_string().contains("an output of 3 values"), "{e}");
+        let mut y = [f32::NAN; 4];
+        qm.matmul_into(&[0.25; 64], 2, isa, &mut y).unwrap();
+        assert_eq!(y.to_vec(), qm.matmul(&[0.25; 64], 2).unwrap());
+        assert!(y.iter().all(|&v| (v - 4.0).abs() < 1e-2), "{y:?}");
     }
 }

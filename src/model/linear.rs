@@ -17,7 +17,7 @@ use crate::kernels::encode::{gemm_f32, View2};
 #[cfg(doc)]
 use crate::kernels::gemm_bf16::gemm_bf16_packed;
 use crate::kernels::gemm_bf16::{gemm_bf16, has_dpbf16, to_bf16, PackedBf16};
-use crate::kernels::quant::QMatrix;
+use crate::kernels::quant::{Isa, QMatrix};
 use crate::kernels::simd::{dot, dot_scalar, has_avx2, Elem};
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::{holds, Rows};
@@ -67,7 +67,15 @@ impl Weight {
     /// `x [n, in]` (f32, row-major) times the matrix transposed → `[n, out]`.
     pub(crate) fn matmul_vec(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         match self {
-            Weight::Quant(q) => q.matmul(x, n),
+            Weight::Quant(q) => {
+                // `dims()` is `(rows, cols)`: the output width first.
+                let len = n.checked_mul(q.dims().0).ok_or_else(|| {
+                    crate::Error::Invalid(format!("{n} rows overflow the output size"))
+                })?;
+                let mut y = scratch::stale(len);
+                q.matmul_into(x, n, Isa::detect(), &mut y)?;
+                Ok(y)
+            }
             Weight::Dense(w) => {
                 if let Some(y) = cpu_dense(x, n, w) {
                     return Ok(y);
