@@ -8,7 +8,9 @@ Usage (a venv with torch, transformers and gguf; not needed by the tests):
 The GGUF is dequantized by transformers at load (the same dense weights the crate's
 `--weights dense` uses), cast to --dtype; --layers keeps the first L decoder layers (a harvest at
 blocks.{L-1}.hook_resid_post needs no more), 0 = all, in which case the LM head runs on the last
-position only (as `bench-model`'s prefill). Prints the best of --repeat passes in tokens/s.
+position only (as `bench-model`'s prefill). Prints the best and the mean of --repeat passes (after
+one warm-up pass) in tokens/s: the best is what `bench-model` reports; the mean is the rate of a
+harvest's run of passes.
 """
 import argparse
 import os
@@ -43,14 +45,16 @@ def main():
     with torch.inference_mode():
         run = (lambda: m.model(input_ids=ids)) if a.layers else (lambda: m(input_ids=ids, logits_to_keep=1))
         run()
-        best = float("inf")
+        times = []
         for _ in range(a.repeat):
             t = time.perf_counter()
             run()
-            best = min(best, time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
     n = a.batch * a.tokens
+    best, mean = min(times), sum(times) / len(times)
     print(f"transformers, torch {torch.__version__}, threads {torch.get_num_threads()}, {a.dtype}, "
-          f"{a.batch}x{a.tokens}, layers {a.layers or 'all'}: {best:.3f} s = {n / best:.1f} tok/s")
+          f"{a.batch}x{a.tokens}, layers {a.layers or 'all'}: {best:.3f} s = {n / best:.1f} tok/s "
+          f"(best of {a.repeat}); mean {mean:.3f} s = {n / mean:.1f} tok/s")
 
 
 if __name__ == "__main__":
