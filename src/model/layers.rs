@@ -385,9 +385,17 @@ fn append_kv(
         &stored
     };
     let total = start + t;
+    if start == 0 {
+        // A fresh buffer holding exactly the new positions (no zeroed capacity to fill
+        // and copy into); the next append grows it by doubling. When `new` is already
+        // contiguous in the cache's dtype the buffer is `new` itself: both callers hand
+        // over a tensor of their own that they only read afterwards.
+        *buf = Some(new.contiguous()?);
+        return Ok(());
+    }
     let cap = match buf {
-        Some(x) if start > 0 => x.dim(2)?,
-        _ => 0,
+        Some(x) => x.dim(2)?,
+        None => 0,
     };
     if total > cap {
         let want = (cap * 2).max(256).max(total).min(max_len.max(total));
