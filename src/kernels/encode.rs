@@ -263,6 +263,13 @@ pub(crate) fn gemm_f32<T: Elem>(
     if n == 0 || d_out == 0 {
         return true;
     }
+    if d_in == 0 {
+        // An empty sum: c stays as it is, or becomes 0.
+        if !acc {
+            c[..n * d_out].fill(0.0);
+        }
+        return true;
+    }
     let par = gemm::Parallelism::Rayon(rayon::current_num_threads().max(1));
     if let Some(wf) = as_f32_slice(w) {
         // SAFETY: dst is [n, d_out] row-major inside `c`, lhs [n, d_in] row-major inside
@@ -499,6 +506,44 @@ mod tests {
         run::<f32>(|v| v);
         run(half::f16::from_f32);
         run(bf16::from_f32);
+    }
+
+    /// Without `acc` the f32 GEMM overwrites its output: the same bits as adding to zeros,
+    /// whatever the buffer held (NaN here), for f32 weights and for f16 weights widened
+    /// tile by tile (past one tile); an empty sum (d_in = 0) gives zeros.
+    #[test]
+    fn gemm_f32_overwrites_without_acc() {
+        let (n, d_in, d_out) = (37usize, 70usize, TILE + 9);
+        let x = data(n * d_in, 3);
+        let wf = data(d_in * d_out, 4);
+        let wh: Vec<half::f16> = wf.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let v = View2 {
+            s0: 1,
+            s1: d_in,
+            off: 0,
+        };
+        let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let mut added = vec![0f32; n * d_out];
+        let mut over = vec![f32::NAN; n * d_out];
+        assert!(gemm_f32(&x, n, d_in, &wf, v, d_out, &mut added, true));
+        assert!(gemm_f32(&x, n, d_in, &wf, v, d_out, &mut over, false));
+        assert_eq!(bits(&over), bits(&added));
+        let mut added = vec![0f32; n * d_out];
+        let mut over = vec![f32::NAN; n * d_out];
+        assert!(gemm_f32(&x, n, d_in, &wh, v, d_out, &mut added, true));
+        assert!(gemm_f32(&x, n, d_in, &wh, v, d_out, &mut over, false));
+        assert_eq!(bits(&over), bits(&added));
+        let empty = View2 {
+            s0: 1,
+            s1: 0,
+            off: 0,
+        };
+        let mut c = vec![f32::NAN; 6];
+        assert!(gemm_f32::<f32>(&[], 2, 0, &[], empty, 3, &mut c, false));
+        assert_eq!(c, vec![0f32; 6]);
+        let mut c = vec![5f32; 6];
+        assert!(gemm_f32::<f32>(&[], 2, 0, &[], empty, 3, &mut c, true));
+        assert_eq!(c, vec![5f32; 6]);
     }
 
     /// Inputs, outputs or views that do not fit their buffers are errors naming the

@@ -236,6 +236,10 @@ enum Src<'a> {
 /// it); the caller has checked the CPU and the sizes.
 fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32], acc: bool) {
     if n == 0 || d_out == 0 || d_in == 0 {
+        // An empty sum: c stays as it is, or becomes 0.
+        if !acc {
+            c[..n * d_out].fill(0.0);
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -927,8 +931,17 @@ mod tests {
         assert!(!gemm_bf16_packed(&[1.0; 5], 2, &p, &mut c, true));
         assert!(!gemm_bf16_packed(&[1.0; 6], 2, &p, &mut c[..7], false));
         assert_eq!(c, vec![0f32; 8]);
-        // Empty products are fine.
+        // Empty products are fine; an empty sum over d_in = 0 overwrites with 0.
         assert_eq!(gemm_bf16(&[], 0, 3, &w, v, 4, &mut c), has_dpbf16());
+        let p0 = PackedBf16::new(&[], v, 0, 4).unwrap();
+        let mut over = vec![f32::NAN; 8];
+        assert_eq!(
+            gemm_bf16_packed(&[], 2, &p0, &mut over, false),
+            has_dpbf16()
+        );
+        if has_dpbf16() {
+            assert_eq!(over, vec![0f32; 8]);
+        }
     }
 
     /// The rounding of `x` to bf16 is half's (to nearest, ties to even) bit for bit,
