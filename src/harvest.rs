@@ -176,30 +176,41 @@ impl Contexts {
             h.update(&bytes);
             texts.push(bytes);
         }
-        // Files are tokenized in parallel (one `encode` runs on one core): all at once,
-        // or, for the first contexts only, in rounds of one file per thread until the
-        // stream is long enough.
+        // Files are tokenized in parallel (and a long file in pieces where the tokenizer
+        // allows it, see `Tokenizer::encode`): all at once, or, for the first contexts
+        // only, in rounds of as many files as should hold the tokens still missing (at
+        // 8 bytes per token, about twice the usual) until the stream is long enough.
         let encode = |f: &PathBuf, bytes: &Vec<u8>| -> Result<Vec<u32>> {
             tok.encode(&String::from_utf8_lossy(bytes))
                 .map_err(|e| e.in_file(f))
         };
-        let round = match want {
-            Some(_) => rayon::current_num_threads().max(1),
-            None => files.len().max(1),
-        };
         let mut stream: Vec<u32> = Vec::new();
-        for (fs, ts) in files.chunks(round).zip(texts.chunks(round)) {
-            if want.is_some_and(|w| stream.len() >= w) {
-                break;
-            }
-            let ids: Vec<Vec<u32>> = fs
+        let mut next = 0;
+        while next < files.len() {
+            let round = match want {
+                Some(w) if stream.len() >= w => break,
+                Some(w) => {
+                    let missing = (w - stream.len()).saturating_mul(8);
+                    let mut bytes = 0;
+                    let mut k = next;
+                    while k < texts.len() && bytes < missing {
+                        bytes += texts[k].len();
+                        k += 1;
+                    }
+                    (k - next).max(1)
+                }
+                None => files.len() - next,
+            };
+            let end = (next + round).min(files.len());
+            let ids: Vec<Vec<u32>> = files[next..end]
                 .par_iter()
-                .zip(ts)
+                .zip(&texts[next..end])
                 .map(|(f, t)| encode(f, t))
                 .collect::<Result<_>>()?;
             for ids in &ids {
                 stream.extend_from_slice(ids.strip_prefix(prefix.as_slice()).unwrap_or(ids));
             }
+            next = end;
         }
         let contexts = stream
             .chunks_exact(body)

@@ -90,6 +90,9 @@ pub struct Tokenizer {
     bos: Option<u32>,
     eos: Option<u32>,
     template: Option<ChatTemplate>,
+    /// Whether long texts may be encoded in pieces (see [`cut_points`]): only for the
+    /// byte-level BPE pipeline this crate builds itself, where that gives the same ids.
+    pieces: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -284,6 +287,49 @@ fn same_len<T>(key: &str, v: &[T], n_tokens: usize) -> Result<()> {
     }
 }
 
+/// Pieces of a long text are about this many bytes.
+const PIECE_BYTES: usize = 32 << 10;
+
+/// Byte offsets that cut `text` into pieces of about `every` bytes: `0`, then the first
+/// position at or after each `every` bytes past the last cut where an ASCII space follows
+/// a printable ASCII character and precedes an ASCII letter, then `text.len()`.
+///
+/// Encoding the pieces one by one gives the ids of the whole text for the pipeline built
+/// by [`Tokenizer::from_gguf`] for byte-level BPE (no normalizer; GPT-2's pre-tokenizer
+/// regex, after single-digit splitting for SmolLM2; added tokens without whitespace that
+/// do not start with a letter; nothing added around a text). Every alternative of that
+/// regex can hold a space only as its first character, so the match holding the
+/// character before the cut ends at the cut, and the next one, ` letters`, starts there;
+/// matches read at most one character past their end, which the end of a piece stands in
+/// for exactly; BPE merges stay within a match; and no added token can cross a space or
+/// start at a letter.
+fn cut_points(text: &str, every: usize) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut cuts = vec![0];
+    let mut i = every.max(1);
+    while i + 1 < b.len() {
+        if b[i] == b' ' && b[i - 1].is_ascii_graphic() && b[i + 1].is_ascii_alphabetic() {
+            cuts.push(i);
+            i += every.max(1);
+        } else {
+            i += 1;
+        }
+    }
+    cuts.push(b.len());
+    cuts
+}
+
+/// Whether [`cut_points`]' pieces give a byte-level BPE tokenizer's ids exactly (its
+/// conditions besides the pre-tokenizer, which the caller sets).
+fn pieces_are_exact(t: &tokenizers::Tokenizer) -> bool {
+    t.get_normalizer().is_none()
+        && t.get_added_tokens_decoder().values().all(|a| {
+            !a.content.chars().any(char::is_whitespace)
+                && !a.content.chars().next().is_some_and(char::is_alphabetic)
+        })
+        && t.encode("", true).is_ok_and(|e| e.get_ids().is_empty())
+}
+
 impl Tokenizer {
     /// Build the tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.model` `gpt2`
     /// or `llama`); errors name the file and the metadata key at fault.
@@ -327,7 +373,8 @@ impl Tokenizer {
         let pre = meta.string(key::PRE)?.unwrap_or("gpt2");
         // candle leaves the GPT-2 default (prefix space) for every `pre` it does not
         // special-case; HF's byte-level tokenizers for these models add no prefix space.
-        if !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3") {
+        let own_pre = !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3");
+        if own_pre {
             let bl = ByteLevel::new(false, true, true);
             let pt: PreTokenizerWrapper = if pre == "smollm" {
                 Sequence::new(vec![Digits::new(true).into(), bl.into()]).into()
@@ -336,6 +383,7 @@ impl Tokenizer {
             };
             inner.with_pre_tokenizer(Some(pt));
         }
+        let pieces = own_pre && pieces_are_exact(&inner);
         let n = inner.get_vocab_size(true);
         let mut stop: Vec<u32> = meta.id(key::EOS, n)?.into_iter().collect();
         stop.extend(meta.id(key::EOT, n)?);
@@ -344,13 +392,9 @@ impl Tokenizer {
         } else {
             None
         };
-        Ok(Self::finish(
-            Backend::Hf(Box::new(inner)),
-            stop,
-            bos,
-            None,
-            template,
-        ))
+        let mut tok = Self::finish(Backend::Hf(Box::new(inner)), stop, bos, None, template);
+        tok.pieces = pieces;
+        Ok(tok)
     }
 
     fn spm_from_gguf(meta: &Meta, template: Option<ChatTemplate>) -> Result<Self> {
@@ -469,6 +513,7 @@ impl Tokenizer {
             bos,
             eos,
             template,
+            pieces: false,
         }
     }
 
@@ -478,6 +523,18 @@ impl Tokenizer {
     /// starts with it; an EOS is appended only when a SentencePiece vocabulary asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = match &self.backend {
+            Backend::Hf(t) if self.pieces && text.len() >= 2 * PIECE_BYTES => {
+                use rayon::prelude::*;
+                let cuts = cut_points(text, PIECE_BYTES);
+                let parts: Vec<Vec<u32>> = cuts
+                    .par_windows(2)
+                    .map(|w| {
+                        let piece = text.get(w[0]..w[1]).unwrap_or_default();
+                        Ok(t.encode(piece, true).map_err(tok_err)?.get_ids().to_vec())
+                    })
+                    .collect::<Result<_>>()?;
+                parts.concat()
+            }
             Backend::Hf(t) => t.encode(text, true).map_err(tok_err)?.get_ids().to_vec(),
             Backend::Spm(v) => {
                 let mut ids = Vec::with_capacity(text.len() / 3 + 2);
@@ -719,4 +776,74 @@ fn render_gemma(messages: &[(&str, &str)], add_generation_prompt: bool) -> Strin
         s.push_str("<start_of_turn>model\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> Tokenizer {
+        let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            p.is_file(),
+            "{} is missing: run scripts/fetch-assets.sh",
+            p.display()
+        );
+        Tokenizer::from_gguf_file(&p).unwrap()
+    }
+
+    fn inner(t: &Tokenizer) -> &tokenizers::Tokenizer {
+        match &t.backend {
+            Backend::Hf(h) => h,
+            Backend::Spm(_) => panic!("SmolLM2's tokenizer is byte-level BPE"),
+        }
+    }
+
+    /// Encoding the pieces between every cut point the rule allows (not one per 32 KiB:
+    /// every one) gives the ids of the whole text, on text made to stress GPT-2's regex
+    /// and SmolLM2's digit splitting: contractions, runs of spaces, tabs and newlines,
+    /// digits, punctuation runs, non-ASCII letters and a special token.
+    #[test]
+    fn pieces_cut_at_every_allowed_point_give_the_whole_texts_ids() {
+        let tok = smollm2();
+        assert!(tok.pieces, "SmolLM2's tokenizer is encoded in pieces");
+        let h = inner(&tok);
+        let text = "It's 1813 and they'll say \"yes\"--no... Mr.  Darcy\t walked   in;\n\n  \
+            the 42nd time. Élise's café: ßtraße ok!! 3.14159 x  y   z\r\nend <|im_start|>user \
+            Über 12 o'clock, wasn't it? (a) [b] {c} a-b a_b a/b 100% $5 #1 @x é é  é";
+        let whole = h.encode(text, true).unwrap().get_ids().to_vec();
+        let cuts = cut_points(text, 1);
+        assert!(cuts.len() > 12, "{} cut points", cuts.len());
+        let mut pieces = Vec::new();
+        for w in cuts.windows(2) {
+            pieces.extend_from_slice(h.encode(&text[w[0]..w[1]], true).unwrap().get_ids());
+        }
+        assert_eq!(pieces, whole);
+    }
+
+    /// Each of the six novels (up to 883 KB) encodes to the same ids in 32 KiB pieces
+    /// (what `encode` does for long texts) as whole.
+    #[test]
+    fn novels_encode_the_same_in_pieces() {
+        let tok = smollm2();
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/austen");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "txt") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                assert!(cut_points(&text, PIECE_BYTES).len() > 10, "{}", p.display());
+                let whole = inner(&tok).encode(text.as_str(), true).unwrap();
+                assert_eq!(
+                    tok.encode(&text).unwrap(),
+                    whole.get_ids(),
+                    "{}",
+                    p.display()
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, 6, "novels in {}", dir.display());
+    }
 }
