@@ -47,21 +47,12 @@ impl Weight {
         let Weight::Dense(w) = self else {
             return None;
         };
-        if !w.is_contiguous() || !w.device().is_cpu() {
-            return None;
-        }
-        let (out, inp) = w.dims2().ok()?;
-        let (st, layout) = w.storage_and_layout();
+        let (out, inp, range, view) = cpu_matrix(w)?;
+        let (st, _) = w.storage_and_layout();
         let Storage::Cpu(CpuStorage::BF16(v)) = &*st else {
             return None;
         };
-        let wv = v.get(layout.start_offset()..layout.start_offset() + out * inp)?;
-        let view = View2 {
-            s0: 1,
-            s1: inp,
-            off: 0,
-        };
-        PackedBf16::new(wv, view, inp, out)
+        PackedBf16::new(v.get(range)?, view, inp, out)
     }
 
     /// `x [n, in]` (f32, row-major) times the matrix transposed → `[n, out]`.
@@ -94,48 +85,72 @@ impl Weight {
 /// matrix or the shapes do not fit (the caller then takes candle's path, which reports
 /// errors).
 fn cpu_dense(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
-    if !w.is_contiguous() || !w.device().is_cpu() {
-        return None;
-    }
-    if n <= SMALL_ROWS {
-        return small_vec(x, n, w);
-    }
-    let (out, inp) = w.dims2().ok()?;
+    let (out, inp, range, view) = cpu_matrix(w)?;
     if Some(x.len()) != n.checked_mul(inp) {
         return None;
     }
-    let len = n.checked_mul(out)?;
-    // W[k, j] = w[j, k]: the input dimension is contiguous (latent-major view).
+    let small = (1..=SMALL_ROWS).contains(&n);
+    let (st, _) = w.storage_and_layout();
+    match &*st {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let wv = v.get(range)?;
+            match small {
+                true => Some(run(wv, x, n, inp, out)),
+                false => f32_product(x, n, wv, view, out),
+            }
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            let wv = v.get(range)?;
+            match small {
+                true => Some(run(wv, x, n, inp, out)),
+                false => f32_product(x, n, wv, view, out),
+            }
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            let wv = v.get(range)?;
+            if small {
+                return Some(run_bf16(wv, x, n, inp, out));
+            }
+            // The native bf16 GEMM adds to zeros; without it, `x` rounded to bf16 in f32.
+            let mut y = scratch::zeroed(n.checked_mul(out)?);
+            if gemm_bf16(x, n, inp, wv, view, out, &mut y) {
+                return Some(y);
+            }
+            let xr: Vec<f32> = to_bf16(x).iter().map(|v| v.to_f32()).collect();
+            f32_product(&xr, n, wv, view, out)
+        }
+        _ => None,
+    }
+}
+
+/// `x [n, in] · W` on `gemm` in f32 (f16/bf16 weights widened one tile at a time), into a
+/// kept buffer that it writes in full.
+fn f32_product<T: Elem>(x: &[f32], n: usize, w: &[T], view: View2, out: usize) -> Option<Vec<f32>> {
+    let inp = x.len() / n.max(1);
+    let mut y = scratch::stale(n.checked_mul(out)?);
+    gemm_f32(x, n, inp, w, view, out, &mut y, false).then_some(y)
+}
+
+/// A contiguous CPU matrix `w [out, in]`: `(out, in)`, the range of its elements in the
+/// storage, and the view `W[k, j] = w[j, k]` (the input dimension contiguous) the GEMMs
+/// read. `None` for other tensors.
+fn cpu_matrix(w: &Tensor) -> Option<(usize, usize, std::ops::Range<usize>, View2)> {
+    if !w.is_contiguous() || !w.device().is_cpu() {
+        return None;
+    }
+    let (out, inp) = w.dims2().ok()?;
+    let start = w.layout().start_offset();
     let view = View2 {
         s0: 1,
         s1: inp,
         off: 0,
     };
-    let (st, layout) = w.storage_and_layout();
-    let range = layout.start_offset()..layout.start_offset() + out * inp;
-    // The f32 GEMM writes every output (its old values are never read); the bf16 GEMM
-    // adds to zeros.
-    let mut y;
-    let done = match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            y = scratch::stale(len);
-            gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y, false)
-        }
-        Storage::Cpu(CpuStorage::F16(v)) => {
-            y = scratch::stale(len);
-            gemm_f32(x, n, inp, v.get(range)?, view, out, &mut y, false)
-        }
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            let wv = v.get(range)?;
-            y = scratch::zeroed(len);
-            gemm_bf16(x, n, inp, wv, view, out, &mut y) || {
-                let xr: Vec<f32> = to_bf16(x).iter().map(|v| v.to_f32()).collect();
-                gemm_f32(&xr, n, inp, wv, view, out, &mut y, false)
-            }
-        }
-        _ => return None,
-    };
-    done.then_some(y)
+    Some((
+        out,
+        inp,
+        start..start.checked_add(out.checked_mul(inp)?)?,
+        view,
+    ))
 }
 
 /// Row counts up to this use the streaming path.
@@ -184,27 +199,8 @@ fn candle_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The streaming path on plain slices: `x [n, in]` row-major f32 times the contiguous CPU
-/// matrix `w [out, in]` (f32, f16 or bf16) transposed; `None` when the shapes or the
-/// storage do not fit it (the caller then takes candle's path, which reports errors).
-fn small_vec(x: &[f32], n: usize, w: &Tensor) -> Option<Vec<f32>> {
-    let (out, inp) = w.dims2().ok()?;
-    if n == 0 || n > SMALL_ROWS || Some(x.len()) != n.checked_mul(inp) {
-        return None;
-    }
-    let (st, layout) = w.storage_and_layout();
-    let off = layout.start_offset();
-    let len = out * inp;
-    match &*st {
-        Storage::Cpu(CpuStorage::F32(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
-        Storage::Cpu(CpuStorage::F16(v)) => v.get(off..off + len).map(|w| run(w, x, n, inp, out)),
-        Storage::Cpu(CpuStorage::BF16(v)) => {
-            v.get(off..off + len).map(|w| run_bf16(w, x, n, inp, out))
-        }
-        _ => None,
-    }
-}
-
+/// The streaming path (`n ≤ SMALL_ROWS` rows of `x [n, in]`, row-major f32) times the
+/// matrix `w [out, in]` (f32 or f16) transposed.
 fn run<T: Elem>(w: &[T], x: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
     if n == 1 {
         let mut y = vec![0f32; out];
@@ -265,7 +261,7 @@ fn tiled<T: Elem>(
         .for_each(|(bi, mut cols)| {
             let o0 = bi * BLOCK;
             let rows = cols.first().map_or(0, |c| c.len());
-            // rows ≤ BLOCK and n ≤ SMALL_ROWS (`small_vec` checks it).
+            // rows ≤ BLOCK and n ≤ SMALL_ROWS (`cpu_dense` checks it).
             let mut buf = [0f32; BLOCK * SMALL_ROWS];
             let t = &mut buf[..rows * n];
             tile(&w[o0 * inp..(o0 + rows) * inp], t);
