@@ -48,6 +48,26 @@ thread_local! {
     static A_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `f` on this thread's kept buffer `key`, or on a fresh one while that is in use (a
+/// product started from inside another's parallel loop on the same thread).
+fn with_kept<R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
+    f: impl FnOnce(&mut Vec<u32>) -> R,
+) -> R {
+    match key.with(|b| b.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v))) {
+        Some(mut kept) => {
+            let r = f(&mut kept);
+            key.with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    *b = kept;
+                }
+            });
+            r
+        }
+        None => f(&mut Vec::new()),
+    }
+}
+
 /// Whether this CPU has AVX512-BF16 with the F, VL and BW parts the kernels use
 /// (checked once).
 pub fn has_dpbf16() -> bool {
@@ -247,97 +267,90 @@ fn run(x: &[f32], n: usize, d_in: usize, src: Src, d_out: usize, c: &mut [f32], 
         let kp = d_in.div_ceil(2);
         // The packed input, in this thread's buffer (a fresh one when it is in use: a
         // product started from inside another's parallel loop).
-        let mut own = Vec::new();
-        let mut kept = A_BUF.with(|b| b.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v)));
-        let a = kept.as_mut().unwrap_or(&mut own);
-        pack_a(x, n, d_in, a);
-        let a: &[u32] = a;
-        // Blocking. One row panel (memory-bound): short blocks of input pairs and wide
-        // column runs, so each weight row is read in long contiguous runs. More rows
-        // (compute-bound): KCP pairs × up to NC columns, the micro-panel in L2.
-        let (kcp, max_panels) = if n <= MR {
-            (KCP_FEW, NC_FEW / NR)
-        } else {
-            (KCP, NC / NR)
-        };
-        // Column blocks of whole micro-panels, as many per thread, as even as they go.
-        let threads = rayon::current_num_threads().max(1);
-        let panels = d_out.div_ceil(NR);
-        let blocks = (threads * panels.div_ceil(threads * max_panels)).min(panels);
-        let bounds: Vec<usize> = (0..=blocks)
-            .map(|b| (b * panels / blocks * NR).min(d_out))
-            .collect();
-        // Each task gets its columns of every row of c: disjoint &mut slices.
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..blocks).map(|_| Vec::with_capacity(n)).collect();
-        for row in c[..n * d_out].chunks_mut(d_out) {
-            let mut rest = row;
-            for (b, part) in parts.iter_mut().enumerate() {
-                let (cols, tail) = rest.split_at_mut(bounds[b + 1] - bounds[b]);
-                part.push(cols);
-                rest = tail;
+        with_kept(&A_BUF, |a| {
+            pack_a(x, n, d_in, a);
+            let a: &[u32] = a;
+            // Blocking. One row panel (memory-bound): short blocks of input pairs and wide
+            // column runs, so each weight row is read in long contiguous runs. More rows
+            // (compute-bound): KCP pairs × up to NC columns, the micro-panel in L2.
+            let (kcp, max_panels) = if n <= MR {
+                (KCP_FEW, NC_FEW / NR)
+            } else {
+                (KCP, NC / NR)
+            };
+            // Column blocks of whole micro-panels, as many per thread, as even as they go.
+            let threads = rayon::current_num_threads().max(1);
+            let panels = d_out.div_ceil(NR);
+            let blocks = (threads * panels.div_ceil(threads * max_panels)).min(panels);
+            let bounds: Vec<usize> = (0..=blocks)
+                .map(|b| (b * panels / blocks * NR).min(d_out))
+                .collect();
+            // Each task gets its columns of every row of c: disjoint &mut slices.
+            let mut parts: Vec<Vec<&mut [f32]>> =
+                (0..blocks).map(|_| Vec::with_capacity(n)).collect();
+            for row in c[..n * d_out].chunks_mut(d_out) {
+                let mut rest = row;
+                for (b, part) in parts.iter_mut().enumerate() {
+                    let (cols, tail) = rest.split_at_mut(bounds[b + 1] - bounds[b]);
+                    part.push(cols);
+                    rest = tail;
+                }
             }
-        }
-        let buf_len = match src {
-            Src::View(..) => kcp * max_panels.max(panels.div_ceil(blocks)) * NR,
-            Src::Packed(_) => 0,
-        };
-        parts
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(bi, mut rows)| {
-                // One packing buffer per thread, kept across calls (no page faults per call).
-                PACK.with_borrow_mut(|buf| {
-                    if buf.len() < buf_len {
-                        buf.resize(buf_len, 0);
-                    }
-                    // Block starts are whole panels: j0 = q0·NR.
-                    let j0 = bounds[bi];
-                    let q0 = j0 / NR;
-                    let width = rows.first().map_or(0, |r| r.len());
-                    for p0 in (0..kp).step_by(kcp) {
-                        let kpb = kcp.min(kp - p0);
-                        let panels = width.div_ceil(NR);
-                        if let Src::View(w, v) = src {
-                            pack_b(
-                                w,
-                                v,
-                                d_in,
-                                j0,
-                                width,
-                                p0,
-                                kpb,
-                                &mut buf[..panels * kpb * NR],
-                            );
+            let buf_len = match src {
+                Src::View(..) => kcp * max_panels.max(panels.div_ceil(blocks)) * NR,
+                Src::Packed(_) => 0,
+            };
+            parts
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(bi, mut rows)| {
+                    // One packing buffer per thread, kept across calls (no page faults per call).
+                    with_kept(&PACK, |buf| {
+                        if buf.len() < buf_len {
+                            buf.resize(buf_len, 0);
                         }
-                        for q in 0..panels {
-                            let cols = NR.min(width - q * NR);
-                            let bp = match src {
-                                Src::View(..) => &buf[q * kpb * NR..(q + 1) * kpb * NR],
-                                Src::Packed(pw) => {
-                                    let o = ((q0 + q) * kp + p0) * NR;
-                                    &pw.data[o..o + kpb * NR]
+                        // Block starts are whole panels: j0 = q0·NR.
+                        let j0 = bounds[bi];
+                        let q0 = j0 / NR;
+                        let width = rows.first().map_or(0, |r| r.len());
+                        for p0 in (0..kp).step_by(kcp) {
+                            let kpb = kcp.min(kp - p0);
+                            let panels = width.div_ceil(NR);
+                            if let Src::View(w, v) = src {
+                                pack_b(
+                                    w,
+                                    v,
+                                    d_in,
+                                    j0,
+                                    width,
+                                    p0,
+                                    kpb,
+                                    &mut buf[..panels * kpb * NR],
+                                );
+                            }
+                            for q in 0..panels {
+                                let cols = NR.min(width - q * NR);
+                                let bp = match src {
+                                    Src::View(..) => &buf[q * kpb * NR..(q + 1) * kpb * NR],
+                                    Src::Packed(pw) => {
+                                        let o = ((q0 + q) * kp + p0) * NR;
+                                        &pw.data[o..o + kpb * NR]
+                                    }
+                                };
+                                for (ip, rs) in rows.chunks_mut(MR).enumerate() {
+                                    let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
+                                    // The first block of pairs starts from c or from 0.
+                                    let load = acc || p0 > 0;
+                                    // SAFETY: avx512f/vl/bw/bf16 checked by the caller; `ap` holds
+                                    // kpb·MR dwords, `bp` kpb·NR, every row slice of `rs` has at
+                                    // least q·NR + cols elements (its block is `width` wide).
+                                    unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols, load) };
                                 }
-                            };
-                            for (ip, rs) in rows.chunks_mut(MR).enumerate() {
-                                let ap = &a[(ip * kp + p0) * MR..(ip * kp + p0 + kpb) * MR];
-                                // The first block of pairs starts from c or from 0.
-                                let load = acc || p0 > 0;
-                                // SAFETY: avx512f/vl/bw/bf16 checked by the caller; `ap` holds
-                                // kpb·MR dwords, `bp` kpb·NR, every row slice of `rs` has at
-                                // least q·NR + cols elements (its block is `width` wide).
-                                unsafe { avx512::micro(ap, bp, kpb, rs, q * NR, cols, load) };
                             }
                         }
-                    }
-                })
-            });
-        if let Some(k) = kept {
-            A_BUF.with(|b| {
-                if let Ok(mut b) = b.try_borrow_mut() {
-                    *b = k;
-                }
-            });
-        }
+                    })
+                });
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("has_dpbf16 is false off x86-64")
