@@ -7,12 +7,13 @@
 //!
 //! ```
 //! use sae_ablate::hooks::{ActivationCache, HookPoint, Hooks};
-//! let point: HookPoint = "blocks.3.hook_resid_post".parse().unwrap();
+//! let point: HookPoint = "blocks.3.hook_resid_post".parse()?;
 //! assert_eq!(point.to_string(), "blocks.3.hook_resid_post");
 //! let cache = ActivationCache::new();
 //! let mut hooks = Hooks::new();
 //! hooks.add(point, cache.clone());
 //! assert!(hooks.has(&point));
+//! # Ok::<(), sae_ablate::Error>(())
 //! ```
 
 use std::collections::BTreeMap;

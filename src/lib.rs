@@ -69,3 +69,8 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 pub use sae::Sae;
+
+/// What a unit test returns: `?` on the crate's errors, candle's, I/O and `Option`s turned
+/// into messages, instead of `unwrap`.
+#[cfg(test)]
+pub(crate) type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;

@@ -11,9 +11,10 @@ use crate::{Error, Result};
 ///
 /// ```
 /// use sae_ablate::edit::LatentSet;
-/// let s = LatentSet::new(&[7, 3, 7], 16).unwrap();
+/// let s = LatentSet::new(&[7, 3, 7], 16)?;
 /// assert_eq!(s.ids(), &[3, 7]);
 /// assert!(LatentSet::new(&[16], 16).is_err());
+/// # Ok::<(), sae_ablate::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct LatentSet {

@@ -151,9 +151,10 @@ pub const META_PROMPT: &str =
 /// `--zero-preset` takes these names.
 ///
 /// ```
-/// let otd = sae_ablate::esr::latent_preset("esr26", 65536).unwrap();
+/// let otd = sae_ablate::esr::latent_preset("esr26", 65536)?;
 /// assert_eq!(otd.len(), 26);
 /// assert!(sae_ablate::esr::latent_preset("esr26", 4608).is_err());
+/// # Ok::<(), sae_ablate::Error>(())
 /// ```
 pub fn latent_preset(name: &str, d_sae: usize) -> Result<LatentSet> {
     match name {
@@ -1690,7 +1691,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn presets_validate() {
+    fn presets_validate() -> crate::TestResult {
         for name in ["smollm2", "llama-3.3-70b-goodfire"] {
             for quick in [false, true] {
                 EsrConfig::preset(name, quick)
@@ -1698,12 +1699,13 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
             }
         }
-        let g = EsrConfig::preset("llama-3.3-70b-goodfire", false).unwrap();
+        let g = EsrConfig::preset("llama-3.3-70b-goodfire", false)?;
         assert_eq!(g.otd_fixed.as_ref().map(Vec::len), Some(26));
         assert_eq!(g.sae_hook, "blocks.50.hook_resid_post");
         assert_eq!(g.steer_hook, "blocks.33.hook_resid_post");
         assert_eq!(g.max_new_tokens, 512);
         assert!(EsrConfig::preset("gpt-5", false).is_err());
+        Ok(())
     }
 
     fn st(latent: u32, on: f64, off: f64) -> LatentStats {
@@ -1717,8 +1719,8 @@ mod tests {
     }
 
     #[test]
-    fn otd_rules() {
-        let cfg = EsrConfig::preset("smollm2", true).unwrap();
+    fn otd_rules() -> crate::TestResult {
+        let cfg = EsrConfig::preset("smollm2", true)?;
         let stats = vec![
             st(0, 0.0, 0.9),
             st(1, 0.05, 0.95),
@@ -1741,5 +1743,6 @@ mod tests {
         let (ids, rule) = find_otd(&stats, &cfg);
         assert_eq!(rule, "contrast");
         assert_eq!(ids, vec![2, 0]);
+        Ok(())
     }
 }

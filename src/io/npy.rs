@@ -256,7 +256,7 @@ impl<'a> Lexer<'a> {
         self.s.get(self.pos).copied()
     }
 
-    fn expect(&mut self, c: u8) -> Result<()> {
+    fn consume(&mut self, c: u8) -> Result<()> {
         match self.peek() {
             Some(x) if x == c => {
                 self.pos += 1;
@@ -371,14 +371,14 @@ fn parse_dict(text: &str) -> Result<(String, bool, Vec<usize>)> {
         pos: 0,
     };
     let (mut descr, mut fortran, mut shape) = (None, None, None);
-    lx.expect(b'{')?;
+    lx.consume(b'{')?;
     loop {
         if lx.peek() == Some(b'}') {
             lx.pos += 1;
             break;
         }
         let key = lx.string()?;
-        lx.expect(b':')?;
+        lx.consume(b':')?;
         let v = lx.value()?;
         let dup = || err(format!("header: duplicate key `{key}`"));
         match (key.as_str(), v) {

@@ -1466,7 +1466,7 @@ mod tests {
     }
 
     #[test]
-    fn layout_of_transposed_matrix() {
+    fn layout_of_transposed_matrix() -> crate::TestResult {
         let info = TensorInfo {
             dtype: PtDtype::F32,
             shape: vec![3, 2],
@@ -1474,7 +1474,7 @@ mod tests {
             offset: 0,
             storage: "0".into(),
         };
-        let (shape, perm) = layout("x", &info).unwrap();
+        let (shape, perm) = layout("x", &info)?;
         assert_eq!(shape, vec![2, 3]);
         assert_eq!(perm, Some(vec![1, 0]));
         let gapped = TensorInfo {
@@ -1482,6 +1482,7 @@ mod tests {
             ..info
         };
         assert!(layout("x", &gapped).is_err());
+        Ok(())
     }
 
     #[test]

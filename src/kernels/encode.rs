@@ -359,7 +359,7 @@ mod tests {
     /// `(u_bf16 [native only] + (d_in + 2)·u_f32) · (|b| + Σ_k |x_k w_k|)`; the native path
     /// is the documented instruction chain bit for bit.
     #[test]
-    fn bf16_encode_paths_within_rounding_of_f32() {
+    fn bf16_encode_paths_within_rounding_of_f32() -> crate::TestResult {
         let (d_in, d_sae) = (97usize, 300usize);
         let wv: Vec<bf16> = data(d_in * d_sae, 3)
             .into_iter()
@@ -385,7 +385,7 @@ mod tests {
                     .collect();
                 for native in [true, false] {
                     let mut pre = vec![f32::NAN; n * d_sae];
-                    encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native).unwrap();
+                    encode_dense_with(&x, n, d_in, &wv, v, &b, &mut pre, native)?;
                     let rounded = native && n >= BF16_GEMM_MIN_TOKENS && has_dpbf16();
                     if rounded {
                         let mut want: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
@@ -412,6 +412,7 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
     /// `b[j] + Σ_k x[i][k]·W[k, j]` in f64 by plain loops over the buffer, and the
@@ -447,8 +448,8 @@ mod tests {
     /// `(d_in + 2)·u_f32·(|b| + Σ_k |x_k w_k|)` of the f64 sum: the bound of any order of
     /// d_in + 1 f32 additions of exact-to-u_f32 products.
     #[test]
-    fn dense_encode_matches_plain_loops_in_every_layout() {
-        fn run<T: Elem>(conv: impl Fn(f32) -> T) {
+    fn dense_encode_matches_plain_loops_in_every_layout() -> crate::TestResult {
+        fn run<T: Elem>(conv: impl Fn(f32) -> T) -> crate::TestResult {
             let (d_in, d_sae) = (97usize, 300usize);
             let b = data(d_sae, 21);
             let layouts = [
@@ -488,7 +489,7 @@ mod tests {
                         .map(|v| 3.0 * v)
                         .collect();
                     let mut pre = vec![f32::NAN; n * d_sae];
-                    encode_dense_with(&x, n, d_in, &w, v, &b, &mut pre, false).unwrap();
+                    encode_dense_with(&x, n, d_in, &w, v, &b, &mut pre, false)?;
                     let want = plain_loops(&x, n, d_in, &w, v, &b);
                     for (e, (g, (sum, mag))) in pre.iter().zip(&want).enumerate() {
                         let tol = (d_in + 2) as f64 * U_F32 * mag;
@@ -502,10 +503,12 @@ mod tests {
                     }
                 }
             }
+            Ok(())
         }
-        run::<f32>(|v| v);
-        run(half::f16::from_f32);
-        run(bf16::from_f32);
+        run::<f32>(|v| v)?;
+        run(half::f16::from_f32)?;
+        run(bf16::from_f32)?;
+        Ok(())
     }
 
     /// Without `acc` the f32 GEMM overwrites its output: the same bits as adding to zeros,

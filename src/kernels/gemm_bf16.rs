@@ -834,7 +834,7 @@ mod tests {
     /// block, output widths ragged and past one task's block, in every layout, on top of
     /// non-zero initial values. On a CPU without AVX512-BF16 it declines (returns false).
     #[test]
-    fn native_gemm_matches_the_instruction_bit_for_bit() {
+    fn native_gemm_matches_the_instruction_bit_for_bit() -> crate::TestResult {
         let native = has_dpbf16();
         println!("AVX512-BF16 on this CPU: {native}");
         for n in [1usize, 3, 8, 9, 17] {
@@ -861,7 +861,7 @@ mod tests {
                             );
                         }
                         // The same weights packed once: the same bits.
-                        let p = PackedBf16::new(&w, v, d_in, d_out).unwrap();
+                        let p = PackedBf16::new(&w, v, d_in, d_out).ok_or("the view fits")?;
                         let mut packed = c0.clone();
                         assert!(gemm_bf16_packed(&x, n, &p, &mut packed, true));
                         let bits = |s: &[f32]| s.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -884,6 +884,7 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
     /// Every output within the bound bf16 rounding of the input gives against the f64
@@ -919,7 +920,7 @@ mod tests {
 
     /// Sizes or views that do not fit the buffers are declined, never read out of bounds.
     #[test]
-    fn mismatched_sizes_are_declined() {
+    fn mismatched_sizes_are_declined() -> crate::TestResult {
         let w = vec![bf16::ONE; 12];
         let v = View2 {
             s0: 4,
@@ -940,13 +941,13 @@ mod tests {
         assert!(!gemm_bf16_scalar(&[1.0; 8], 2, 4, &w, v, 4, &mut c));
         assert!(PackedBf16::new(&w, v, 4, 4).is_none());
         assert!(PackedBf16::new(&w, huge, 3, 4).is_none());
-        let p = PackedBf16::new(&w, v, 3, 4).unwrap();
+        let p = PackedBf16::new(&w, v, 3, 4).ok_or("the view fits")?;
         assert!(!gemm_bf16_packed(&[1.0; 5], 2, &p, &mut c, true));
         assert!(!gemm_bf16_packed(&[1.0; 6], 2, &p, &mut c[..7], false));
         assert_eq!(c, vec![0f32; 8]);
         // Empty products are fine; an empty sum over d_in = 0 overwrites with 0.
         assert_eq!(gemm_bf16(&[], 0, 3, &w, v, 4, &mut c), has_dpbf16());
-        let p0 = PackedBf16::new(&[], v, 0, 4).unwrap();
+        let p0 = PackedBf16::new(&[], v, 0, 4).ok_or("an empty view fits")?;
         let mut over = vec![f32::NAN; 8];
         assert_eq!(
             gemm_bf16_packed(&[], 2, &p0, &mut over, false),
@@ -955,6 +956,7 @@ mod tests {
         if has_dpbf16() {
             assert_eq!(over, vec![0f32; 8]);
         }
+        Ok(())
     }
 
     /// The rounding of `x` to bf16 is half's (to nearest, ties to even) bit for bit,

@@ -906,15 +906,15 @@ mod tests {
 
     /// Dequantization against values worked out by hand from GGUF block bytes.
     #[test]
-    fn gguf_blocks_dequantize_by_hand() {
+    fn gguf_blocks_dequantize_by_hand() -> crate::TestResult {
         // Q4_1: d = 0.5, m = -1; byte j = (j % 16) | ((15 - j % 16) << 4).
         let mut blk = Vec::new();
         blk.extend(f16::from_f32(0.5).to_bits().to_le_bytes());
         blk.extend(f16::from_f32(-1.0).to_bits().to_le_bytes());
         blk.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let m = QMatrix::from_gguf(QType::Q4_1, 1, 32, &blk, "t").unwrap();
+        let m = QMatrix::from_gguf(QType::Q4_1, 1, 32, &blk, "t")?;
         let mut row = vec![0f32; 32];
-        m.dequantize_row(0, &mut row).unwrap();
+        m.dequantize_row(0, &mut row).ok_or("row 0 exists")?;
         for j in 0..16 {
             assert_eq!(row[j], 0.5 * j as f32 - 1.0);
             assert_eq!(row[j + 16], 0.5 * (15 - j) as f32 - 1.0);
@@ -923,8 +923,8 @@ mod tests {
         let mut blk = Vec::new();
         blk.extend(f16::from_f32(0.25).to_bits().to_le_bytes());
         blk.extend((0..32i32).map(|j| (j - 16) as i8 as u8));
-        let m = QMatrix::from_gguf(QType::Q8_0, 1, 32, &blk, "t").unwrap();
-        m.dequantize_row(0, &mut row).unwrap();
+        let m = QMatrix::from_gguf(QType::Q8_0, 1, 32, &blk, "t")?;
+        m.dequantize_row(0, &mut row).ok_or("row 0 exists")?;
         for (j, v) in row.iter().enumerate() {
             assert_eq!(*v, 0.25 * (j as f32 - 16.0));
         }
@@ -932,6 +932,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("blk.0.x") && e.contains("68"), "{e}");
+        Ok(())
     }
 
     /// The SIMD kernel against the scalar reference (same integer sums, so only the f32
@@ -939,12 +940,12 @@ mod tests {
     /// weights with the unquantized inputs (the 8-bit activation error only), for every
     /// row count up to two tiles and both formats.
     #[test]
-    fn matmul_matches_scalar_and_f64_reference() {
+    fn matmul_matches_scalar_and_f64_reference() -> crate::TestResult {
         // 19 blocks a row: two groups of 8 (the vector scale path) and a tail of 3.
         let (rows, cols) = (37, 19 * 32);
         let w = data(rows * cols, 11);
         for ty in [QType::Q4_1, QType::Q8_0] {
-            let qm = QMatrix::quantize(ty, rows, cols, &w).unwrap();
+            let qm = QMatrix::quantize(ty, rows, cols, &w)?;
             let wd = qm.dequantize();
             // Quantization itself stays within half a step of the f32 weights.
             let step = if ty == QType::Q4_1 {
@@ -960,7 +961,7 @@ mod tests {
                 .flat_map(|n| Isa::available().into_iter().map(move |i| (n, i)))
             {
                 let x = data(n * cols, 5 + n as u32);
-                let y = qm.matmul_on(&x, n, isa).unwrap();
+                let y = qm.matmul_on(&x, n, isa)?;
                 let a = QActs::new(&x, n, cols, isa);
                 for i in 0..n {
                     for r in 0..rows {
@@ -985,27 +986,24 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
     /// Stacking moves blocks exactly (same format) across the row groups: the stack
     /// dequantizes to the parts' rows, bit for bit, and multiplies like them.
     #[test]
-    fn cat_rows_is_exact_across_groups() {
+    fn cat_rows_is_exact_across_groups() -> crate::TestResult {
         let cols = 64;
         for ty in [QType::Q4_1, QType::Q8_0] {
-            let a = QMatrix::quantize(ty, 5, cols, &data(5 * cols, 3)).unwrap();
-            let b = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 4)).unwrap();
-            let c = QMatrix::cat_rows(&[&a, &b]).unwrap();
+            let a = QMatrix::quantize(ty, 5, cols, &data(5 * cols, 3))?;
+            let b = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 4))?;
+            let c = QMatrix::cat_rows(&[&a, &b])?;
             assert_eq!(c.dims(), (16, cols));
             let mut want = a.dequantize();
             want.extend(b.dequantize());
             assert_eq!(c.dequantize(), want, "{ty:?}");
             let x = data(3 * cols, 9);
-            let (ya, yb, yc) = (
-                a.matmul(&x, 3).unwrap(),
-                b.matmul(&x, 3).unwrap(),
-                c.matmul(&x, 3).unwrap(),
-            );
+            let (ya, yb, yc) = (a.matmul(&x, 3)?, b.matmul(&x, 3)?, c.matmul(&x, 3)?);
             for i in 0..3 {
                 let row: Vec<f32> = ya[i * 5..(i + 1) * 5]
                     .iter()
@@ -1017,6 +1015,7 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
     /// Blocks of every kind of input: uniform values with ties, zeros, NaNs, ±∞, f32's
@@ -1116,7 +1115,7 @@ mod tests {
     /// scalar body has NaN, the rest within f32 summation order (rows whose finite values
     /// stay below 1e30, so that no sum overflows in one order and not in another).
     #[test]
-    fn matmul_of_hostile_activations_agrees_across_bodies() {
+    fn matmul_of_hostile_activations_agrees_across_bodies() -> crate::TestResult {
         let cols = 96;
         let x: Vec<f32> = hostile_activations()
             .chunks_exact(cols)
@@ -1128,10 +1127,10 @@ mod tests {
         assert!(n > 20, "{n} rows");
         let x = &x[..];
         for ty in [QType::Q4_1, QType::Q8_0] {
-            let qm = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 19)).unwrap();
-            let want = qm.matmul_on(x, n, Isa::Scalar).unwrap();
+            let qm = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 19))?;
+            let want = qm.matmul_on(x, n, Isa::Scalar)?;
             for isa in Isa::available() {
-                let got = qm.matmul_on(x, n, isa).unwrap();
+                let got = qm.matmul_on(x, n, isa)?;
                 for (k, (g, w)) in got.iter().zip(&want).enumerate() {
                     let ok = if w.is_finite() {
                         (g - w).abs() <= 1e-4 * (1.0 + w.abs())
@@ -1142,12 +1141,13 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
     #[test]
-    fn bad_shapes_are_errors() {
+    fn bad_shapes_are_errors() -> crate::TestResult {
         assert!(QMatrix::quantize(QType::Q8_0, 2, 30, &[0.0; 60]).is_err());
-        let qm = QMatrix::quantize(QType::Q8_0, 2, 32, &[0.5; 64]).unwrap();
+        let qm = QMatrix::quantize(QType::Q8_0, 2, 32, &[0.5; 64])?;
         assert!(qm.matmul(&[0.0; 33], 1).is_err());
         assert!(qm.dequantize_row(2, &mut [0.0; 32]).is_none());
         // An output of the wrong size is an error naming it; the right size is written
@@ -1158,8 +1158,9 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("an output of 3 values"), "{e}");
         let mut y = [f32::NAN; 4];
-        qm.matmul_into(&[0.25; 64], 2, isa, &mut y).unwrap();
-        assert_eq!(y.to_vec(), qm.matmul(&[0.25; 64], 2).unwrap());
+        qm.matmul_into(&[0.25; 64], 2, isa, &mut y)?;
+        assert_eq!(y.to_vec(), qm.matmul(&[0.25; 64], 2)?);
         assert!(y.iter().all(|&v| (v - 4.0).abs() < 1e-2), "{y:?}");
+        Ok(())
     }
 }

@@ -1227,7 +1227,7 @@ mod tests {
 
     /// PyTorch's tanh GELU at hand-computed points.
     #[test]
-    fn gelu_tanh_values() {
+    fn gelu_tanh_values() -> crate::TestResult {
         // gelu_tanh(1) = 0.5·(1 + tanh(0.7978846·1.044715)) = 0.8411920.
         // gelu_tanh(-2) = -2·0.5·(1 + tanh(0.7978846·(-2.35772))) = -0.0454023.
         let g = [1.0f32, -2.0, 0.0];
@@ -1237,19 +1237,19 @@ mod tests {
         assert!((out[1] + 0.045_402_3).abs() < 1e-5, "{}", out[1]);
         assert_eq!(out[2], 0.0);
         // candle's `gelu` is the same approximation (the tensor path uses it).
-        let t = Tensor::new(&g, &Device::Cpu).unwrap().gelu().unwrap();
-        let t = t.to_vec1::<f32>().unwrap();
+        let t = Tensor::new(&g, &Device::Cpu)?.gelu()?;
+        let t = t.to_vec1::<f32>()?;
         assert!((t[0] - out[0]).abs() < 1e-6 && (t[1] - out[1]).abs() < 1e-6);
+        Ok(())
     }
 
     /// The mask: future keys, the window (`q − k ≥ w`) and left padding.
     #[test]
-    fn causal_mask_window_and_padding() {
-        let m = causal_mask(3, 2, Some(2), Some(&[0, 1]), &Device::Cpu)
-            .unwrap()
-            .unwrap();
+    fn causal_mask_window_and_padding() -> crate::TestResult {
+        let m = causal_mask(3, 2, Some(2), Some(&[0, 1]), &Device::Cpu)?
+            .ok_or("windowed and padded: a mask")?;
         assert_eq!(m.dims(), &[2, 1, 1, 3, 5]);
-        let v = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = m.flatten_all()?.to_vec1::<f32>()?;
         let ok = |x: f32| if x == 0.0 { 1 } else { 0 };
         let rows: Vec<Vec<i32>> = v
             .chunks(5)
@@ -1261,14 +1261,9 @@ mod tests {
         assert_eq!(rows[2], vec![0, 0, 0, 1, 1]);
         // Row 1 (position 0 is padding): the same here, the window already excludes it.
         assert_eq!(rows[3], vec![0, 1, 1, 0, 0]);
-        assert!(causal_mask(1, 5, None, None, &Device::Cpu)
-            .unwrap()
-            .is_none());
-        assert!(causal_mask(1, 5, Some(8), None, &Device::Cpu)
-            .unwrap()
-            .is_none());
-        assert!(causal_mask(1, 8, Some(8), None, &Device::Cpu)
-            .unwrap()
-            .is_some());
+        assert!(causal_mask(1, 5, None, None, &Device::Cpu)?.is_none());
+        assert!(causal_mask(1, 5, Some(8), None, &Device::Cpu)?.is_none());
+        assert!(causal_mask(1, 8, Some(8), None, &Device::Cpu)?.is_some());
+        Ok(())
     }
 }

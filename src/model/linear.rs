@@ -655,10 +655,11 @@ mod tests {
     /// The streaming path against plain f64 sums, for every dtype and row count, with
     /// input widths that are not a multiple of 8, below and above one column pass.
     #[test]
-    fn small_linear_matches_f64_reference() {
+    fn small_linear_matches_f64_reference() -> crate::TestResult {
         for (out, inp) in [(70, 43), (37, 1100)] {
-            small_linear_case(out, inp);
+            small_linear_case(out, inp)?;
         }
+        Ok(())
     }
 
     /// The AVX2 body (one weight row at a time) and the AVX-512 one (two at a time, odd
@@ -784,7 +785,7 @@ mod tests {
     /// everywhere within bf16 rounding of the f64 sum of the bf16-rounded input (candle's
     /// path also rounds its outputs to bf16: `2^-8` of the magnitude more).
     #[test]
-    fn batched_bf16_products_follow_the_contract() {
+    fn batched_bf16_products_follow_the_contract() -> crate::TestResult {
         use crate::kernels::gemm_bf16::gemm_bf16_scalar;
         for (n, out, inp) in [(9usize, 70usize, 43usize), (40, 37, 1100)] {
             let xf = data(n * inp, 31);
@@ -792,14 +793,9 @@ mod tests {
                 .into_iter()
                 .map(bf16::from_f32)
                 .collect();
-            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
-            let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu).unwrap();
-            let y: Vec<f32> = linear(&x, &Weight::Dense(w))
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu)?;
+            let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu)?;
+            let y: Vec<f32> = linear(&x, &Weight::Dense(w))?.flatten_all()?.to_vec1()?;
             let view = View2 {
                 s0: 1,
                 s1: inp,
@@ -824,9 +820,10 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 
-    fn small_linear_case(out: usize, inp: usize) {
+    fn small_linear_case(out: usize, inp: usize) -> crate::TestResult {
         let wf = data(out * inp, 7);
         // Rows 0 and 1 of each dtype's 2-row product: the 8-row product must repeat them
         // bit for bit (the same FMA chain per output whatever the batch).
@@ -836,30 +833,19 @@ mod tests {
             if let Some(first) = two.first().map(|_| data(2 * inp, 3)) {
                 xf[..2 * inp].copy_from_slice(&first);
             }
-            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu).unwrap();
+            let x = Tensor::from_vec(xf.clone(), (n, inp), &candle_core::Device::Cpu)?;
             for dt in [DType::F32, DType::F16, DType::BF16] {
-                let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap();
-                let wr: Vec<f32> = w
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let y = linear(&x, &Weight::Dense(w.clone()))
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
+                let w = Tensor::from_vec(wf.clone(), (out, inp), &candle_core::Device::Cpu)?
+                    .to_dtype(dt)?;
+                let wr: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                let y = linear(&x, &Weight::Dense(w.clone()))?.to_vec2::<f32>()?;
                 match n {
                     2 => two.push(y.clone()),
                     8 => {
                         let k = [DType::F32, DType::F16, DType::BF16]
                             .iter()
                             .position(|&d| d == dt)
-                            .unwrap();
+                            .ok_or("a listed dtype")?;
                         for i in 0..2 {
                             let (a, b) = (&y[i], &two[k][i]);
                             assert!(a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()));
@@ -883,5 +869,6 @@ mod tests {
                 }
             }
         }
+        Ok(())
     }
 }

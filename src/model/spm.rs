@@ -547,21 +547,24 @@ mod tests {
     use super::*;
 
     /// A vocabulary from `(piece, score, type)` rows.
-    fn vocab(rows: &[(&str, f32, i32)], add_space_prefix: bool) -> Spm {
+    fn vocab(rows: &[(&str, f32, i32)], add_space_prefix: bool) -> Result<Spm> {
         Spm::new(
             rows.iter().map(|r| r.0.to_string()).collect(),
             rows.iter().map(|r| r.1).collect(),
             rows.iter().map(|r| r.2).collect(),
             add_space_prefix,
         )
-        .unwrap()
     }
 
-    fn pieces(v: &Spm, text: &str) -> Vec<String> {
+    fn pieces(v: &Spm, text: &str) -> Result<Vec<String>> {
         let mut ids = Vec::new();
-        v.encode(text, &mut ids).unwrap();
+        v.encode(text, &mut ids)?;
         ids.iter()
-            .map(|&i| v.id_to_token(i).unwrap().to_string())
+            .map(|&i| {
+                v.id_to_token(i)
+                    .map(str::to_string)
+                    .ok_or_else(|| Error::Invalid(format!("id {i} out of the vocabulary")))
+            })
             .collect()
     }
 
@@ -572,7 +575,7 @@ mod tests {
     /// new pairs abc (-4), bcd (-2) → bcd wins: a | bcd; the pair a+bcd is no token. → [a, bcd]
     /// (ab + cd would have been the leftmost-first or shortest-first answer.)
     #[test]
-    fn merges_highest_score_first() {
+    fn merges_highest_score_first() -> crate::TestResult {
         let v = vocab(
             &[
                 ("a", 0.0, 1),
@@ -586,8 +589,8 @@ mod tests {
                 ("bcd", -2.0, 1),
             ],
             false,
-        );
-        assert_eq!(pieces(&v, "abcd"), ["a", "bcd"]);
+        )?;
+        assert_eq!(pieces(&v, "abcd")?, ["a", "bcd"]);
         // Without bcd: after bc, abc (-4) is the only pair → [abc, d].
         let v = vocab(
             &[
@@ -601,32 +604,34 @@ mod tests {
                 ("abc", -4.0, 1),
             ],
             false,
-        );
-        assert_eq!(pieces(&v, "abcd"), ["abc", "d"]);
+        )?;
+        assert_eq!(pieces(&v, "abcd")?, ["abc", "d"]);
+        Ok(())
     }
 
     /// "aaa" with aa = -1: the pairs (0,1) and (1,2) tie; the leftmost merges → [aa, a].
     /// Spaces become ▁, with a ▁ prefix when the vocabulary asks for one.
     #[test]
-    fn ties_merge_leftmost_and_spaces_escape() {
+    fn ties_merge_leftmost_and_spaces_escape() -> crate::TestResult {
         let rows = [
             ("a", 0.0, 1),
             ("aa", -1.0, 1),
             ("\u{2581}", -2.0, 1),
             ("\u{2581}a", -0.5, 1),
         ];
-        let v = vocab(&rows, false);
-        assert_eq!(pieces(&v, "aaa"), ["aa", "a"]);
+        let v = vocab(&rows, false)?;
+        assert_eq!(pieces(&v, "aaa")?, ["aa", "a"]);
         // ▁a (-0.5) beats aa (-1): "a aa" → a | ▁a | a, then no more pairs.
-        assert_eq!(pieces(&v, "a aa"), ["a", "\u{2581}a", "a"]);
-        let v = vocab(&rows, true);
-        assert_eq!(pieces(&v, "aaa"), ["\u{2581}a", "aa"]);
-        assert_eq!(v.decode(&[3, 1], false).unwrap(), "aaa");
+        assert_eq!(pieces(&v, "a aa")?, ["a", "\u{2581}a", "a"]);
+        let v = vocab(&rows, true)?;
+        assert_eq!(pieces(&v, "aaa")?, ["\u{2581}a", "aa"]);
+        assert_eq!(v.decode(&[3, 1], false)?, "aaa");
+        Ok(())
     }
 
     /// Characters without a token are spelled as their UTF-8 bytes; decoding puts them back.
     #[test]
-    fn byte_fallback_round_trips() {
+    fn byte_fallback_round_trips() -> crate::TestResult {
         let mut rows: Vec<(String, f32, i32)> = (0..=255u32)
             .map(|b| (format!("<0x{b:02X}>"), 0.0, 6))
             .collect();
@@ -637,29 +642,29 @@ mod tests {
             rows.iter().map(|r| r.1).collect(),
             rows.iter().map(|r| r.2).collect(),
             false,
-        )
-        .unwrap();
+        )?;
         let mut ids = Vec::new();
-        v.encode("xé🙂", &mut ids).unwrap();
+        v.encode("xé🙂", &mut ids)?;
         // x, then é = C3 A9, 🙂 = F0 9F 99 82 as byte tokens (id = byte value here).
         assert_eq!(ids, [256, 0xC3, 0xA9, 0xF0, 0x9F, 0x99, 0x82]);
-        assert_eq!(v.decode(&ids, true).unwrap(), "xé🙂");
+        assert_eq!(v.decode(&ids, true)?, "xé🙂");
         // A lone continuation byte decodes to U+FFFD, not an error.
-        assert_eq!(v.decode(&[256, 0x9F], true).unwrap(), "x\u{FFFD}");
+        assert_eq!(v.decode(&[256, 0x9F], true)?, "x\u{FFFD}");
         // Without byte tokens, the unknown token stands in.
-        let v = vocab(&[("<unk>", 0.0, 2), ("x", 0.0, 1)], false);
+        let v = vocab(&[("<unk>", 0.0, 2), ("x", 0.0, 1)], false)?;
         let mut ids = Vec::new();
-        v.encode("xy", &mut ids).unwrap();
+        v.encode("xy", &mut ids)?;
         assert_eq!(ids, [1, 0]);
-        let v = vocab(&[("x", 0.0, 1)], false);
+        let v = vocab(&[("x", 0.0, 1)], false)?;
         let e = v.encode("xy", &mut Vec::new()).unwrap_err().to_string();
         assert!(e.contains("`y`") && e.contains("<0x79>"), "{e}");
+        Ok(())
     }
 
     /// Special tokens are cut out longest first, before merging; control tokens are dropped
     /// by `decode(.., true)`, user-defined ones are text.
     #[test]
-    fn special_tokens_are_cut_out_longest_first() {
+    fn special_tokens_are_cut_out_longest_first() -> crate::TestResult {
         let v = vocab(
             &[
                 ("<s>", 0.0, 3),
@@ -674,23 +679,24 @@ mod tests {
                 ("sss", 0.0, 3),
             ],
             false,
-        );
-        let ids = |t: &str| {
+        )?;
+        let ids = |t: &str| -> crate::Result<Vec<u32>> {
             let mut out = Vec::new();
-            v.encode(t, &mut out).unwrap();
-            out
+            v.encode(t, &mut out)?;
+            Ok(out)
         };
-        assert_eq!(ids("a<s>a"), [3, 0, 3]);
-        assert_eq!(ids("\n\n\n"), [2, 1]);
+        assert_eq!(ids("a<s>a")?, [3, 0, 3]);
+        assert_eq!(ids("\n\n\n")?, [2, 1]);
         // Longest first, not leftmost-longest: in "sssss" the 3-s token is taken at 0,
         // then "ss" in the rest.
-        assert_eq!(ids("sssss"), [9, 8]);
+        assert_eq!(ids("sssss")?, [9, 8]);
         // "ssss": sss at 0, then "s" is plain text.
-        assert_eq!(ids("ssss"), [9, 5]);
-        assert_eq!(ids(""), Vec::<u32>::new());
-        assert_eq!(v.decode(&ids("a<s>a\n"), true).unwrap(), "aa\n");
-        assert_eq!(v.decode(&ids("a<s>a\n"), false).unwrap(), "a<s>a\n");
+        assert_eq!(ids("ssss")?, [9, 5]);
+        assert_eq!(ids("")?, Vec::<u32>::new());
+        assert_eq!(v.decode(&ids("a<s>a\n")?, true)?, "aa\n");
+        assert_eq!(v.decode(&ids("a<s>a\n")?, false)?, "a<s>a\n");
         assert!(v.decode(&[10], false).is_err());
+        Ok(())
     }
 
     #[test]

@@ -438,7 +438,7 @@ impl Tokenizer {
             (path.to_path_buf(), path.parent().map(|p| p.to_path_buf()))
         };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-        // tokenizers 0.23 panics (`expect("Helper")`) on malformed JSON inside
+        // tokenizers 0.23 panics (its own `Helper` assertion) on malformed JSON inside
         // `decoder`; parsing the file as JSON first makes every such file an error.
         // (A full parse: `IgnoredAny` skips strings without checking their escapes.)
         serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -782,7 +782,7 @@ fn render_gemma(messages: &[(&str, &str)], add_generation_prompt: bool) -> Strin
 mod tests {
     use super::*;
 
-    fn smollm2() -> Tokenizer {
+    fn smollm2() -> crate::Result<Tokenizer> {
         let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
@@ -790,7 +790,7 @@ mod tests {
             "{} is missing: run scripts/fetch-assets.sh",
             p.display()
         );
-        Tokenizer::from_gguf_file(&p).unwrap()
+        Tokenizer::from_gguf_file(&p)
     }
 
     fn inner(t: &Tokenizer) -> &tokenizers::Tokenizer {
@@ -805,45 +805,42 @@ mod tests {
     /// and SmolLM2's digit splitting: contractions, runs of spaces, tabs and newlines,
     /// digits, punctuation runs, non-ASCII letters and a special token.
     #[test]
-    fn pieces_cut_at_every_allowed_point_give_the_whole_texts_ids() {
-        let tok = smollm2();
+    fn pieces_cut_at_every_allowed_point_give_the_whole_texts_ids() -> crate::TestResult {
+        let tok = smollm2()?;
         assert!(tok.pieces, "SmolLM2's tokenizer is encoded in pieces");
         let h = inner(&tok);
         let text = "It's 1813 and they'll say \"yes\"--no... Mr.  Darcy\t walked   in;\n\n  \
             the 42nd time. Élise's café: ßtraße ok!! 3.14159 x  y   z\r\nend <|im_start|>user \
             Über 12 o'clock, wasn't it? (a) [b] {c} a-b a_b a/b 100% $5 #1 @x é é  é";
-        let whole = h.encode(text, true).unwrap().get_ids().to_vec();
+        let whole = h.encode(text, true)?.get_ids().to_vec();
         let cuts = cut_points(text, 1);
         assert!(cuts.len() > 12, "{} cut points", cuts.len());
         let mut pieces = Vec::new();
         for w in cuts.windows(2) {
-            pieces.extend_from_slice(h.encode(&text[w[0]..w[1]], true).unwrap().get_ids());
+            pieces.extend_from_slice(h.encode(&text[w[0]..w[1]], true)?.get_ids());
         }
         assert_eq!(pieces, whole);
+        Ok(())
     }
 
     /// Each of the six novels (up to 883 KB) encodes to the same ids in 32 KiB pieces
     /// (what `encode` does for long texts) as whole.
     #[test]
-    fn novels_encode_the_same_in_pieces() {
-        let tok = smollm2();
+    fn novels_encode_the_same_in_pieces() -> crate::TestResult {
+        let tok = smollm2()?;
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/austen");
         let mut n = 0;
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
             if p.extension().is_some_and(|x| x == "txt") {
-                let text = std::fs::read_to_string(&p).unwrap();
+                let text = std::fs::read_to_string(&p)?;
                 assert!(cut_points(&text, PIECE_BYTES).len() > 10, "{}", p.display());
-                let whole = inner(&tok).encode(text.as_str(), true).unwrap();
-                assert_eq!(
-                    tok.encode(&text).unwrap(),
-                    whole.get_ids(),
-                    "{}",
-                    p.display()
-                );
+                let whole = inner(&tok).encode(text.as_str(), true)?;
+                assert_eq!(tok.encode(&text)?, whole.get_ids(), "{}", p.display());
                 n += 1;
             }
         }
         assert_eq!(n, 6, "novels in {}", dir.display());
+        Ok(())
     }
 }

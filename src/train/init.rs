@@ -32,8 +32,9 @@ pub fn mean(points: &[f32], d: usize) -> Result<Vec<f32>> {
 /// ```
 /// use sae_ablate::train::geometric_median;
 /// // Collinear points: the median is the middle one.
-/// let m = geometric_median(&[0.0, 0.0, 1.0, 0.0, 10.0, 0.0], 2, 200).unwrap();
+/// let m = geometric_median(&[0.0, 0.0, 1.0, 0.0, 10.0, 0.0], 2, 200)?;
 /// assert!((m[0] - 1.0).abs() < 1e-2 && m[1].abs() < 1e-6);
+/// # Ok::<(), sae_ablate::Error>(())
 /// ```
 pub fn geometric_median(points: &[f32], d: usize, iters: usize) -> Result<Vec<f32>> {
     check_points(points, d)?;

@@ -373,9 +373,10 @@ mod tests {
         let gd = (dense - &target)?.sqr()?.sum_all()?.backward()?;
         let gs = (sparse - &target)?.sqr()?.sum_all()?.backward()?;
         for v in [&acts, &w] {
+            let missing = || candle_core::Error::Msg("no gradient".into());
             let (a, b) = (
-                gd.get(v.as_tensor()).unwrap(),
-                gs.get(v.as_tensor()).unwrap(),
+                gd.get(v.as_tensor()).ok_or_else(missing)?,
+                gs.get(v.as_tensor()).ok_or_else(missing)?,
             );
             assert_eq!(a.dtype(), DType::F32);
             assert!(close(a, b)? < 1e-4, "gradient mismatch");
@@ -400,9 +401,10 @@ mod tests {
         assert_eq!(dense.to_vec2::<f32>()?, sparse.to_vec2::<f32>()?);
         let gd = (dense.relu()? * &mask)?.sum_all()?.backward()?;
         let gs = (sparse.relu()? * &mask)?.sum_all()?.backward()?;
+        let missing = || candle_core::Error::Msg("no gradient".into());
         let (a, b) = (
-            gd.get(w.as_tensor()).unwrap(),
-            gs.get(w.as_tensor()).unwrap(),
+            gd.get(w.as_tensor()).ok_or_else(missing)?,
+            gs.get(w.as_tensor()).ok_or_else(missing)?,
         );
         let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "gradient mismatch {diff}");

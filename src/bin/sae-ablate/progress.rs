@@ -173,7 +173,10 @@ mod tests {
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl Write for Buf {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("the buffer's lock is poisoned"))?
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -182,7 +185,12 @@ mod tests {
     }
     impl Buf {
         fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+            // A poisoned lock or invalid UTF-8 reads as empty or lossy: the assertions on
+            // the text then fail.
+            self.0
+                .lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
         }
     }
 

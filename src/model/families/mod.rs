@@ -616,28 +616,27 @@ mod tests {
     /// transformers 5.x keeps the RoPE base in `rope_parameters`: it must be read, not
     /// defaulted.
     #[test]
-    fn rope_parameters_are_read() {
+    fn rope_parameters_are_read() -> crate::TestResult {
         let c = hf_config(
             r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}"#,
-        )
-        .unwrap();
+        )?;
         assert_eq!(c.rope_theta, 500_000.0);
         assert_eq!(c.rope_scaling, RopeScaling::None);
         let c = hf_config(
             r#"{"model_type": "llama", "rope_theta": 250000.0,
                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#,
-        )
-        .unwrap();
+        )?;
         assert_eq!(c.rope_theta, 250_000.0);
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { .. }));
+        Ok(())
     }
 
     /// Fields absent from `config.json` take the HF classes' defaults.
     #[test]
-    fn hf_defaults() {
-        let c = hf_config(r#"{"model_type": "llama"}"#).unwrap();
+    fn hf_defaults() -> crate::TestResult {
+        let c = hf_config(r#"{"model_type": "llama"}"#)?;
         assert_eq!(
             (
                 c.d_model,
@@ -650,7 +649,7 @@ mod tests {
             (4096, 32, 32, 32, 128, 32000)
         );
         assert!(!c.tied_embeddings);
-        let c = hf_config(r#"{"model_type": "gemma2"}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "gemma2"}"#)?;
         assert_eq!(
             (c.head_dim, c.attn_softcap, c.final_softcap),
             (256, Some(50.0), Some(30.0))
@@ -658,23 +657,24 @@ mod tests {
         assert_eq!(c.layer_kinds[0], LayerKind::Sliding);
         assert_eq!(c.layer_kinds[1], LayerKind::Global);
         assert!(c.tied_embeddings && c.norm_plus_one && c.post_norms && c.embed_scale);
-        let c = hf_config(r#"{"model_type": "gemma3_text", "num_hidden_layers": 12}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "gemma3_text", "num_hidden_layers": 12}"#)?;
         let global: Vec<usize> = (0..12)
             .filter(|&i| c.layer_kinds[i] == LayerKind::Global)
             .collect();
         assert_eq!(global, vec![5, 11]);
         assert_eq!(c.local_rope_theta, Some(10_000.0));
         assert_eq!(c.rope_theta, 1_000_000.0);
-        let c = hf_config(r#"{"model_type": "qwen2"}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "qwen2"}"#)?;
         assert!(c.qkv_bias && !c.qk_norm);
         assert!(c.layer_kinds.iter().all(|k| *k == LayerKind::Global));
-        let c = hf_config(r#"{"model_type": "qwen3"}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "qwen3"}"#)?;
         assert!(c.qk_norm && !c.qkv_bias && c.head_dim == 128);
-        let c = hf_config(r#"{"model_type": "mistral", "sliding_window": null}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "mistral", "sliding_window": null}"#)?;
         assert_eq!(c.sliding_window, None);
-        let c = hf_config(r#"{"model_type": "mistral"}"#).unwrap();
+        let c = hf_config(r#"{"model_type": "mistral"}"#)?;
         assert_eq!(c.sliding_window, Some(4096));
         assert!(c.layer_kinds.iter().all(|k| *k == LayerKind::Sliding));
+        Ok(())
     }
 
     /// Crafted sizes are errors naming the key, not panics or huge allocations.
