@@ -1,7 +1,8 @@
 //! Block-quantized matrix × activations ([`QMatrix::matmul`]) at SmolLM2's decode shapes:
 //! the stacked gate/up projection `[3072, 576]` and the down projection `[576, 1536]`, in
-//! Q4_1 and Q8_0, for 1 and 8 activation rows (batch-1 and batched decode), on every SIMD
-//! body this CPU has (AVX2, and AVX-512 VNNI where present).
+//! Q4_1 and Q8_0, for 1, 8 and 1024 activation rows (batch-1 decode, batched decode, and
+//! a batched prefill or harvest pass of 8 × 128 tokens), on every SIMD body this CPU has
+//! (AVX2, and AVX-512 VNNI where present).
 //!
 //! `cargo bench --bench quant_matmul`. Throughput is in weight·row products, so the
 //! batched rows compare directly with batch 1: a kernel that streams each block once for
@@ -28,7 +29,7 @@ fn quant(c: &mut Criterion) {
             .measurement_time(std::time::Duration::from_secs(1));
         for ty in [QType::Q4_1, QType::Q8_0] {
             let m = QMatrix::quantize(ty, rows, cols, &w).expect("quantize");
-            for n in [1usize, 8] {
+            for n in [1usize, 8, 1024] {
                 let x = weights(n, cols, 99);
                 g.throughput(Throughput::Elements((rows * cols * n) as u64));
                 for isa in Isa::available().into_iter().filter(|&i| i != Isa::Scalar) {

@@ -14,7 +14,10 @@
 //! [`QMatrix`]): one 256-bit integer vector then holds 8 rows' partial sums, the scales of
 //! 8 rows apply in one FMA, and no horizontal sum is needed: a GEMM micro-kernel of
 //! 8 weight rows × up to 8 activation rows, each weight block read once for all of them.
-//! [`QMatrix::matmul`] splits the row groups over the rayon pool. The SIMD body is picked
+//! The activation rows are quantized in tiles of 8, interleaved block by block, so a
+//! kernel reads one sequential stream of them. [`QMatrix::matmul`] splits the row groups
+//! over the rayon pool; each task runs one tile at a time through all its groups (the
+//! tile stays in L1, the weights stream from L2). The SIMD body is picked
 //! at run time ([`Isa::detect`]): AVX2 (`_mm256_maddubs_epi16` + `_mm256_madd_epi16` on
 //! unsigned × signed bytes) or, where the CPU has AVX-512 VNNI, the same body on 256-bit
 //! registers with the one-instruction `vpdpbusd` instead of that pair. The scalar loop is
@@ -451,26 +454,49 @@ impl QMatrix {
     /// Groups `g0..g0 + ng` times every activation row: `out[i]` holds row i's outputs
     /// for weight rows `8·g0..` (the last group may be cut short at `rows`).
     fn groups_times(&self, a: &QActs, g0: usize, ng: usize, out: &mut [&mut [f32]], isa: Isa) {
-        let tile = if isa == Isa::Avx512Vnni { 8 } else { 4 };
-        let mut tmp = [[0f32; GROUP]; 8];
-        for g in g0..g0 + ng {
-            let mut i0 = 0;
-            while i0 < a.n {
-                let t = (a.n - i0).min(tile);
-                self.group_tile(g, a, i0, &mut tmp[..t], isa);
-                for (k, v) in tmp[..t].iter().enumerate() {
-                    let o = (g - g0) * GROUP;
-                    if let Some(dst) = out.get_mut(i0 + k).and_then(|d| d.get_mut(o..)) {
-                        // A whole group as one fixed-size copy (a register move, not a
-                        // `memmove` call); the matrix's last group may be cut short.
-                        match dst.first_chunk_mut::<GROUP>() {
-                            Some(d8) => *d8 = *v,
-                            None => dst.copy_from_slice(&v[..dst.len()]),
-                        }
+        let tile = if isa == Isa::Avx512Vnni {
+            TILE
+        } else {
+            TILE / 2
+        };
+        // One tile of activation rows at a time, times every group of the range: the
+        // tile's codes (8 rows × cols bytes) stay in L1 while the range's weights stream
+        // through, one sequential read each. `tmp[(g - g0)·t + k]` holds group g's outputs
+        // for row i0 + k until the tile is done and its rows are copied out.
+        let mut tmp = vec![[0f32; GROUP]; ng * tile];
+        let mut i0 = 0;
+        while i0 < a.n {
+            let t = (a.n - i0).min(tile);
+            for (g, slot) in (g0..g0 + ng).zip(tmp.chunks_exact_mut(t)) {
+                self.group_tile(g, a, i0, slot, isa);
+                // The next tile's outputs of this group, fetched while this tile computes:
+                // its rows are written once, far apart, and a write that misses the cache
+                // waits for the line (measured: ~14% of a 1024-row product otherwise).
+                #[cfg(target_arch = "x86_64")]
+                for row in out.iter().skip(i0 + t).take(tile) {
+                    if let Some(v) = row.get((g - g0) * GROUP) {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                        // SAFETY: SSE is part of x86-64; a prefetch is a hint and reads
+                        // nothing.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>((v as *const f32).cast()) };
                     }
                 }
-                i0 += t;
             }
+            for (k, row) in out.iter_mut().skip(i0).take(t).enumerate() {
+                // Whole groups as fixed-size copies; the matrix's last group may be cut
+                // short at `rows`.
+                let (full, rest) = row.as_chunks_mut::<GROUP>();
+                let mut from = tmp.iter().skip(k).step_by(t);
+                for (d8, v) in full.iter_mut().zip(&mut from) {
+                    *d8 = *v;
+                }
+                if let Some(v) = from.next() {
+                    for (d, x) in rest.iter_mut().zip(v) {
+                        *d = *x;
+                    }
+                }
+            }
+            i0 += t;
         }
     }
 
@@ -482,6 +508,7 @@ impl QMatrix {
                 && isa.supported()
                 && g < self.rows.div_ceil(GROUP)
                 && i0.checked_add(out.len()).is_some_and(|end| end <= a.n)
+                && i0 % TILE + out.len() <= TILE
                 && a.fits(self.cols),
             Rows::new(out.len()),
         ) {
@@ -517,8 +544,9 @@ impl QMatrix {
         for b in 0..nb {
             let blk = self.block(r, b, &mut buf);
             let q = blk.codes;
-            let xq = &a.q[(i * nb + b) * QK..(i * nb + b + 1) * QK];
-            let (dx, sx) = (a.d[i * nb + b], a.s[i * nb + b]);
+            let Some((xq, dx, sx)) = a.block(i, b) else {
+                return f32::NAN;
+            };
             let dw = blk.d.to_f32();
             match self.ty {
                 QType::Q4_1 => {
@@ -543,102 +571,158 @@ impl QMatrix {
     }
 }
 
-/// Activation rows quantized to signed bytes per block of 32.
+/// Activation rows per tile of [`QActs`]' interleaved layout: the most rows one kernel
+/// call multiplies.
+const TILE: usize = 8;
+
+/// Inputs at or above this many values are quantized on the rayon pool (below, the
+/// pool's wake-up costs more than the work: a decode step's single row).
+const PAR_QUANTIZE: usize = 1 << 15;
+
+/// One tile's inputs, codes, scales and sums, as [`QActs::new`] zips them.
+type TileParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
+
+/// Activation rows quantized to signed bytes per block of 32, in tiles of [`TILE`] rows
+/// interleaved block by block: block `b` of row `i` is slot `(i / 8 · nb + b) · 8 + i % 8`
+/// (see [`QActs::slot`]). A kernel multiplying up to 8 rows of one tile then reads one
+/// sequential stream (the rows' codes of a block side by side, their scales next to each
+/// other) instead of one stream per row. The last tile is padded with zero rows, which
+/// no kernel reads.
 struct QActs {
     n: usize,
-    /// Scale of each block `[n, cols / 32]`.
+    /// Blocks per row.
+    nb: usize,
+    /// Scale of each block, by slot.
     d: Vec<f32>,
-    /// `d · Σ q` of each block (the Q4_1 minimum's term).
+    /// `d · Σ q` of each block (the Q4_1 minimum's term), by slot.
     s: Vec<f32>,
-    /// Codes `[n, cols]`.
+    /// Codes, 32 per slot.
     q: Vec<i8>,
 }
 
 impl QActs {
     /// `x [n, cols]`, `cols % 32 == 0`, on the body `isa` picks (the AVX2 quantizer for
     /// both SIMD bodies; one this CPU lacks runs the scalar loop). Every body gives
-    /// [`QActs::new_scalar`]'s bits for every input: the same operations, the same
-    /// rounding, the same saturation.
+    /// [`quantize_block_scalar`]'s bits for every input: the same operations, the same
+    /// rounding, the same saturation. Large inputs are quantized a tile per task.
     fn new(x: &[f32], n: usize, cols: usize, isa: Isa) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar && isa.supported() {
-            let mut a = QActs::empty(n, cols);
-            for (blk, q) in x
-                .as_chunks::<QK>()
-                .0
-                .iter()
-                .zip(a.q.as_chunks_mut::<QK>().0)
-            {
-                // SAFETY: avx2/fma/f16c present (both SIMD bodies have them, checked above).
-                let (d, s) = unsafe { avx2::quantize_block(blk, q) };
-                a.d.push(d);
-                a.s.push(d * s as f32);
-            }
-            return a;
-        }
-        let _ = isa;
-        QActs::new_scalar(x, n, cols)
-    }
-
-    /// Whether the codes, scales and sums hold `n` rows of `cols` (what the kernels read).
-    #[cfg(target_arch = "x86_64")]
-    fn fits(&self, cols: usize) -> bool {
         let nb = cols / QK;
-        holds(self.q.len(), self.n, cols)
-            && holds(self.d.len(), self.n, nb)
-            && holds(self.s.len(), self.n, nb)
-    }
-
-    fn empty(n: usize, cols: usize) -> Self {
-        let nb = n * (cols / QK);
-        QActs {
+        let tiles = n.div_ceil(TILE);
+        let per = (TILE * nb).max(1);
+        let mut a = QActs {
             n,
-            d: Vec::with_capacity(nb),
-            s: Vec::with_capacity(nb),
-            q: vec![0i8; n * cols],
-        }
-    }
-
-    /// Scalar reference of [`QActs::new`]: per block, `d = max|x| / 127` (NaNs ignored),
-    /// `q = x·(1/d)` rounded half away from zero, then Rust's `as i8` (saturating to
-    /// `-128..=127`, NaN to 0). Finite blocks of normal scale give `|q| ≤ 127`. Every
-    /// other input is defined too: NaN inputs give code 0; an infinite max gives
-    /// `d = ∞`, every code 0 and `d·Σq` NaN (so the block's products are NaN); a
-    /// subnormal `d` has too few bits for `x·(1/d)` to stay within ±127.5, or its
-    /// reciprocal overflows to ∞, and the codes saturate; a `d` that rounds to 0 gives
-    /// codes 0.
-    fn new_scalar(x: &[f32], n: usize, cols: usize) -> Self {
-        let mut a = QActs::empty(n, cols);
-        for (blk, q) in x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK)) {
-            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut s = 0i32;
-            for (q, &v) in q.iter_mut().zip(blk) {
-                // Round half away from zero (`roundf`) without a libm call, then the
-                // saturating cast.
-                let r = v * id;
-                *q = (r + 0.5f32.copysign(r)) as i8;
-                s += *q as i32;
+            nb,
+            d: vec![0.0; tiles * TILE * nb],
+            s: vec![0.0; tiles * TILE * nb],
+            q: vec![0; tiles * TILE * cols],
+        };
+        let simd = isa != Isa::Scalar && isa.supported();
+        // One tile: its rows' blocks into their slots.
+        let fill = |(((xt, q), d), s): TileParts<'_>| {
+            for (r, row) in xt.chunks_exact(cols.max(1)).enumerate() {
+                let slots = q.as_chunks_mut::<QK>().0.iter_mut().skip(r).step_by(TILE);
+                let scales = d.iter_mut().zip(s.iter_mut()).skip(r).step_by(TILE);
+                for ((blk, q), (d, s)) in row.as_chunks::<QK>().0.iter().zip(slots).zip(scales) {
+                    let (bd, sum) = quantize_block(blk, q, simd);
+                    *d = bd;
+                    *s = bd * sum as f32;
+                }
             }
-            a.d.push(d);
-            a.s.push(d * s as f32);
+        };
+        let rows = (TILE * cols).max(1);
+        if n * cols >= PAR_QUANTIZE {
+            x.par_chunks(rows)
+                .zip(a.q.par_chunks_mut(per * QK))
+                .zip(a.d.par_chunks_mut(per))
+                .zip(a.s.par_chunks_mut(per))
+                .for_each(fill);
+        } else {
+            x.chunks(rows)
+                .zip(a.q.chunks_mut(per * QK))
+                .zip(a.d.chunks_mut(per))
+                .zip(a.s.chunks_mut(per))
+                .for_each(fill);
         }
         a
     }
+
+    /// The slot of row `i`'s block `b`: its scale and sum sit at this index, its codes
+    /// at 32 times it.
+    fn slot(&self, i: usize, b: usize) -> usize {
+        ((i / TILE) * self.nb + b) * TILE + i % TILE
+    }
+
+    /// Row `i`'s block `b`: codes, scale and `d · Σ q` (`None` out of range).
+    fn block(&self, i: usize, b: usize) -> Option<(&[i8], f32, f32)> {
+        if i >= self.n || b >= self.nb {
+            return None;
+        }
+        let k = self.slot(i, b);
+        Some((
+            self.q.get(k * QK..(k + 1) * QK)?,
+            *self.d.get(k)?,
+            *self.s.get(k)?,
+        ))
+    }
+
+    /// Whether the codes, scales and sums hold `n` rows of `cols` in whole tiles (what
+    /// the kernels read).
+    #[cfg(target_arch = "x86_64")]
+    fn fits(&self, cols: usize) -> bool {
+        let rows = self.n.div_ceil(TILE) * TILE;
+        self.nb * QK == cols
+            && holds(self.q.len(), rows, cols)
+            && holds(self.d.len(), rows, self.nb)
+            && holds(self.s.len(), rows, self.nb)
+    }
+}
+
+/// One block on the SIMD quantizer where `simd` (the caller checked the CPU), else
+/// [`quantize_block_scalar`]; the same bits either way.
+fn quantize_block(x: &[f32; QK], q: &mut [i8; QK], simd: bool) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: avx2/fma/f16c present (both SIMD bodies have them; the caller checked).
+        return unsafe { avx2::quantize_block(x, q) };
+    }
+    let _ = simd;
+    quantize_block_scalar(x, q)
+}
+
+/// Scalar reference of the activation quantizer: `d = max|x| / 127` (NaNs ignored),
+/// `q = x·(1/d)` rounded half away from zero, then Rust's `as i8` (saturating to
+/// `-128..=127`, NaN to 0); returns `(d, Σ q)`. Finite blocks of normal scale give
+/// `|q| ≤ 127`. Every other input is defined too: NaN inputs give code 0; an infinite
+/// max gives `d = ∞`, every code 0 and `d·Σq` NaN (so the block's products are NaN); a
+/// subnormal `d` has too few bits for `x·(1/d)` to stay within ±127.5, or its reciprocal
+/// overflows to ∞, and the codes saturate; a `d` that rounds to 0 gives codes 0.
+fn quantize_block_scalar(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut s = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // Round half away from zero (`roundf`) without a libm call, then the saturating
+        // cast.
+        let r = v * id;
+        *q = (r + 0.5f32.copysign(r)) as i8;
+        s += *q as i32;
+    }
+    (d, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{QActs, QMatrix, QType, GROUP, QK};
+    use super::{QActs, QMatrix, QType, GROUP, QK, TILE};
     use crate::kernels::Rows;
     use std::arch::x86_64::*;
 
     /// Weight group `g` times activation rows `i0..i0 + rows`.
     ///
     /// # Safety
-    /// The CPU has avx2, fma and f16c; group `g` exists; `i0 + rows <= a.n`;
-    /// `out.len() >= rows`.
+    /// The CPU has avx2, fma and f16c; group `g` exists; `i0 + rows <= a.n` and the
+    /// rows lie in one tile (`i0 % TILE + rows <= TILE`); `a` fits the matrix's
+    /// columns; `out.len() >= rows`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn group_tile(
         m: &QMatrix,
@@ -696,7 +780,7 @@ mod avx2 {
     }
 
     /// One activation block: `q = round_half_away(x / d)` with `d = max|x| / 127`,
-    /// saturated to `-128..=127` and NaN to 0, as `QActs::new_scalar` computes it, bit
+    /// saturated to `-128..=127` and NaN to 0, as `quantize_block_scalar` computes it, bit
     /// for bit for every input; returns `(d, Σ q)`.
     ///
     /// # Safety
@@ -788,8 +872,8 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU has avx2, fma and f16c (and avx512vnni + avx512vl when `VNNI`); group
-    /// `g` and activation rows `i0..i0 + N` exist; `out.len() >= N`; `m.ty` is Q4_1
-    /// exactly when `Q4`.
+    /// `g` and activation rows `i0..i0 + N` exist, in one tile of `a`, which fits
+    /// `m.cols`; `out.len() >= N`; `m.ty` is Q4_1 exactly when `Q4`.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn kernel<const Q4: bool, const VNNI: bool, const N: usize>(
@@ -799,9 +883,10 @@ mod avx2 {
         i0: usize,
         out: &mut [[f32; GROUP]],
     ) {
-        // SAFETY: the caller has the features of `VNNI`; group `g` and activation rows `i0..i0 + N`
-        // exist and `out` holds N rows (the contract), so every code, scale and activation read
-        // below is inside `m` and `a`; prefetches are hints.
+        // SAFETY: the caller has the features of `VNNI`; group `g` and activation rows
+        // `i0..i0 + N` exist in one tile and `out` holds N rows (the contract), so every code,
+        // scale and activation read below is inside `m` and `a` (slot `a.slot(i0, 0) +
+        // b·TILE + k` is row `i0 + k`'s block b); prefetches are hints.
         unsafe {
             let nb = m.cols / QK;
             let cb = if Q4 { QK / 2 } else { QK };
@@ -809,9 +894,11 @@ mod avx2 {
             let wq = m.qs.as_ptr().add(base * GROUP * cb);
             let wd = m.d.as_ptr().add(base * GROUP) as *const __m128i;
             let wm = m.m.as_ptr().add(if Q4 { base * GROUP } else { 0 }) as *const __m128i;
-            let xq = a.q.as_ptr().add(i0 * nb * QK);
-            let xd = a.d.as_ptr().add(i0 * nb);
-            let xs = a.s.as_ptr().add(i0 * nb);
+            // The tile's block b holds rows i0.. at slots b·TILE + i0 % TILE + k.
+            let first = a.slot(i0, 0);
+            let xq = a.q.as_ptr().add(first * QK);
+            let xd = a.d.as_ptr().add(first);
+            let xs = a.s.as_ptr().add(first);
             let low = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..nb {
@@ -835,7 +922,7 @@ mod avx2 {
                 // Activation row k's 4-byte group c of this block, in every lane.
                 let xb = |k: usize, c: usize| {
                     _mm256_set1_epi32(
-                        (xq.add((k * nb + b) * QK) as *const i32)
+                        (xq.add((b * TILE + k) * QK) as *const i32)
                             .add(c)
                             .read_unaligned(),
                     )
@@ -883,10 +970,10 @@ mod avx2 {
                     _mm256_mul_ps(dw, _mm256_set1_ps(-128.0))
                 };
                 for k in 0..N {
-                    let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(k * nb + b)));
+                    let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(b * TILE + k)));
                     acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[k]), s, acc[k]);
                     if Q4 || VNNI {
-                        let sx = _mm256_set1_ps(*xs.add(k * nb + b));
+                        let sx = _mm256_set1_ps(*xs.add(b * TILE + k));
                         acc[k] = _mm256_fmadd_ps(mw, sx, acc[k]);
                     }
                 }
@@ -938,7 +1025,8 @@ mod tests {
     /// The SIMD kernel against the scalar reference (same integer sums, so only the f32
     /// summation order differs) and both against the f64 product of the dequantized
     /// weights with the unquantized inputs (the 8-bit activation error only), for every
-    /// row count up to two tiles and both formats.
+    /// row count up to two tiles, a count that quantizes on the pool (70 rows, the last
+    /// tile short) and both formats.
     #[test]
     fn matmul_matches_scalar_and_f64_reference() -> crate::TestResult {
         // 19 blocks a row: two groups of 8 (the vector scale path) and a tail of 3.
@@ -956,11 +1044,12 @@ mod tests {
             for (a, b) in w.iter().zip(&wd) {
                 assert!((a - b).abs() <= 0.5 * step + 2e-3, "{ty:?} {a} {b}");
             }
-            for (n, isa) in [1usize, 2, 5, 8, 11, 16]
+            for (n, isa) in [1usize, 2, 5, 8, 11, 16, 70]
                 .into_iter()
                 .flat_map(|n| Isa::available().into_iter().map(move |i| (n, i)))
             {
                 let x = data(n * cols, 5 + n as u32);
+                assert_eq!(n * cols >= PAR_QUANTIZE, n == 70);
                 let y = qm.matmul_on(&x, n, isa)?;
                 let a = QActs::new(&x, n, cols, isa);
                 for i in 0..n {
@@ -1093,22 +1182,31 @@ mod tests {
     /// the scalar loop's codes, scales and sums bit for bit on every body this CPU has,
     /// for every kind of input: ties, NaN, ±∞, f32's extremes, subnormal scales.
     #[test]
-    fn activation_quantization_matches_scalar_exactly() {
+    fn activation_quantization_matches_scalar_exactly() -> crate::TestResult {
         let x = hostile_activations();
         let n = x.len() / 96;
         let x = &x[..n * 96];
-        let want = QActs::new_scalar(x, n, 96);
-        assert_eq!(want.q[1], -15, "-14.5 rounds away from zero");
-        assert_eq!(want.q[17], 2, "1.5 rounds away from zero");
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        // Each block on its own through the scalar reference.
+        let mut want = Vec::new();
+        for blk in x.as_chunks::<QK>().0 {
+            let mut q = [0i8; QK];
+            let (d, s) = quantize_block_scalar(blk, &mut q);
+            want.push((q, d.to_bits(), (d * s as f32).to_bits()));
+        }
+        assert_eq!(want[0].0[1], -15, "-14.5 rounds away from zero");
+        assert_eq!(want[0].0[17], 2, "1.5 rounds away from zero");
         for isa in Isa::available() {
             let got = QActs::new(x, n, 96, isa);
-            for (b, (g, w)) in got.q.chunks(QK).zip(want.q.chunks(QK)).enumerate() {
-                assert_eq!(g, w, "{isa:?} block {b}: {:?}", &x[b * QK..(b + 1) * QK]);
+            for (k, (wq, wd, ws)) in want.iter().enumerate() {
+                let (i, b) = (k / 3, k % 3);
+                let (q, d, s) = got.block(i, b).ok_or("block in range")?;
+                let blk = &x[k * QK..(k + 1) * QK];
+                assert_eq!(q, &wq[..], "{isa:?} row {i} block {b}: {blk:?}");
+                assert_eq!((d.to_bits(), s.to_bits()), (*wd, *ws), "{isa:?} {i} {b}");
             }
-            assert_eq!(bits(&got.d), bits(&want.d), "{isa:?}");
-            assert_eq!(bits(&got.s), bits(&want.s), "{isa:?}");
+            assert!(got.block(n, 0).is_none() && got.block(0, 3).is_none());
         }
+        Ok(())
     }
 
     /// Products with such inputs agree across the bodies too: NaN exactly where the
