@@ -40,32 +40,14 @@ pub const KCP_FEW: usize = 16;
 /// Output columns per task then: 6 KiB runs of each bf16 weight row, a 192 KiB block.
 pub const NC_FEW: usize = 64 * NR;
 
+use super::with_kept;
+
 thread_local! {
     /// Each thread's buffer of packed weights (at most `KCP × NC` dwords, 1.5 MiB).
     static PACK: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The calling thread's buffer of packed input (as large as its largest product's
     /// input in bf16), kept across calls.
     static A_BUF: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `f` on this thread's kept buffer `key`, or on a fresh one while that is in use (a
-/// product started from inside another's parallel loop on the same thread).
-fn with_kept<R>(
-    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u32>>>,
-    f: impl FnOnce(&mut Vec<u32>) -> R,
-) -> R {
-    match key.with(|b| b.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v))) {
-        Some(mut kept) => {
-            let r = f(&mut kept);
-            key.with(|b| {
-                if let Ok(mut b) = b.try_borrow_mut() {
-                    *b = kept;
-                }
-            });
-            r
-        }
-        None => f(&mut Vec::new()),
-    }
 }
 
 /// Whether this CPU has AVX512-BF16 with the F, VL and BW parts the kernels use

@@ -58,6 +58,27 @@ pub(crate) fn holds(len: usize, rows: usize, width: usize) -> bool {
     rows.checked_mul(width).is_some_and(|need| len >= need)
 }
 
+/// `f` on this thread's kept value `key` (a buffer reused across calls), or on a fresh
+/// default one while that is in use (a product started from inside another's parallel
+/// loop on the same thread).
+pub(crate) fn with_kept<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    match key.with(|b| b.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v))) {
+        Some(mut kept) => {
+            let r = f(&mut kept);
+            key.with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    *b = kept;
+                }
+            });
+            r
+        }
+        None => f(&mut T::default()),
+    }
+}
+
 pub(crate) mod encode;
 pub(crate) mod gemm_bf16;
 #[doc(hidden)]

@@ -27,6 +27,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::simd::has_avx2;
+use crate::kernels::with_kept;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::{holds, Rows};
 use crate::{Error, Result};
@@ -198,9 +199,14 @@ impl QMatrix {
             self.m[k] = blk.m;
         }
         let flip = if self.ty == QType::Q8_0 { 0x80 } else { 0 };
-        for (j, &c) in blk.codes.iter().enumerate() {
-            let i = self.code_at(r, b, j);
-            self.qs[i] = c ^ flip;
+        // Four bytes at a time: bytes 4c.. of the block sit together at `code_at(r, b, 4c)`.
+        let at = self.code_at(r, b, 0);
+        for (c, four) in blk.codes.chunks_exact(4).enumerate() {
+            if let Some(dst) = self.qs.get_mut(at + c * 32..at + c * 32 + 4) {
+                for (d, &v) in dst.iter_mut().zip(four) {
+                    *d = v ^ flip;
+                }
+            }
         }
     }
 
@@ -320,7 +326,21 @@ impl QMatrix {
             let w: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
             return QMatrix::quantize(QType::Q8_0, rows, cols, &w);
         }
-        // The blocks move as they are (exact); only their places in the groups change.
+        // Parts of whole groups (all but the last, whose padding rows are zero): the
+        // stack's groups are theirs, one after the other.
+        let (_, init) = parts.split_at(parts.len() - 1);
+        if init.iter().all(|p| p.rows.is_multiple_of(GROUP)) {
+            return Ok(QMatrix {
+                ty: first.ty,
+                rows,
+                cols,
+                d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
+                m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+                qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+            });
+        }
+        // Otherwise the blocks move as they are (exact); only their places in the groups
+        // change.
         let mut q = QMatrix::zeros(first.ty, rows, cols);
         let mut r0 = 0;
         let mut buf = [0u8; QK];
@@ -425,11 +445,24 @@ impl QMatrix {
                 y.len()
             )));
         }
-        let a = QActs::new(x, n, self.cols, isa);
         let groups = rows.div_ceil(GROUP);
         if groups == 0 || n == 0 {
             return Ok(());
         }
+        // The quantized rows go into this thread's kept buffers (no allocation and no
+        // zeroing per product once they have grown).
+        with_kept(&KEPT_ACTS, |a| {
+            a.fill(x, n, self.cols, isa);
+            self.groups_into(a, y, isa)
+        });
+        Ok(())
+    }
+
+    /// `y [a.n, rows]` = the quantized rows `a` times `selfᵀ`, the row groups split over
+    /// the pool.
+    fn groups_into(&self, a: &QActs, y: &mut [f32], isa: Isa) {
+        let (rows, n) = (self.rows, a.n);
+        let groups = rows.div_ceil(GROUP);
         // A few tasks per thread (the machine is shared: equal halves would wait on the
         // slower core). Each task owns a range of output columns in every row of `y`,
         // written in place.
@@ -446,9 +479,8 @@ impl QMatrix {
         }
         parts.into_par_iter().for_each(|(g0, mut cols)| {
             let ng = per.min(groups - g0);
-            self.groups_times(&a, g0, ng, &mut cols, isa);
+            self.groups_times(a, g0, ng, &mut cols, isa);
         });
-        Ok(())
     }
 
     /// Groups `g0..g0 + ng` times every activation row: `out[i]` holds row i's outputs
@@ -579,7 +611,12 @@ const TILE: usize = 8;
 /// pool's wake-up costs more than the work: a decode step's single row).
 const PAR_QUANTIZE: usize = 1 << 15;
 
-/// One tile's inputs, codes, scales and sums, as [`QActs::new`] zips them.
+thread_local! {
+    /// The calling thread's quantized activations, kept across products.
+    static KEPT_ACTS: std::cell::RefCell<QActs> = std::cell::RefCell::new(QActs::default());
+}
+
+/// One tile's inputs, codes, scales and sums, as [`QActs::fill`] zips them.
 type TileParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]);
 
 /// Activation rows quantized to signed bytes per block of 32, in tiles of [`TILE`] rows
@@ -588,6 +625,7 @@ type TileParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32])
 /// sequential stream (the rows' codes of a block side by side, their scales next to each
 /// other) instead of one stream per row. The last tile is padded with zero rows, which
 /// no kernel reads.
+#[derive(Default)]
 struct QActs {
     n: usize,
     /// Blocks per row.
@@ -605,28 +643,30 @@ impl QActs {
     /// both SIMD bodies; one this CPU lacks runs the scalar loop). Every body gives
     /// [`quantize_block_scalar`]'s bits for every input: the same operations, the same
     /// rounding, the same saturation. Large inputs are quantized a tile per task.
+    #[cfg(test)]
     fn new(x: &[f32], n: usize, cols: usize, isa: Isa) -> Self {
+        let mut a = QActs::default();
+        a.fill(x, n, cols, isa);
+        a
+    }
+
+    /// [`QActs::new`] into these buffers, grown as needed. The slots of the last tile's
+    /// padding rows keep what they held (no kernel reads them).
+    fn fill(&mut self, x: &[f32], n: usize, cols: usize, isa: Isa) {
         let nb = cols / QK;
         let tiles = n.div_ceil(TILE);
         let per = (TILE * nb).max(1);
-        let mut a = QActs {
-            n,
-            nb,
-            d: vec![0.0; tiles * TILE * nb],
-            s: vec![0.0; tiles * TILE * nb],
-            q: vec![0; tiles * TILE * cols],
-        };
+        let a = self;
+        (a.n, a.nb) = (n, nb);
+        a.d.resize(tiles * TILE * nb, 0.0);
+        a.s.resize(tiles * TILE * nb, 0.0);
+        a.q.resize(tiles * TILE * cols, 0);
         let simd = isa != Isa::Scalar && isa.supported();
         // One tile: its rows' blocks into their slots.
         let fill = |(((xt, q), d), s): TileParts<'_>| {
+            let q = q.as_chunks_mut::<QK>().0;
             for (r, row) in xt.chunks_exact(cols.max(1)).enumerate() {
-                let slots = q.as_chunks_mut::<QK>().0.iter_mut().skip(r).step_by(TILE);
-                let scales = d.iter_mut().zip(s.iter_mut()).skip(r).step_by(TILE);
-                for ((blk, q), (d, s)) in row.as_chunks::<QK>().0.iter().zip(slots).zip(scales) {
-                    let (bd, sum) = quantize_block(blk, q, simd);
-                    *d = bd;
-                    *s = bd * sum as f32;
-                }
+                quantize_row(row, r, q, d, s, simd);
             }
         };
         let rows = (TILE * cols).max(1);
@@ -643,7 +683,6 @@ impl QActs {
                 .zip(a.s.chunks_mut(per))
                 .for_each(fill);
         }
-        a
     }
 
     /// The slot of row `i`'s block `b`: its scale and sum sit at this index, its codes
@@ -677,16 +716,47 @@ impl QActs {
     }
 }
 
-/// One block on the SIMD quantizer where `simd` (the caller checked the CPU), else
+/// Row `row`'s blocks into the slots `r, r + TILE, …` of one tile's codes, scales and
+/// sums, on the SIMD quantizer where `simd` (the caller checked the CPU), else
 /// [`quantize_block_scalar`]; the same bits either way.
-fn quantize_block(x: &[f32; QK], q: &mut [i8; QK], simd: bool) -> (f32, i32) {
+fn quantize_row(
+    row: &[f32],
+    r: usize,
+    q: &mut [[i8; QK]],
+    d: &mut [f32],
+    s: &mut [f32],
+    simd: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: avx2/fma/f16c present (both SIMD bodies have them; the caller checked).
-        return unsafe { avx2::quantize_block(x, q) };
+        return unsafe { avx2::quantize_row(row, r, q, d, s) };
     }
     let _ = simd;
-    quantize_block_scalar(x, q)
+    for (x, q, d, s) in row_slots(row, r, q, d, s) {
+        let (bd, sum) = quantize_block_scalar(x, q);
+        *d = bd;
+        *s = bd * sum as f32;
+    }
+}
+
+/// Each block of `row` with its slot (codes, scale, `d · Σ q`) among those of row `r` of
+/// a tile: [`quantize_row`]'s loop.
+fn row_slots<'a>(
+    row: &'a [f32],
+    r: usize,
+    q: &'a mut [[i8; QK]],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+) -> impl Iterator<Item = (&'a [f32; QK], &'a mut [i8; QK], &'a mut f32, &'a mut f32)> {
+    let slots = q.iter_mut().skip(r).step_by(TILE);
+    let scales = d.iter_mut().zip(s.iter_mut()).skip(r).step_by(TILE);
+    row.as_chunks::<QK>()
+        .0
+        .iter()
+        .zip(slots)
+        .zip(scales)
+        .map(|((x, q), (d, s))| (x, q, d, s))
 }
 
 /// Scalar reference of the activation quantizer: `d = max|x| / 127` (NaNs ignored),
@@ -786,62 +856,84 @@ mod avx2 {
     /// # Safety
     /// The CPU has avx2, fma and f16c.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
-        let sign = _mm256_set1_ps(-0.0);
-        // SAFETY: `x` holds 32 floats: four 8-lane loads at 0, 8, 16 and 24.
-        let v = [0, 8, 16, 24].map(|o| unsafe { _mm256_loadu_ps(x.as_ptr().add(o)) });
-        // `maxps` returns its second operand when either is NaN: with |x| first, a NaN
-        // leaves the running maximum alone, as `f32::max` does.
-        let mut m = _mm256_setzero_ps();
-        for x in v {
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
+    unsafe fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, i32) {
+        // SAFETY: the caller has the features; `x` holds 32 floats (four 8-lane loads at
+        // 0, 8, 16 and 24) and `q` 32 bytes (one 32-byte store).
+        unsafe {
+            let sign = _mm256_set1_ps(-0.0);
+            let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(x.as_ptr().add(o)));
+            // `maxps` returns its second operand when either is NaN: with |x| first, a NaN
+            // leaves the running maximum alone, as `f32::max` does.
+            let mut m = _mm256_setzero_ps();
+            for x in v {
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            // No NaN and a normal, finite `d`: `|x·(1/d)| ≤ 127·(1 + 3·2^-24)`, so every
+            // code is within ±127 and the plain truncation is `as i8`. Otherwise (never in a
+            // model's activations) NaN goes to 0 and the rest is clamped to [-128, 127] first.
+            let nan = _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
+                _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
+            );
+            let plain = _mm256_movemask_ps(nan) == 0 && d.is_finite() && d >= f32::MIN_POSITIVE;
+            let (half, lo, hi) = (
+                _mm256_set1_ps(0.5),
+                _mm256_set1_ps(-128.0),
+                _mm256_set1_ps(127.0),
+            );
+            // r + copysign(0.5, r), then `as i8`: truncated toward zero.
+            let rounded = |x| {
+                let r = _mm256_mul_ps(x, id);
+                _mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign)))
+            };
+            let i = if plain {
+                v.map(|x| _mm256_cvttps_epi32(rounded(x)))
+            } else {
+                v.map(|x| {
+                    let t = rounded(x);
+                    let t = _mm256_and_ps(t, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
+                    _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi))
+                })
+            };
+            let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+            // i32 → i16 → i8 (exact: every value is in -128..=127); the packs interleave
+            // 128-bit lanes, the permutation restores element order.
+            let w = _mm256_packs_epi16(
+                _mm256_packs_epi32(i[0], i[1]),
+                _mm256_packs_epi32(i[2], i[3]),
+            );
+            let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w);
+            (d, sum)
         }
-        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-        // No NaN and a normal, finite `d`: `|x·(1/d)| ≤ 127·(1 + 3·2^-24)`, so every
-        // code is within ±127 and the plain truncation is `as i8`. Otherwise (never in a
-        // model's activations) NaN goes to 0 and the rest is clamped to [-128, 127] first.
-        let nan = _mm256_or_ps(
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[0], v[1]),
-            _mm256_cmp_ps::<_CMP_UNORD_Q>(v[2], v[3]),
-        );
-        let plain = _mm256_movemask_ps(nan) == 0 && d.is_finite() && d >= f32::MIN_POSITIVE;
-        let (half, lo, hi) = (
-            _mm256_set1_ps(0.5),
-            _mm256_set1_ps(-128.0),
-            _mm256_set1_ps(127.0),
-        );
-        // r + copysign(0.5, r), then `as i8`: truncated toward zero.
-        let rounded = |x| {
-            let r = _mm256_mul_ps(x, id);
-            _mm256_add_ps(r, _mm256_or_ps(half, _mm256_and_ps(r, sign)))
-        };
-        let i = if plain {
-            v.map(|x| _mm256_cvttps_epi32(rounded(x)))
-        } else {
-            v.map(|x| {
-                let t = rounded(x);
-                let t = _mm256_and_ps(t, _mm256_cmp_ps::<_CMP_ORD_Q>(t, t));
-                _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(t, lo), hi))
-            })
-        };
-        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
-        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
-        // i32 → i16 → i8 (exact: every value is in -128..=127); the packs interleave
-        // 128-bit lanes, the permutation restores element order.
-        let w = _mm256_packs_epi16(
-            _mm256_packs_epi32(i[0], i[1]),
-            _mm256_packs_epi32(i[2], i[3]),
-        );
-        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        // SAFETY: `q` holds 32 bytes.
-        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, w) };
-        (d, sum)
+    }
+
+    /// [`super::quantize_row`] on [`quantize_block`].
+    ///
+    /// # Safety
+    /// The CPU has avx2, fma and f16c.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_row(
+        row: &[f32],
+        r: usize,
+        q: &mut [[i8; QK]],
+        d: &mut [f32],
+        s: &mut [f32],
+    ) {
+        for (x, q, d, s) in super::row_slots(row, r, q, d, s) {
+            // SAFETY: the features `quantize_block` needs are enabled here.
+            let (bd, sum) = unsafe { quantize_block(x, q) };
+            *d = bd;
+            *s = bd * sum as f32;
+        }
     }
 
     /// How far ahead of the block being multiplied the codes are prefetched, in bytes.
@@ -1083,23 +1175,29 @@ mod tests {
     #[test]
     fn cat_rows_is_exact_across_groups() -> crate::TestResult {
         let cols = 64;
-        for ty in [QType::Q4_1, QType::Q8_0] {
-            let a = QMatrix::quantize(ty, 5, cols, &data(5 * cols, 3))?;
-            let b = QMatrix::quantize(ty, 11, cols, &data(11 * cols, 4))?;
+        // Parts across group boundaries (5 + 11), and parts of whole groups (8 + 8, the
+        // second cut short: 8 + 5) whose groups move as they are.
+        for (ty, (ra, rb)) in [QType::Q4_1, QType::Q8_0]
+            .into_iter()
+            .flat_map(|t| [(5, 11), (8, 8), (8, 5)].map(|r| (t, r)))
+        {
+            let a = QMatrix::quantize(ty, ra, cols, &data(ra * cols, 3))?;
+            let b = QMatrix::quantize(ty, rb, cols, &data(rb * cols, 4))?;
             let c = QMatrix::cat_rows(&[&a, &b])?;
-            assert_eq!(c.dims(), (16, cols));
+            let rc = ra + rb;
+            assert_eq!(c.dims(), (rc, cols));
             let mut want = a.dequantize();
             want.extend(b.dequantize());
             assert_eq!(c.dequantize(), want, "{ty:?}");
             let x = data(3 * cols, 9);
             let (ya, yb, yc) = (a.matmul(&x, 3)?, b.matmul(&x, 3)?, c.matmul(&x, 3)?);
             for i in 0..3 {
-                let row: Vec<f32> = ya[i * 5..(i + 1) * 5]
+                let row: Vec<f32> = ya[i * ra..(i + 1) * ra]
                     .iter()
-                    .chain(&yb[i * 11..(i + 1) * 11])
+                    .chain(&yb[i * rb..(i + 1) * rb])
                     .copied()
                     .collect();
-                for (g, w) in yc[i * 16..(i + 1) * 16].iter().zip(&row) {
+                for (g, w) in yc[i * rc..(i + 1) * rc].iter().zip(&row) {
                     assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{ty:?} {g} {w}");
                 }
             }

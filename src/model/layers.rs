@@ -772,13 +772,22 @@ impl Attend<'_> {
             let vn = &self.v_new[nb + j0 * hd..nb + (i + 1) * hd];
             let row = &qkv[r * w..(r + 1) * w];
             let n = start - past;
-            let mut scores = vec![0f32; n + i + 1 - j0];
+            // Up to 256 positions on the stack (a harvest's contexts), more on the heap.
+            let len = n + i + 1 - j0;
+            let (mut stack, mut heap) = ([0f32; 256], Vec::new());
+            let scores: &mut [f32] = match stack.get_mut(..len) {
+                Some(s) => s,
+                None => {
+                    heap.resize(len, 0.0);
+                    &mut heap
+                }
+            };
             for (o, out) in outs.chunks_exact_mut(hd).enumerate() {
                 let h = h0 + o;
                 let q = &row[h * hd..(h + 1) * hd];
                 dot_rows(q, kh, hd, &mut scores[..n]);
                 dot_rows(q, kn, hd, &mut scores[n..]);
-                let mut max = scale_max(&mut scores, s.scale);
+                let mut max = scale_max(scores, s.scale);
                 if let Some(c) = s.softcap {
                     for v in scores.iter_mut() {
                         *v = c * (*v / c).tanh();
@@ -787,8 +796,8 @@ impl Attend<'_> {
                 }
                 // Weights below e^-80 (relative to the largest) are dropped (see
                 // `SOFTMAX_CUTOFF`).
-                let sum = softmax_exp(&mut scores, max);
-                for v in &mut scores {
+                let sum = softmax_exp(scores, max);
+                for v in scores.iter_mut() {
                     *v /= sum;
                 }
                 axpy_rows(out, &scores[..n], vh);

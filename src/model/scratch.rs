@@ -24,7 +24,7 @@ static FREE: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 /// A buffer of `len` zeros: a kept one whose capacity fits (the smallest such), or a new
 /// one.
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    if let Some(mut v) = take(len) {
+    if let Some(mut v) = take(len, Vec::capacity) {
         v.clear();
         v.resize(len, 0.0);
         return v;
@@ -32,8 +32,9 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     vec![0f32; len]
 }
 
-/// The kept buffer of the smallest capacity that holds `len` values, if any.
-fn take(len: usize) -> Option<Vec<f32>> {
+/// The kept buffer of the smallest `size` (its capacity, or its length: the values
+/// already written) of at least `len`, if any.
+fn take(len: usize, size: fn(&Vec<f32>) -> usize) -> Option<Vec<f32>> {
     if len < MIN_LEN {
         return None;
     }
@@ -41,8 +42,8 @@ fn take(len: usize) -> Option<Vec<f32>> {
     let best = free
         .iter()
         .enumerate()
-        .filter(|(_, v)| v.capacity() >= len)
-        .min_by_key(|(_, v)| v.capacity())
+        .filter(|(_, v)| size(v) >= len)
+        .min_by_key(|(_, v)| size(v))
         .map(|(i, _)| i)?;
     Some(free.swap_remove(best))
 }
@@ -50,7 +51,8 @@ fn take(len: usize) -> Option<Vec<f32>> {
 /// A buffer of `len` values left from earlier use (zeros where it grew), for an output
 /// that is written in full before it is read.
 pub(crate) fn stale(len: usize) -> Vec<f32> {
-    if let Some(mut v) = take(len) {
+    // One already that long needs no zeros written to reach `len`.
+    if let Some(mut v) = take(len, Vec::len).or_else(|| take(len, Vec::capacity)) {
         v.resize(len, 0.0);
         return v;
     }
