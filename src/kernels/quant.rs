@@ -749,14 +749,13 @@ fn row_slots<'a>(
     d: &'a mut [f32],
     s: &'a mut [f32],
 ) -> impl Iterator<Item = (&'a [f32; QK], &'a mut [i8; QK], &'a mut f32, &'a mut f32)> {
-    let slots = q.iter_mut().skip(r).step_by(TILE);
-    let scales = d.iter_mut().zip(s.iter_mut()).skip(r).step_by(TILE);
+    // Block b's slots of the tile's 8 rows are together: chunks of TILE, entry r.
     row.as_chunks::<QK>()
         .0
         .iter()
-        .zip(slots)
-        .zip(scales)
-        .map(|((x, q), (d, s))| (x, q, d, s))
+        .zip(q.chunks_exact_mut(TILE))
+        .zip(d.chunks_exact_mut(TILE).zip(s.chunks_exact_mut(TILE)))
+        .filter_map(move |((x, q), (d, s))| Some((x, q.get_mut(r)?, d.get_mut(r)?, s.get_mut(r)?)))
 }
 
 /// Scalar reference of the activation quantizer: `d = max|x| / 127` (NaNs ignored),
