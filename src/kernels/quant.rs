@@ -518,7 +518,7 @@ impl QMatrix {
                 // Whole groups as fixed-size copies; the matrix's last group may be cut
                 // short at `rows`.
                 let (full, rest) = row.as_chunks_mut::<GROUP>();
-                let mut from = tmp.iter().skip(k).step_by(t);
+                let mut from = tmp.chunks_exact(t).filter_map(|g| g.get(k));
                 for (d8, v) in full.iter_mut().zip(&mut from) {
                     *d8 = *v;
                 }
