@@ -82,11 +82,17 @@ impl RmsNorm {
 /// RMSNorm of each `w.len()`-wide row of `x` (candle's formula: `x / sqrt(mean(x²) + eps) · w`).
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut y = super::scratch::copy(x);
+    // Every value is written below (copied, then normalized in place).
+    let mut y = super::scratch::stale(x.len());
     // Blocks of 64 rows in parallel (each row's arithmetic is the same either way).
-    y.par_chunks_mut(64 * w.len().max(1))
+    let block = 64 * w.len().max(1);
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
         .with_min_len(4)
-        .for_each(|c| rms_norm_in_place(c, w, eps));
+        .for_each(|(c, x)| {
+            c.copy_from_slice(x);
+            rms_norm_in_place(c, w, eps)
+        });
     y
 }
 
@@ -1174,8 +1180,20 @@ impl Acts for RowActs {
         if o.v.len() != self.v.len() {
             return Err(Error::Invalid("residual add: widths differ".into()));
         }
-        for (x, a) in self.v.iter_mut().zip(&o.v) {
-            *x += a;
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 14;
+        let add = |(x, a): (&mut [f32], &[f32])| {
+            for (x, a) in x.iter_mut().zip(a) {
+                *x += a;
+            }
+        };
+        // Blocks of 16 Ki values in parallel when there are several (the same sums in
+        // any order of blocks); a decode step's row stays on this thread.
+        if self.v.len() > BLOCK {
+            let blocks = self.v.par_chunks_mut(BLOCK).zip(o.v.par_chunks(BLOCK));
+            blocks.for_each(add);
+        } else {
+            add((&mut self.v, &o.v));
         }
         Ok(())
     }
