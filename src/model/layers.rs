@@ -641,16 +641,22 @@ impl Attention {
             })?;
         let qkv: &[f32] = qkv;
         // The new keys and values as `[b, kvh, t, hd]`: the cache's layout.
+        // Tasks of whole (sequence, KV head) blocks, t rows of hd values each, at least
+        // 16 Ki values a task (a decode step's few heads stay on this thread).
+        let block = (t * hd).max(1);
         let gather = |off: usize| -> Vec<f32> {
             // Every element is written below.
             let mut out = super::scratch::stale(b * kvh * t * hd);
-            for (r, row) in qkv.chunks_exact(w).enumerate() {
-                let (bi, i) = (r / t, r % t);
-                for g in 0..kvh {
-                    let o = ((bi * kvh + g) * t + i) * hd;
-                    out[o..o + hd].copy_from_slice(&row[off + g * hd..off + (g + 1) * hd]);
-                }
-            }
+            out.par_chunks_mut(block)
+                .with_min_len(((1 << 14) / block).max(1))
+                .enumerate()
+                .for_each(|(bg, head)| {
+                    let (bi, g) = (bg / kvh.max(1), bg % kvh.max(1));
+                    let src = qkv.chunks_exact(w).skip(bi * t);
+                    for (dst, row) in head.chunks_exact_mut(hd.max(1)).zip(src) {
+                        dst.copy_from_slice(&row[off + g * hd..off + (g + 1) * hd]);
+                    }
+                });
             out
         };
         let dev = Device::Cpu;
