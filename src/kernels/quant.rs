@@ -607,8 +607,8 @@ impl QMatrix {
 /// call multiplies.
 const TILE: usize = 8;
 
-/// Inputs at or above this many values are quantized on the rayon pool (below, the
-/// pool's wake-up costs more than the work: a decode step's single row).
+/// At least this many input values per quantizing task: a large input is quantized on
+/// the pool, a small one (a decode step's single row) on the calling thread.
 const PAR_QUANTIZE: usize = 1 << 15;
 
 thread_local! {
@@ -669,20 +669,13 @@ impl QActs {
                 quantize_row(row, r, q, d, s, simd);
             }
         };
-        let rows = (TILE * cols).max(1);
-        if n * cols >= PAR_QUANTIZE {
-            x.par_chunks(rows)
-                .zip(a.q.par_chunks_mut(per * QK))
-                .zip(a.d.par_chunks_mut(per))
-                .zip(a.s.par_chunks_mut(per))
-                .for_each(fill);
-        } else {
-            x.chunks(rows)
-                .zip(a.q.chunks_mut(per * QK))
-                .zip(a.d.chunks_mut(per))
-                .zip(a.s.chunks_mut(per))
-                .for_each(fill);
-        }
+        let tile_values = (TILE * cols).max(1);
+        x.par_chunks(tile_values)
+            .zip(a.q.par_chunks_mut(per * QK))
+            .zip(a.d.par_chunks_mut(per))
+            .zip(a.s.par_chunks_mut(per))
+            .with_min_len((PAR_QUANTIZE / tile_values).max(1))
+            .for_each(fill);
     }
 
     /// The slot of row `i`'s block `b`: its scale and sum sit at this index, its codes
@@ -1018,13 +1011,11 @@ mod avx2 {
                             .read_unaligned(),
                     )
                 };
-                // One integer accumulator per activation row, all N chains advanced together
-                // (vector-major): each weight vector is loaded once and its N products are
-                // independent, so `vpdpbusd`'s latency hides behind the other rows'.
-                // Two accumulators per row (`p` and `p2`, each taking every other product):
-                // 2N chains of 4 products each, so the 4-cycle latency of `vpdpbusd` stays
-                // hidden while the FMAs below share its pipes. Integer sums: the split is
-                // exact.
+                // Two integer accumulators per activation row (`p` and `p2`, each taking every
+                // other product), all 2N chains advanced together (vector-major): each weight
+                // vector is loaded once and its products are independent chains of 4, so the
+                // 4-cycle latency of `vpdpbusd` stays hidden while the FMAs below share its
+                // pipes. Integer sums: the split is exact.
                 let mut p = [_mm256_setzero_si256(); N];
                 let mut p2 = [_mm256_setzero_si256(); N];
                 if Q4 {
@@ -1125,8 +1116,8 @@ mod tests {
     /// The SIMD kernel against the scalar reference (same integer sums, so only the f32
     /// summation order differs) and both against the f64 product of the dequantized
     /// weights with the unquantized inputs (the 8-bit activation error only), for every
-    /// row count up to two tiles, a count that quantizes on the pool (70 rows, the last
-    /// tile short) and both formats.
+    /// row count up to two tiles, a count quantized in several tasks on the pool (123
+    /// rows, the last tile short) and both formats.
     #[test]
     fn matmul_matches_scalar_and_f64_reference() -> crate::TestResult {
         // 19 blocks a row: two groups of 8 (the vector scale path) and a tail of 3.
@@ -1144,12 +1135,12 @@ mod tests {
             for (a, b) in w.iter().zip(&wd) {
                 assert!((a - b).abs() <= 0.5 * step + 2e-3, "{ty:?} {a} {b}");
             }
-            for (n, isa) in [1usize, 2, 5, 8, 11, 16, 70]
+            for (n, isa) in [1usize, 2, 5, 8, 11, 16, 123]
                 .into_iter()
                 .flat_map(|n| Isa::available().into_iter().map(move |i| (n, i)))
             {
                 let x = data(n * cols, 5 + n as u32);
-                assert_eq!(n * cols >= PAR_QUANTIZE, n == 70);
+                assert_eq!(n * cols >= 2 * PAR_QUANTIZE, n == 123);
                 let y = qm.matmul_on(&x, n, isa)?;
                 let a = QActs::new(&x, n, cols, isa);
                 for i in 0..n {

@@ -1187,20 +1187,16 @@ impl Acts for RowActs {
             return Err(Error::Invalid("residual add: widths differ".into()));
         }
         use rayon::prelude::*;
-        const BLOCK: usize = 1 << 14;
-        let add = |(x, a): (&mut [f32], &[f32])| {
-            for (x, a) in x.iter_mut().zip(a) {
-                *x += a;
-            }
-        };
-        // Blocks of 16 Ki values in parallel when there are several (the same sums in
-        // any order of blocks); a decode step's row stays on this thread.
-        if self.v.len() > BLOCK {
-            let blocks = self.v.par_chunks_mut(BLOCK).zip(o.v.par_chunks(BLOCK));
-            blocks.for_each(add);
-        } else {
-            add((&mut self.v, &o.v));
-        }
+        // Blocks of 16 Ki values in parallel (the same sums in any order of blocks); a
+        // decode step's row is one block, added on this thread.
+        self.v
+            .par_chunks_mut(1 << 14)
+            .zip(o.v.par_chunks(1 << 14))
+            .for_each(|(x, a)| {
+                for (x, a) in x.iter_mut().zip(a) {
+                    *x += a;
+                }
+            });
         Ok(())
     }
     fn duplicate(&self) -> Result<Self> {

@@ -5,7 +5,8 @@
 //! comes as new pages from the kernel: a page fault and a cleared page per 4 KiB on first
 //! write, and unmapping them again interrupts the other threads to flush their TLBs. The
 //! shapes repeat layer after layer and pass after pass, so finished buffers are kept here
-//! and handed out again: [`zeroed`] takes one, [`recycle`] gives one back. At most
+//! and handed out again: [`zeroed`] takes one cleared, [`stale`] one for an output written
+//! in full, [`recycle`] gives one back. At most
 //! [`MAX_BUFFERS`] buffers of at most [`MAX_BYTES`] bytes in all are kept; the rest go
 //! back to the allocator.
 
@@ -59,14 +60,14 @@ pub(crate) fn stale(len: usize) -> Vec<f32> {
     vec![0f32; len]
 }
 
-/// A copy of `x` in a buffer from [`zeroed`]'s store.
+/// A copy of `x` in a kept buffer ([`stale`]).
 pub(crate) fn copy(x: &[f32]) -> Vec<f32> {
     let mut v = stale(x.len());
     v.copy_from_slice(x);
     v
 }
 
-/// Keep `v` for a later [`zeroed`] (or drop it when the store is full: the smallest
+/// Keep `v` for a later [`zeroed`] or [`stale`] (or drop it when the store is full: the smallest
 /// buffer goes first).
 pub(crate) fn recycle(v: Vec<f32>) {
     if v.capacity() < MIN_LEN || v.capacity() * 4 > MAX_BYTES {
